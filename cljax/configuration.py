@@ -1,0 +1,113 @@
+"""Checks a config before anything compiles, and derives the values it implies.
+
+Every error is one line that names the field and says how to fix it.
+"""
+
+import math
+
+import ml_collections
+
+from cljax.buffer import POLICIES
+from cljax.data.sources import BUILTIN_BUILDERS
+from cljax.models import MODELS
+from cljax.strategies import STRATEGIES
+
+
+class ConfigError(ValueError):
+    """A config field that cannot work, with the fix in the message."""
+
+
+def _require(condition: bool, message: str) -> None:
+    if not condition:
+        raise ConfigError(message)
+
+
+def _one_of(field: str, value, choices) -> None:
+    _require(
+        value in choices,
+        f"{field}={value!r} is not known; set --config.{field} to one of {sorted(choices)}",
+    )
+
+
+def _positive(field: str, value, minimum: int = 1) -> None:
+    _require(
+        isinstance(value, int | float) and value >= minimum,
+        f"{field}={value!r} must be a number >= {minimum}; set --config.{field}",
+    )
+
+
+def _lookup(config: ml_collections.ConfigDict, field: str):
+    for part in field.split("."):
+        config = config[part]
+    return config
+
+
+def validate(config: ml_collections.ConfigDict) -> None:
+    """Checks what can be checked without data or devices."""
+    _one_of("dataset.name", config.dataset.name, BUILTIN_BUILDERS)
+    _one_of("scenario.name", config.scenario.name, {"class_incremental"})
+    _one_of("strategy.name", config.strategy.name, STRATEGIES)
+    _one_of("model.name", config.model.name, MODELS)
+    _one_of("buffer.policy", config.buffer.policy, POLICIES)
+    for field in (
+        "scenario.num_tasks",
+        "batch_size",
+        "eval_batch_size",
+        "epochs_per_task",
+        "num_cpu_devices",
+    ):
+        _positive(field, _lookup(config, field))
+    _positive("learning_rate", config.learning_rate, minimum=0)
+    if STRATEGIES[config.strategy.name].uses_buffer:
+        _validate_buffer(config)
+
+
+def _validate_buffer(config: ml_collections.ConfigDict) -> None:
+    buffer = config.buffer
+    _positive("buffer.num_representatives", buffer.num_representatives)
+    _positive("buffer.num_candidates", buffer.num_candidates)
+    _require(
+        buffer.num_candidates <= config.batch_size,
+        f"buffer.num_candidates={buffer.num_candidates} exceeds batch_size={config.batch_size};"
+        " set --config.buffer.num_candidates to at most the per-device batch size",
+    )
+    if buffer.rehearsal_ratio is not None:
+        _require(
+            0 < buffer.rehearsal_ratio <= 100,
+            f"buffer.rehearsal_ratio={buffer.rehearsal_ratio} must be in (0, 100] (percent of"
+            " the training set); set --config.buffer.rehearsal_ratio",
+        )
+    else:
+        _positive("buffer.budget_per_class", buffer.budget_per_class)
+
+
+def validate_for_data(
+    config: ml_collections.ConfigDict, num_classes: int, train_size: int, num_devices: int
+) -> None:
+    """Checks what depends on the dataset and the number of devices."""
+    num_tasks = config.scenario.num_tasks
+    _require(
+        num_classes % num_tasks == 0,
+        f"scenario.num_tasks={num_tasks} does not divide the {num_classes} classes of"
+        f" {config.dataset.name}; set --config.scenario.num_tasks to a divisor of {num_classes}",
+    )
+    if STRATEGIES[config.strategy.name].uses_buffer:
+        budget = budget_per_class(config.buffer, train_size, num_classes, num_devices)
+        _require(
+            budget >= 1,
+            f"buffer.rehearsal_ratio={config.buffer.rehearsal_ratio} gives less than one slot"
+            f" per class on each of {num_devices} devices; raise --config.buffer.rehearsal_ratio",
+        )
+
+
+def budget_per_class(
+    buffer: ml_collections.ConfigDict, train_size: int, num_classes: int, num_devices: int
+) -> int:
+    """Slots per class per device: `budget_per_class`, or derived from `rehearsal_ratio`.
+
+    As in the paper, N = floor(train_size * ratio / 100 / num_classes / num_devices); a
+    set `rehearsal_ratio` takes precedence over `budget_per_class`.
+    """
+    if buffer.rehearsal_ratio is None:
+        return buffer.budget_per_class
+    return math.floor(train_size * buffer.rehearsal_ratio / 100 / num_classes / num_devices)

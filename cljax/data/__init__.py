@@ -1,0 +1,1 @@
+"""Datasets (TFDS array_record sources), continual scenarios and the batch sampler."""

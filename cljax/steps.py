@@ -1,0 +1,146 @@
+"""The fused, jitted train step and the sharded prediction step.
+
+One call of the train step, per device and inside `shard_map`: computes the loss on
+[local batch ‖ representatives drawn during the previous step], sums gradients across
+devices, inserts candidates from the local batch into the local buffer and draws the
+next step's representatives from the global buffer. The buffer work does not depend on
+the gradients, so XLA is free to overlap it with them. Train state and rehearsal state
+are donated: the buffer is updated in place.
+"""
+
+import dataclasses
+from collections.abc import Callable
+from typing import Any
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+import optax
+from flax.training import train_state
+from jax.sharding import Mesh
+from jax.sharding import PartitionSpec as P
+
+from cljax import buffer as buffer_lib
+from cljax.collectives import Collectives
+from cljax.distributed import AXIS
+
+
+class TrainState(train_state.TrainState):
+    """Flax train state plus the PRNG key that drives every random choice of a step."""
+
+    rng: jax.Array
+
+
+@flax.struct.dataclass
+class RehearsalState:
+    """The buffer and the representatives it drew for the next step, per device."""
+
+    buffer: buffer_lib.BufferState
+    representatives: buffer_lib.Representatives
+
+
+@dataclasses.dataclass(frozen=True)
+class StepConfig:
+    """Static settings of the train step."""
+
+    max_value: float
+    num_candidates: int = 0
+    num_representatives: int = 0
+    policy: str = "reservoir"
+
+
+def normalise(inputs: jax.Array, max_value: float) -> jax.Array:
+    """Stored inputs (e.g. uint8) to float32 in [0, 1]."""
+    return inputs.astype(jnp.float32) / max_value
+
+
+def weighted_cross_entropy_sum(
+    logits: jax.Array, labels: jax.Array, weights: jax.Array
+) -> jax.Array:
+    return (optax.softmax_cross_entropy_with_integer_labels(logits, labels) * weights).sum()
+
+
+def make_train_step(
+    mesh: Mesh, collectives: Collectives, settings: StepConfig
+) -> Callable[[TrainState, RehearsalState | None, dict, jax.Array], tuple]:
+    """Builds `step(state, rehearsal, batch, task_id) -> (state, rehearsal, metrics)`.
+
+    `rehearsal` is None for strategies without a buffer.
+    """
+
+    def per_device(state: TrainState, rehearsal: RehearsalState | None, batch, task_id):
+        rng, step_key = jax.random.split(state.rng)
+        device_key = jax.random.fold_in(step_key, collectives.device_index())
+        inputs, labels, weights = batch["inputs"], batch["labels"], batch["mask"]
+        weights = weights.astype(jnp.float32)
+        if rehearsal is not None:
+            rehearsal = jax.tree.map(lambda leaf: leaf[0], rehearsal)
+            reps = rehearsal.representatives
+            inputs = jnp.concatenate([inputs, reps.inputs])
+            labels = jnp.concatenate([labels, reps.labels])
+            weights = jnp.concatenate([weights, reps.weights])
+        total_weight = collectives.sum(weights.sum())
+
+        def loss_fn(params):
+            logits = state.apply_fn({"params": params}, normalise(inputs, settings.max_value))
+            return weighted_cross_entropy_sum(logits, labels, weights) / total_weight
+
+        loss, grads = jax.value_and_grad(loss_fn)(state.params)
+        grads, loss = collectives.sum((grads, loss))
+        state = state.apply_gradients(grads=grads).replace(rng=rng)
+        if rehearsal is not None:
+            rehearsal = _rehearse(rehearsal, batch, task_id, device_key, collectives, settings)
+            rehearsal = jax.tree.map(lambda leaf: leaf[None], rehearsal)
+        return state, rehearsal, {"loss": loss}
+
+    specs = (P(), P(AXIS), P(AXIS), P())
+    step = jax.shard_map(
+        per_device, mesh=mesh, in_specs=specs, out_specs=(P(), P(AXIS), P())
+    )
+    return jax.jit(step, donate_argnums=(0, 1))
+
+
+def _rehearse(
+    rehearsal: RehearsalState,
+    batch: dict[str, jax.Array],
+    task_id: jax.Array,
+    key: jax.Array,
+    collectives: Collectives,
+    settings: StepConfig,
+) -> RehearsalState:
+    """Draws next step's representatives, then inserts this step's candidates."""
+    insert_key, sample_key = jax.random.split(key)
+    representatives = buffer_lib.sample_global(
+        rehearsal.buffer, sample_key, settings.num_representatives, collectives
+    )
+    buffer = buffer_lib.insert(
+        rehearsal.buffer,
+        batch["inputs"],
+        batch["labels"],
+        batch["mask"],
+        task_id,
+        insert_key,
+        settings.num_candidates,
+        settings.policy,
+    )
+    return RehearsalState(buffer, representatives)
+
+
+def make_predict(mesh: Mesh, apply_fn: Callable[..., Any], max_value: float):
+    """Builds `predict(params, inputs) -> predicted class`, sharded over the batch."""
+
+    def per_device(params, inputs):
+        return apply_fn({"params": params}, normalise(inputs, max_value)).argmax(-1)
+
+    return jax.jit(
+        jax.shard_map(per_device, mesh=mesh, in_specs=(P(), P(AXIS)), out_specs=P(AXIS))
+    )
+
+
+def create_train_state(
+    model, optimizer: optax.GradientTransformation, sample_input: jax.Array, key: jax.Array
+) -> TrainState:
+    """Fresh parameters and optimizer state."""
+    init_key, rng = jax.random.split(key)
+    params = model.init(init_key, sample_input)["params"]
+    return TrainState.create(apply_fn=model.apply, params=params, tx=optimizer, rng=rng)

@@ -1,0 +1,203 @@
+"""The continual-learning task loop: `train_and_evaluate(config, workdir)`.
+
+Read top to bottom: check the config, set up devices and data, build the model and the
+jitted steps, then for each task train for `epochs_per_task` epochs and evaluate on every
+task's test split. Returns the metrics it writes to `<workdir>/metrics.json`.
+"""
+
+import json
+import logging
+import os
+import time
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+from tqdm import tqdm
+
+from cljax import buffer as buffer_lib
+from cljax import configuration, distributed, metrics, steps
+from cljax.collectives import JaxCollectives
+from cljax.data import pipeline, scenarios, sources
+from cljax.models import create_model
+from cljax.strategies import STRATEGIES
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
+    """Trains on every task in turn and evaluates after each; returns the metrics."""
+    wall_start = time.perf_counter()
+    configuration.validate(config)
+    _check_workdir(workdir)
+
+    # Devices and data.
+    distributed.configure_cpu_devices(config.num_cpu_devices)
+    mesh = distributed.make_mesh()
+    num_devices = mesh.devices.size
+    dataset = sources.load(config.dataset.name, config.dataset.data_dir)
+    configuration.validate_for_data(config, dataset.num_classes, len(dataset.train), num_devices)
+    scenario = scenarios.class_incremental(
+        dataset.num_classes, config.scenario.num_tasks, config.scenario.class_order_seed
+    )
+    strategy = STRATEGIES[config.strategy.name]
+    resolved = _resolved_config(config, dataset, num_devices)
+    global_batch_size = config.batch_size * num_devices
+
+    # Model, optimizer and the jitted steps.
+    model = create_model(config.model, dataset.num_classes)
+    optimizer = optax.adam(config.learning_rate)
+    step_config = steps.StepConfig(
+        max_value=dataset.max_value,
+        num_candidates=config.buffer.num_candidates,
+        num_representatives=config.buffer.num_representatives,
+        policy=config.buffer.policy,
+    )
+    train_step = steps.make_train_step(mesh, JaxCollectives(), step_config)
+    predict = steps.make_predict(mesh, model.apply, dataset.max_value)
+    rehearsal = _init_rehearsal(mesh, resolved, dataset) if strategy.uses_buffer else None
+    test_tasks = scenario.task_of_labels(dataset.test.labels)
+
+    # The task loop.
+    acc = np.zeros((scenario.num_tasks, scenario.num_tasks))
+    state = None
+    train_time = 0.0
+    for task in range(scenario.num_tasks):
+        if state is None or strategy.reinitialise_each_task:
+            state = _init_state(model, optimizer, dataset, mesh, config.seed, task)
+        classes = (
+            scenario.classes_up_to(task)
+            if strategy.trains_on_seen_tasks
+            else scenario.task_classes[task]
+        )
+        train_indices = scenarios.indices_of_classes(dataset.train.labels, classes)
+        task_start = time.perf_counter()
+        state, rehearsal = _train_task(
+            config, mesh, train_step, state, rehearsal, dataset, train_indices, task,
+            global_batch_size, f"task {task + 1}/{scenario.num_tasks}",
+        )
+        train_time += time.perf_counter() - task_start
+        predictions = _predict_all(predict, state.params, dataset.test.inputs, mesh, config)
+        correct = predictions == dataset.test.labels
+        acc[task] = [correct[test_tasks == j].mean() for j in range(scenario.num_tasks)]
+        results = {
+            "accuracy_matrix": acc[: task + 1].tolist(),
+            **metrics.summary(acc[: task + 1]),
+            "train_time_s": train_time,
+            "wall_time_s": time.perf_counter() - wall_start,
+            "num_devices": num_devices,
+            "completed_tasks": task + 1,
+            "config": resolved,
+        }
+        _write_json(workdir, "metrics.json", results)
+
+    if distributed.is_main_process():
+        print(metrics.format_matrix(acc))
+        print(
+            f"final_average_accuracy={results['final_average_accuracy']:.4f} "
+            f"average_forgetting={results['average_forgetting']:.4f} "
+            f"train_time_s={train_time:.1f} metrics: {os.path.join(workdir, 'metrics.json')}"
+        )
+    return results
+
+
+def _train_task(
+    config, mesh, train_step, state, rehearsal, dataset, indices, task, global_batch_size, desc
+):
+    """Runs `epochs_per_task` epochs over `indices`; returns the updated states."""
+    task_id = jnp.int32(task)
+    num_steps = pipeline.steps_per_epoch(len(indices), global_batch_size)
+    progress = tqdm(
+        total=config.epochs_per_task * num_steps,
+        desc=desc,
+        disable=not distributed.is_main_process(),
+        leave=False,
+    )
+    with progress:
+        for epoch in range(config.epochs_per_task):
+            batches = pipeline.epoch_batches(
+                dataset.train, indices, global_batch_size, seed=config.seed, task=task, epoch=epoch
+            )
+            for batch in batches:
+                state, rehearsal, step_metrics = train_step(
+                    state, rehearsal, pipeline.to_global(batch, mesh), task_id
+                )
+                progress.update()
+            progress.set_postfix(loss=f"{float(step_metrics['loss']):.3f}")
+    jax.block_until_ready((state, rehearsal))
+    return state, rehearsal
+
+
+def _init_state(model, optimizer, dataset, mesh, seed: int, task: int) -> steps.TrainState:
+    """Fresh model and optimizer, replicated on every device."""
+    key = jax.random.fold_in(jax.random.key(seed), task)
+    sample = steps.normalise(jnp.asarray(dataset.train.inputs[:1]), dataset.max_value)
+    state = steps.create_train_state(model, optimizer, sample, key)
+    return jax.device_put(state, distributed.replicated(mesh))
+
+
+def _init_rehearsal(mesh, resolved: dict, dataset) -> steps.RehearsalState:
+    buffer_config = resolved["buffer"]
+    shape, dtype = dataset.input_shape, dataset.train.inputs.dtype
+    return steps.RehearsalState(
+        buffer=buffer_lib.init_sharded(
+            mesh,
+            buffer_lib.init_buffer,
+            dataset.num_classes,
+            buffer_config["budget_per_class"],
+            shape,
+            dtype,
+        ),
+        representatives=buffer_lib.init_sharded(
+            mesh, buffer_lib.init_representatives, buffer_config["num_representatives"], shape,
+            dtype,
+        ),
+    )
+
+
+def _predict_all(predict, params, inputs: np.ndarray, mesh, config) -> np.ndarray:
+    """Predicted classes for every row of `inputs`, in fixed-size sharded batches."""
+    num_devices = mesh.devices.size
+    batch_size = -(-config.eval_batch_size // num_devices) * num_devices
+    all_rows = np.arange(len(inputs))
+    predictions = []
+    for start in range(0, len(inputs), batch_size):
+        rows = all_rows[start : start + batch_size]
+        padded = np.concatenate([rows, np.zeros(batch_size - len(rows), int)])
+        batch = jax.make_array_from_process_local_data(
+            distributed.sharded(mesh), inputs[padded]
+        )
+        predictions.append(np.asarray(predict(params, batch))[: len(rows)])
+    return np.concatenate(predictions)
+
+
+def _resolved_config(config, dataset, num_devices: int) -> dict:
+    """The config as run, with the derived per-class budget filled in."""
+    resolved = config.to_dict()
+    resolved["buffer"]["budget_per_class"] = configuration.budget_per_class(
+        config.buffer, len(dataset.train), dataset.num_classes, num_devices
+    )
+    resolved["buffer"]["total_slots"] = (
+        resolved["buffer"]["budget_per_class"] * dataset.num_classes * num_devices
+    )
+    return resolved
+
+
+def _check_workdir(workdir: str) -> None:
+    """Refuses to overwrite the results of an earlier run."""
+    if os.path.exists(os.path.join(workdir, "metrics.json")):
+        raise configuration.ConfigError(
+            f"workdir={workdir} already holds metrics.json; pass a new --workdir or remove it"
+        )
+
+
+def _write_json(workdir: str, name: str, content: dict) -> None:
+    """Writes atomically (temporary file, then rename), from process 0 only."""
+    if not distributed.is_main_process():
+        return
+    os.makedirs(workdir, exist_ok=True)
+    path = os.path.join(workdir, name)
+    with open(path + ".tmp", "w") as file:
+        json.dump(content, file, indent=2)
+    os.replace(path + ".tmp", path)
+    logging.info("Wrote %s", path)
