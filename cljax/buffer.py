@@ -135,9 +135,7 @@ def insert(
     )
 
 
-def _position_in_class_stream(
-    seen: jax.Array, classes: jax.Array, valid: jax.Array
-) -> jax.Array:
+def _position_in_class_stream(seen: jax.Array, classes: jax.Array, valid: jax.Array) -> jax.Array:
     """0-based index of each candidate among all candidates of its class so far."""
     same_class = (classes[:, None] == classes[None, :]) & valid[None, :]
     earlier_same_class = jnp.tril(same_class, k=-1).sum(axis=1)

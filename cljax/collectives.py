@@ -19,6 +19,10 @@ class Collectives(Protocol):
 
     def device_index(self) -> jax.Array: ...
 
+    def per_device(self, tree):
+        """Marks replicated values as per-device, so that gradients with respect to them
+        stay local until summed explicitly with `sum`."""
+
     def sum(self, tree): ...
 
     def mean(self, tree): ...
@@ -39,6 +43,9 @@ class JaxCollectives:
 
     def device_index(self) -> jax.Array:
         return lax.axis_index(self.axis_name)
+
+    def per_device(self, tree):
+        return lax.pcast(tree, self.axis_name, to="varying")
 
     def sum(self, tree):
         return lax.psum(tree, self.axis_name)

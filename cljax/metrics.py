@@ -38,8 +38,9 @@ def summary(acc: np.ndarray) -> dict[str, float]:
     }
 
 
-def format_matrix(acc: np.ndarray) -> str:
+def format_matrix(acc: np.ndarray | list) -> str:
     """The accuracy matrix as a text table, one row per trained task."""
+    acc = np.asarray(acc)
     num_tasks = acc.shape[1]
     header = "after \\ on " + "".join(f"{f'T{j}':>7}" for j in range(num_tasks)) + "    avg"
     rows = [

@@ -85,7 +85,7 @@ def make_train_step(
             logits = state.apply_fn({"params": params}, normalise(inputs, settings.max_value))
             return weighted_cross_entropy_sum(logits, labels, weights) / total_weight
 
-        loss, grads = jax.value_and_grad(loss_fn)(state.params)
+        loss, grads = jax.value_and_grad(loss_fn)(collectives.per_device(state.params))
         grads, loss = collectives.sum((grads, loss))
         state = state.apply_gradients(grads=grads).replace(rng=rng)
         if rehearsal is not None:
@@ -94,9 +94,7 @@ def make_train_step(
         return state, rehearsal, {"loss": loss}
 
     specs = (P(), P(AXIS), P(AXIS), P())
-    step = jax.shard_map(
-        per_device, mesh=mesh, in_specs=specs, out_specs=(P(), P(AXIS), P())
-    )
+    step = jax.shard_map(per_device, mesh=mesh, in_specs=specs, out_specs=(P(), P(AXIS), P()))
     return jax.jit(step, donate_argnums=(0, 1))
 
 
@@ -132,9 +130,7 @@ def make_predict(mesh: Mesh, apply_fn: Callable[..., Any], max_value: float):
     def per_device(params, inputs):
         return apply_fn({"params": params}, normalise(inputs, max_value)).argmax(-1)
 
-    return jax.jit(
-        jax.shard_map(per_device, mesh=mesh, in_specs=(P(), P(AXIS)), out_specs=P(AXIS))
-    )
+    return jax.jit(jax.shard_map(per_device, mesh=mesh, in_specs=(P(), P(AXIS)), out_specs=P(AXIS)))
 
 
 def create_train_state(

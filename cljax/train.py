@@ -9,11 +9,13 @@ import os
 import pathlib
 import sys
 
+import jax
 from absl import app, flags
 from ml_collections import config_flags
 
 from cljax import configuration, distributed, trainer
 
+COMPILATION_CACHE = os.path.join("~", ".cache", "cljax", "jax")
 DEFAULT_CONFIG = pathlib.Path(__file__).resolve().parents[1] / "configs" / "default.py"
 
 _CONFIG = config_flags.DEFINE_config_file(
@@ -33,6 +35,8 @@ def main(argv: list[str]) -> None:
     if len(argv) > 1:
         raise app.UsageError(f"Unexpected arguments: {' '.join(argv[1:])}")
     config = _CONFIG.value
+    if not jax.config.jax_compilation_cache_dir:
+        jax.config.update("jax_compilation_cache_dir", os.path.expanduser(COMPILATION_CACHE))
     try:
         configuration.validate(config)
         distributed.configure_cpu_devices(config.num_cpu_devices)

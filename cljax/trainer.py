@@ -6,7 +6,6 @@ task's test split. Returns the metrics it writes to `<workdir>/metrics.json`.
 """
 
 import json
-import logging
 import os
 import time
 
@@ -73,8 +72,16 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
         train_indices = scenarios.indices_of_classes(dataset.train.labels, classes)
         task_start = time.perf_counter()
         state, rehearsal = _train_task(
-            config, mesh, train_step, state, rehearsal, dataset, train_indices, task,
-            global_batch_size, f"task {task + 1}/{scenario.num_tasks}",
+            config,
+            mesh,
+            train_step,
+            state,
+            rehearsal,
+            dataset,
+            train_indices,
+            task,
+            global_batch_size,
+            f"task {task + 1}/{scenario.num_tasks}",
         )
         train_time += time.perf_counter() - task_start
         predictions = _predict_all(predict, state.params, dataset.test.inputs, mesh, config)
@@ -90,15 +97,24 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
             "config": resolved,
         }
         _write_json(workdir, "metrics.json", results)
-
-    if distributed.is_main_process():
-        print(metrics.format_matrix(acc))
-        print(
-            f"final_average_accuracy={results['final_average_accuracy']:.4f} "
-            f"average_forgetting={results['average_forgetting']:.4f} "
-            f"train_time_s={train_time:.1f} metrics: {os.path.join(workdir, 'metrics.json')}"
+        _log(
+            f"task {task + 1}/{scenario.num_tasks}: accuracy on seen tasks "
+            f"{acc[task, : task + 1].mean():.4f}, train time {train_time:.1f}s"
         )
+
+    _log(metrics.format_matrix(acc))
+    _log(
+        f"final_average_accuracy={results['final_average_accuracy']:.4f} "
+        f"average_forgetting={results['average_forgetting']:.4f} "
+        f"train_time_s={train_time:.1f} metrics: {os.path.join(workdir, 'metrics.json')}"
+    )
     return results
+
+
+def _log(message: str) -> None:
+    """Prints on process 0 only."""
+    if distributed.is_main_process():
+        print(message, flush=True)
 
 
 def _train_task(
@@ -110,7 +126,7 @@ def _train_task(
     progress = tqdm(
         total=config.epochs_per_task * num_steps,
         desc=desc,
-        disable=not distributed.is_main_process(),
+        disable=None if distributed.is_main_process() else True,
         leave=False,
     )
     with progress:
@@ -149,7 +165,10 @@ def _init_rehearsal(mesh, resolved: dict, dataset) -> steps.RehearsalState:
             dtype,
         ),
         representatives=buffer_lib.init_sharded(
-            mesh, buffer_lib.init_representatives, buffer_config["num_representatives"], shape,
+            mesh,
+            buffer_lib.init_representatives,
+            buffer_config["num_representatives"],
+            shape,
             dtype,
         ),
     )
@@ -164,9 +183,7 @@ def _predict_all(predict, params, inputs: np.ndarray, mesh, config) -> np.ndarra
     for start in range(0, len(inputs), batch_size):
         rows = all_rows[start : start + batch_size]
         padded = np.concatenate([rows, np.zeros(batch_size - len(rows), int)])
-        batch = jax.make_array_from_process_local_data(
-            distributed.sharded(mesh), inputs[padded]
-        )
+        batch = jax.make_array_from_process_local_data(distributed.sharded(mesh), inputs[padded])
         predictions.append(np.asarray(predict(params, batch))[: len(rows)])
     return np.concatenate(predictions)
 
@@ -200,4 +217,3 @@ def _write_json(workdir: str, name: str, content: dict) -> None:
     with open(path + ".tmp", "w") as file:
         json.dump(content, file, indent=2)
     os.replace(path + ".tmp", path)
-    logging.info("Wrote %s", path)

@@ -1,17 +1,18 @@
 """Default experiment: ER on class-incremental digits (5 tasks x 2 classes), MLP.
 
-Command (from the repo root):
-    python -m cljax.train
-
-4 simulated CPU devices, memory 200 samples in total (5 per class per device).
-Expected: final_average_accuracy about 0.90 (see README for the measured numbers).
+Commands (from the repo root), and the final average accuracy to expect (mean of seeds
+0, 1, 2 on 4 simulated CPU devices, memory 200 samples in total):
+    python -m cljax.train                                        # er:           ~0.93
+    python -m cljax.train --config=configs/default.py:from_scratch  # from_scratch: ~0.96
+    python -m cljax.train --config=configs/default.py:incremental   # incremental:  ~0.20
 """
 
 import ml_collections
 from ml_collections.config_dict import placeholder
 
 
-def get_config() -> ml_collections.ConfigDict:
+def get_config(strategy: str = "er") -> ml_collections.ConfigDict:
+    """The default experiment, with `strategy` as `strategy.name` (the config's :ARG)."""
     config = ml_collections.ConfigDict()
     config.seed = 0
     config.num_cpu_devices = 4
@@ -26,7 +27,7 @@ def get_config() -> ml_collections.ConfigDict:
     config.scenario.class_order_seed = placeholder(int)
 
     config.strategy = ml_collections.ConfigDict()
-    config.strategy.name = "er"
+    config.strategy.name = strategy
 
     config.buffer = ml_collections.ConfigDict()
     config.buffer.budget_per_class = 5

@@ -4,6 +4,8 @@ Pixels are intensities 0..16 stored as uint8; the train/test split is stratified
 with a fixed seed, so every build of the dataset is identical.
 """
 
+from typing import ClassVar
+
 import numpy as np
 import tensorflow_datasets as tfds
 from sklearn.datasets import load_digits
@@ -18,7 +20,9 @@ class Digits(tfds.core.GeneratorBasedBuilder):
 
     VERSION = tfds.core.Version("1.0.0")
     MAX_VALUE = 16.0
-    RELEASE_NOTES = {"1.0.0": "Stratified 80/20 split of sklearn's digits, seed 0."}
+    RELEASE_NOTES: ClassVar[dict[str, str]] = {
+        "1.0.0": "Stratified 80/20 split of sklearn's digits, seed 0."
+    }
 
     def _info(self) -> tfds.core.DatasetInfo:
         return tfds.core.DatasetInfo(

@@ -44,7 +44,8 @@ class Dataset:
 
 
 def resolve_data_dir(data_dir: str | None) -> str:
-    return os.path.expanduser(data_dir or DEFAULT_DATA_DIR)
+    """`data_dir`, else $TFDS_DATA_DIR, else TFDS's default."""
+    return os.path.expanduser(data_dir or os.environ.get("TFDS_DATA_DIR") or DEFAULT_DATA_DIR)
 
 
 def load(name: str, data_dir: str | None = None) -> Dataset:

@@ -1,0 +1,65 @@
+"""Final average accuracy of each strategy on split digits (5 x 2, MLP), several seeds.
+
+    python benchmarks/digits_strategies.py [--seeds 0 1 2] [--strategies er from_scratch]
+
+Runs the default experiment (4 simulated CPU devices, memory 200 samples in total) with
+only `strategy.name` and `seed` changed. Prints one JSON line per run and one summary
+line per strategy with the mean and the issue's bar.
+"""
+
+import argparse
+import contextlib
+import io
+import json
+import os
+import statistics
+import sys
+import tempfile
+
+import jax
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, REPO)
+
+BARS = {"er": (">=", 0.88), "from_scratch": (">=", 0.95), "incremental": ("<=", 0.25)}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--strategies", nargs="+", default=list(BARS))
+    parser.add_argument("--num_cpu_devices", type=int, default=4)
+    args = parser.parse_args()
+    jax.config.update("jax_num_cpu_devices", args.num_cpu_devices)
+
+    from cljax import trainer
+    from configs import default
+
+    for strategy in args.strategies:
+        accuracies = []
+        for seed in args.seeds:
+            config = default.get_config(strategy)
+            config.num_cpu_devices, config.seed = args.num_cpu_devices, seed
+            with contextlib.redirect_stdout(io.StringIO()):
+                result = trainer.train_and_evaluate(config, tempfile.mkdtemp())
+            accuracies.append(result["final_average_accuracy"])
+            print(json.dumps({"strategy": strategy, "seed": seed, **_numbers(result)}))
+        mean = statistics.mean(accuracies)
+        print(
+            json.dumps(
+                {
+                    "strategy": strategy,
+                    "mean_final_average_accuracy": mean,
+                    "bar": " ".join(map(str, BARS.get(strategy, ("", "")))).strip(),
+                }
+            )
+        )
+
+
+def _numbers(result: dict) -> dict:
+    keys = ("final_average_accuracy", "average_forgetting", "backward_transfer", "train_time_s")
+    return {key: round(result[key], 4) for key in keys}
+
+
+if __name__ == "__main__":
+    main()

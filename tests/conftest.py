@@ -1,0 +1,36 @@
+"""Test set-up: 8 simulated CPU devices (before JAX starts) and a persistent compile cache."""
+
+import os
+
+import jax
+
+NUM_DEVICES = 8
+
+jax.config.update("jax_num_cpu_devices", NUM_DEVICES)
+jax.config.update(
+    "jax_compilation_cache_dir",
+    os.environ.get("CLJAX_TEST_CACHE", os.path.expanduser("~/.cache/cljax/jax-tests")),
+)
+jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
+
+import pytest  # noqa: E402
+
+from cljax import distributed  # noqa: E402
+from cljax.data import sources  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def data_dir(tmp_path_factory) -> str:
+    """A TFDS data dir of this test session, where built-in datasets get built."""
+    return str(tmp_path_factory.mktemp("tfds"))
+
+
+@pytest.fixture(scope="session")
+def digits(data_dir) -> sources.Dataset:
+    return sources.load("digits", data_dir)
+
+
+@pytest.fixture(scope="session")
+def mesh():
+    assert jax.device_count() == NUM_DEVICES
+    return distributed.make_mesh()

@@ -1,0 +1,99 @@
+"""`python -m cljax.train`: the metrics.json contract and one-line errors for bad input."""
+
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from cljax import configuration
+from configs import default
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def run_cli(*flags: str, cwd: str = REPO) -> subprocess.CompletedProcess:
+    env = {key: value for key, value in os.environ.items() if key != "XLA_FLAGS"}
+    return subprocess.run(
+        [sys.executable, "-m", "cljax.train", *flags],
+        cwd=cwd,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+
+
+def test_cli_writes_well_formed_metrics_json(tmp_path, data_dir):
+    result = run_cli(
+        f"--config.dataset.data_dir={data_dir}",
+        "--config.num_cpu_devices=2",
+        "--config.epochs_per_task=1",
+        "--config.scenario.num_tasks=2",
+        cwd=str(tmp_path),
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    (run_dir,) = (tmp_path / "runs").iterdir()
+    written = json.loads((run_dir / "metrics.json").read_text())
+    acc = np.asarray(written["accuracy_matrix"])
+    assert acc.shape == (2, 2) and ((acc >= 0) & (acc <= 1)).all()
+    assert acc[0, 1] == 0.0 and acc[0, 0] > 0.9
+    assert written["final_average_accuracy"] == pytest.approx(acc[-1].mean())
+    assert written["average_forgetting"] == pytest.approx(acc[0, 0] - acc[1, 0])
+    assert written["backward_transfer"] == pytest.approx(acc[1, 0] - acc[0, 0])
+    assert 0 < written["train_time_s"] < written["wall_time_s"]
+    assert written["num_devices"] == 2
+    assert written["config"]["strategy"]["name"] == "er"
+    assert written["config"]["buffer"]["total_slots"] == 5 * 10 * 2
+    assert "after \\ on" in result.stdout and f"{acc[-1].mean():.3f}" in result.stdout
+
+
+@pytest.mark.parametrize(
+    ("flag", "field"),
+    [
+        ("--config.buffer.num_candidates=99", "buffer.num_candidates"),
+        ("--config.strategy.name=ewc", "strategy.name"),
+        ("--config.scenario.num_tasks=3", "scenario.num_tasks"),
+        ("--config.buffer.rehearsal_ratio=0.01", "buffer.rehearsal_ratio"),
+    ],
+)
+def test_bad_config_stops_with_one_line_naming_the_field(tmp_path, data_dir, flag, field):
+    workdir = tmp_path / "run"
+    result = run_cli(f"--config.dataset.data_dir={data_dir}", f"--workdir={workdir}", flag)
+    assert result.returncode != 0
+    last_line = result.stderr.strip().splitlines()[-1]
+    assert last_line.startswith(f"cljax: {field}=") and "--config." in last_line
+    assert "Traceback" not in result.stderr
+    assert not workdir.exists()
+
+
+@pytest.mark.parametrize(
+    ("field", "value"),
+    [
+        ("batch_size", 0),
+        ("learning_rate", -1.0),
+        ("buffer.num_representatives", 0),
+        ("buffer.policy", "fifo"),
+        ("model.name", "resnet"),
+        ("dataset.name", "nope"),
+    ],
+)
+def test_validate_names_each_bad_field(field, value):
+    config = default.get_config()
+    *parents, leaf = field.split(".")
+    node = config
+    for parent in parents:
+        node = node[parent]
+    node[leaf] = value
+    with pytest.raises(configuration.ConfigError, match=rf"^{field}="):
+        configuration.validate(config)
+
+
+def test_rehearsal_ratio_gives_the_papers_budget():
+    buffer = default.get_config().buffer
+    buffer.rehearsal_ratio = 10.0
+    assert configuration.budget_per_class(buffer, 1437, 10, 4) == 3
+    buffer.rehearsal_ratio = None
+    assert configuration.budget_per_class(buffer, 1437, 10, 4) == buffer.budget_per_class

@@ -1,0 +1,104 @@
+"""The fused train step: exact data-parallel gradients, staleness 1, and donation."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+from cljax import buffer as buffer_lib
+from cljax import distributed, steps
+from cljax.collectives import JaxCollectives
+from cljax.models.mlp import MLP
+
+NUM_CLASSES, BUDGET, BATCH, CANDIDATES, REPS = 4, 3, 4, 2, 8
+MAX_VALUE = 1000.0
+
+
+def make_setup(mesh):
+    model = MLP(num_classes=NUM_CLASSES, hidden_sizes=(16,))
+    state = steps.create_train_state(model, optax.sgd(0.1), jnp.zeros((1, 3)), jax.random.key(0))
+    state = jax.device_put(state, distributed.replicated(mesh))
+    rehearsal = steps.RehearsalState(
+        buffer=buffer_lib.init_sharded(
+            mesh, buffer_lib.init_buffer, NUM_CLASSES, BUDGET, (3,), jnp.int32
+        ),
+        representatives=buffer_lib.init_sharded(
+            mesh, buffer_lib.init_representatives, REPS, (3,), jnp.int32
+        ),
+    )
+    settings = steps.StepConfig(MAX_VALUE, CANDIDATES, REPS, "reservoir")
+    return model, state, rehearsal, steps.make_train_step(mesh, JaxCollectives(), settings)
+
+
+def host_batch(step: int, num_devices: int) -> dict[str, np.ndarray]:
+    """Samples [id, label, 0] with ids unique to the step; the last row is masked out."""
+    size = BATCH * num_devices
+    ids = np.arange(size) + step * size
+    labels = (ids * 7) % NUM_CLASSES
+    mask = np.ones(size, bool)
+    mask[-1] = False
+    inputs = np.stack([ids, labels, np.zeros_like(ids)], -1).astype(np.int32)
+    return {"inputs": inputs, "labels": labels.astype(np.int32), "mask": mask}
+
+
+def test_step_equals_single_device_gradient_step_on_global_batch(mesh):
+    model, state, rehearsal, train_step = make_setup(mesh)
+    for step in range(3):
+        batch = host_batch(step, mesh.devices.size)
+        state, rehearsal, _ = train_step(state, rehearsal, batch, jnp.int32(0))
+    reps = jax.device_get(rehearsal.representatives)
+    params = jax.device_get(state.params)
+    batch = host_batch(3, mesh.devices.size)
+    inputs = np.concatenate([batch["inputs"], reps.inputs.reshape(-1, 3)])
+    labels = np.concatenate([batch["labels"], reps.labels.ravel()])
+    weights = np.concatenate([batch["mask"].astype(np.float32), reps.weights.ravel()])
+    assert reps.weights.sum() > 0
+
+    def global_loss(params):
+        logits = model.apply({"params": params}, inputs / MAX_VALUE)
+        ce = optax.softmax_cross_entropy_with_integer_labels(logits, labels)
+        return (ce * weights).sum() / weights.sum()
+
+    expected = jax.tree.map(lambda p, g: p - 0.1 * g, params, jax.grad(global_loss)(params))
+    state, _, metrics = train_step(state, rehearsal, batch, jnp.int32(0))
+    jax.tree.map(
+        lambda a, b: np.testing.assert_allclose(a, b, rtol=2e-5, atol=2e-6),
+        jax.device_get(state.params),
+        expected,
+    )
+    np.testing.assert_allclose(metrics["loss"], global_loss(params), rtol=1e-5)
+
+
+def test_representatives_used_with_a_batch_never_include_that_batch(mesh):
+    _, state, rehearsal, train_step = make_setup(mesh)
+    for step in range(12):
+        batch = host_batch(step, mesh.devices.size)
+        used = jax.device_get(rehearsal.representatives)
+        used_ids = used.inputs[..., 0][used.weights > 0]
+        assert not set(used_ids.tolist()) & set(batch["inputs"][:, 0].tolist())
+        if step >= 2:
+            assert used_ids.size > 0 and used_ids.max() < (step - 1) * len(batch["mask"])
+        state, rehearsal, _ = train_step(state, rehearsal, batch, jnp.int32(0))
+
+
+def test_train_and_rehearsal_state_are_donated(mesh):
+    _, state, rehearsal, train_step = make_setup(mesh)
+    old_leaves = jax.tree.leaves((state.params, rehearsal))
+    train_step(state, rehearsal, host_batch(0, mesh.devices.size), jnp.int32(0))
+    assert all(leaf.is_deleted() for leaf in old_leaves)
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_same_seed_gives_bit_identical_states(mesh, seed):
+    def run():
+        _, state, rehearsal, train_step = make_setup(mesh)
+        state = state.replace(rng=jax.device_put(jax.random.key(seed), state.rng.sharding))
+        for step in range(5):
+            state, rehearsal, _ = train_step(
+                state, rehearsal, host_batch(step, mesh.devices.size), jnp.int32(0)
+            )
+        return jax.device_get((state.params, rehearsal))
+
+    first, second = run(), run()
+    jax.tree.map(np.testing.assert_array_equal, first, second)

@@ -1,0 +1,60 @@
+"""End-to-end training on digits with 8 devices: strategies order as the method predicts."""
+
+import json
+
+import numpy as np
+import pytest
+
+from cljax import configuration, trainer
+from configs import default
+
+
+def digits_config(data_dir: str, strategy: str):
+    """The default experiment on 8 devices: per-device batch 2 keeps the global batch of 8."""
+    config = default.get_config()
+    config.num_cpu_devices = 8
+    config.dataset.data_dir = data_dir
+    config.strategy.name = strategy
+    config.batch_size = 2
+    config.buffer.budget_per_class = 3
+    config.buffer.num_candidates = 2
+    config.buffer.num_representatives = 2
+    return config
+
+
+@pytest.fixture(scope="module")
+def results(data_dir, tmp_path_factory):
+    return {
+        strategy: trainer.train_and_evaluate(
+            digits_config(data_dir, strategy), str(tmp_path_factory.mktemp(strategy))
+        )
+        for strategy in ("incremental", "er", "from_scratch")
+    }
+
+
+def test_strategies_order_from_scratch_over_er_over_incremental(results):
+    accuracy = {name: run["final_average_accuracy"] for name, run in results.items()}
+    assert accuracy["from_scratch"] > accuracy["er"]
+    assert accuracy["er"] > accuracy["incremental"] + 0.3
+    assert accuracy["incremental"] < 0.3
+    assert results["er"]["average_forgetting"] < results["incremental"]["average_forgetting"]
+
+
+def test_incremental_forgets_earlier_tasks_almost_entirely(results):
+    acc = np.asarray(results["incremental"]["accuracy_matrix"])
+    assert (np.diag(acc) > 0.85).all()
+    assert acc[-1, :-1].max() < 0.2
+
+
+def test_written_metrics_equal_returned_metrics(results, tmp_path_factory):
+    for name, run in results.items():
+        workdir = tmp_path_factory.getbasetemp() / f"{name}0"
+        written = json.loads((workdir / "metrics.json").read_text())
+        assert written["accuracy_matrix"] == run["accuracy_matrix"]
+        assert written["num_devices"] == 8
+
+
+def test_rerunning_into_a_finished_workdir_is_refused(results, data_dir, tmp_path_factory):
+    workdir = tmp_path_factory.getbasetemp() / "er0"
+    with pytest.raises(configuration.ConfigError, match=r"already holds metrics\.json"):
+        trainer.train_and_evaluate(digits_config(data_dir, "er"), str(workdir))
