@@ -1,31 +1,40 @@
 """The distributed rehearsal buffer: a pure-functional pytree, one shard per device.
 
-Per device the buffer holds `budget_per_class` (N) slots for each class. Inputs keep the
-dataset's stored dtype (uint8 images stay uint8), next to their label and task id.
+Per device the buffer holds `budget_per_class` (N) slots for each class. Each slot stores
+one sample record: one or more tensors (`data`: the input, and optionally DER logits or
+extra targets, each with its own shape and dtype; uint8 images stay uint8), its label and
+its task id. Per class it counts filled slots and candidates seen.
 
 Per step and per device:
-- `insert` adds `num_candidates` (c) samples drawn uniformly from the local batch. Policy
-  `reservoir` keeps, per class, a uniform sample of all candidates of that class seen so far
-  on this device; `random_replace` fills free slots first and then overwrites a uniformly
-  chosen slot of the class, which favours recent samples. Candidates of one class in one
+- `insert` adds `num_candidates` (c) samples drawn uniformly from the valid rows of the
+  local batch. Policy `reservoir` (default) keeps, per class, a uniform sample of every
+  candidate of that class seen so far on this device: the k-th (0-based) goes to a free
+  slot if k < N, else replaces a uniform slot with probability N/(k+1). `random_replace`
+  (the reference implementation) also fills free slots first, then always replaces a
+  uniform slot of the class, which favours recent samples. Candidates of one class in one
   step are applied as if inserted one after another.
-- `sample_global` gives each device `r` representatives drawn from the union of all
-  devices' buffers with a single `all_to_all`: every device sends ceil(r/D) uniform draws
-  from its own filled slots to every device. Each representative carries an importance
-  weight D * F_owner / F_total (F = filled slots), so that, in expectation, the loss sees
-  every filled slot of the global buffer with equal weight even when devices are filled
-  unevenly; the weight is 1 when fills are equal, and 0 for an owner with nothing stored
-  (never a garbage sample in the loss).
+- `sample_global` gives every device exactly `r` representatives drawn from the union of
+  all devices' buffers, in one round of collectives and with no request: every owner draws
+  r samples uniformly from its own filled slots and sends q = r // D of them to every
+  device with one `all_to_all`, and its r mod D others to the devices at offsets
+  s, s+1, ... (s: a random shift shared by all devices) with collective permutes. Every
+  device therefore receives exactly r samples, and each owner's expected share is r/D. When
+  all devices hold equally many samples every filled slot of the global buffer is equally
+  likely. When fills differ, a sample from owner i (F_i filled slots, F in total) is drawn
+  with probability 1/(D F_i) and carries the importance weight D F_i / F, so that in
+  expectation every filled slot weighs the same in the loss; the weight is 1 when fills are
+  equal and 0 when the owner holds nothing (an empty slot never reaches the loss).
 
-The functions here work on one device's shard (no leading device axis) and run inside
-`shard_map`; `init_sharded` builds the global state, stacked along the device axis.
+The functions here work on one device's shard (no leading device axis) inside `shard_map`;
+`init_sharded` builds the global state, stacked along the device axis.
 """
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 import flax.struct
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax.sharding import Mesh
 
 from cljax.collectives import Collectives
@@ -33,12 +42,14 @@ from cljax.distributed import sharded
 
 POLICIES = ("reservoir", "random_replace")
 
+Spec = Mapping[str, tuple[Sequence[int], np.dtype]]
+
 
 @flax.struct.dataclass
 class BufferState:
-    """One device's buffer: class-partitioned slots [C, N] and per-class counters [C]."""
+    """One device's buffer: class-partitioned slots [C, N, ...] and per-class counters [C]."""
 
-    inputs: jax.Array
+    data: dict[str, jax.Array]
     labels: jax.Array
     task_ids: jax.Array
     counts: jax.Array
@@ -57,18 +68,17 @@ class BufferState:
 class Representatives:
     """Samples drawn from the global buffer for the next step; weight 0 marks no sample."""
 
-    inputs: jax.Array
+    data: dict[str, jax.Array]
     labels: jax.Array
+    task_ids: jax.Array
     weights: jax.Array
 
 
-def init_buffer(
-    num_classes: int, budget_per_class: int, input_shape: Sequence[int], dtype
-) -> BufferState:
-    """An empty buffer for one device."""
+def init_buffer(num_classes: int, budget_per_class: int, spec: Spec) -> BufferState:
+    """An empty buffer for one device; `spec` maps each stored tensor to (shape, dtype)."""
     slots = (num_classes, budget_per_class)
     return BufferState(
-        inputs=jnp.zeros((*slots, *input_shape), dtype),
+        data={name: jnp.zeros((*slots, *shape), dtype) for name, (shape, dtype) in spec.items()},
         labels=jnp.broadcast_to(jnp.arange(num_classes, dtype=jnp.int32)[:, None], slots),
         task_ids=jnp.full(slots, -1, jnp.int32),
         counts=jnp.zeros(num_classes, jnp.int32),
@@ -76,16 +86,17 @@ def init_buffer(
     )
 
 
-def init_representatives(num: int, input_shape: Sequence[int], dtype) -> Representatives:
+def init_representatives(num: int, spec: Spec) -> Representatives:
     """`num` empty representatives (all weights 0), for the first step."""
     return Representatives(
-        inputs=jnp.zeros((num, *input_shape), dtype),
+        data={name: jnp.zeros((num, *shape), dtype) for name, (shape, dtype) in spec.items()},
         labels=jnp.zeros(num, jnp.int32),
+        task_ids=jnp.full(num, -1, jnp.int32),
         weights=jnp.zeros(num, jnp.float32),
     )
 
 
-def init_sharded(mesh: Mesh, make_local, *args) -> jax.Array:
+def init_sharded(mesh: Mesh, make_local, *args, memory_kind: str | None = None):
     """`make_local(*args)` stacked once per device and sharded along the mesh axis."""
     num_devices = mesh.devices.size
 
@@ -94,12 +105,21 @@ def init_sharded(mesh: Mesh, make_local, *args) -> jax.Array:
             lambda leaf: jnp.broadcast_to(leaf, (num_devices, *leaf.shape)), make_local(*args)
         )
 
-    return jax.jit(stacked, out_shardings=sharded(mesh))()
+    sharding = sharded(mesh)
+    if memory_kind is not None:
+        sharding = sharding.with_memory_kind(memory_kind)
+    return jax.jit(stacked, out_shardings=sharding)()
+
+
+def record_bytes(spec: Spec) -> int:
+    """Bytes of one stored sample: its tensors, label and task id."""
+    tensors = sum(int(np.prod(shape)) * np.dtype(dtype).itemsize for shape, dtype in spec.values())
+    return tensors + 2 * np.dtype(np.int32).itemsize
 
 
 def insert(
     buffer: BufferState,
-    inputs: jax.Array,
+    samples: Mapping[str, jax.Array],
     labels: jax.Array,
     mask: jax.Array,
     task_id: jax.Array,
@@ -107,7 +127,10 @@ def insert(
     num_candidates: int,
     policy: str = "reservoir",
 ) -> BufferState:
-    """Inserts `num_candidates` samples drawn uniformly from the valid rows of the batch."""
+    """Inserts `num_candidates` rows drawn uniformly from the valid rows of the batch.
+
+    `samples` holds one batch-major tensor per name of `buffer.data`.
+    """
     pick_key, slot_key = jax.random.split(key)
     scores = jnp.where(mask, jax.random.uniform(pick_key, mask.shape), 2.0)
     chosen = jnp.argsort(scores)[:num_candidates]
@@ -127,7 +150,7 @@ def insert(
 
     seen = buffer.seen + jnp.zeros_like(buffer.seen).at[classes].add(valid.astype(jnp.int32))
     return BufferState(
-        inputs=scatter(buffer.inputs, inputs[chosen]),
+        data={name: scatter(buffer.data[name], samples[name][chosen]) for name in buffer.data},
         labels=scatter(buffer.labels, classes),
         task_ids=scatter(buffer.task_ids, jnp.full_like(classes, task_id)),
         counts=jnp.minimum(seen, buffer.budget_per_class),
@@ -165,41 +188,83 @@ def _overwritten_later(target: jax.Array, writes: jax.Array) -> jax.Array:
 def draw_uniform(buffer: BufferState, key: jax.Array, num: int) -> tuple[jax.Array, jax.Array]:
     """`num` draws (with replacement) from this device's filled slots, as flat slot ids.
 
-    Returns slot ids and this device's number of filled slots; ids are meaningless when
-    nothing is filled.
+    Returns the slot ids and this device's number of filled slots; the ids are meaningless
+    when nothing is filled.
     """
     filled = buffer.counts.sum()
     rank = jax.random.randint(key, (num,), 0, jnp.maximum(filled, 1))
     ends = jnp.cumsum(buffer.counts)
-    classes = jnp.searchsorted(ends, rank, side="right")
-    classes = jnp.minimum(classes, buffer.num_classes - 1)
+    classes = jnp.minimum(jnp.searchsorted(ends, rank, side="right"), buffer.num_classes - 1)
     offset = rank - (ends[classes] - buffer.counts[classes])
     return classes * buffer.budget_per_class + offset, filled
 
 
 def sample_global(
-    buffer: BufferState, key: jax.Array, num: int, collectives: Collectives
+    buffer: BufferState,
+    key: jax.Array,
+    shared_key: jax.Array,
+    num: int,
+    collectives: Collectives,
 ) -> Representatives:
-    """`num` representatives from the union of all devices' buffers, in one all_to_all."""
-    num_devices = collectives.num_devices()
-    per_owner = -(-num // num_devices)
-    draw_key, keep_key = jax.random.split(key)
-    slots, filled = draw_uniform(buffer, draw_key, num_devices * per_owner)
-    flat_inputs = buffer.inputs.reshape(-1, *buffer.inputs.shape[2:])
-    outgoing = (
-        flat_inputs[slots].reshape(num_devices, per_owner, *flat_inputs.shape[1:]),
-        buffer.labels.reshape(-1)[slots].reshape(num_devices, per_owner),
-        jnp.broadcast_to(filled, (num_devices, 1)),
-    )
-    inputs, labels, owner_filled = collectives.all_to_all(outgoing)
-    owner_filled = owner_filled[:, 0].astype(jnp.float32)
-    total = owner_filled.sum()
-    owner_weight = jnp.where(total > 0, num_devices * owner_filled / jnp.maximum(total, 1), 0.0)
-    weights = jnp.broadcast_to(owner_weight[:, None], (num_devices, per_owner))
+    """`num` representatives from the union of all devices' buffers (see module docstring).
 
-    keep = jax.random.permutation(keep_key, num_devices * per_owner)[:num]
-    return Representatives(
-        inputs=inputs.reshape(-1, *inputs.shape[2:])[keep],
-        labels=labels.reshape(-1)[keep],
-        weights=weights.reshape(-1)[keep],
+    `key` must differ between devices and `shared_key` must be the same on all of them.
+    Each record travels as one row of bytes, so a step costs one `all_to_all` and at most
+    D - 1 collective permutes whatever the number of stored tensors.
+    """
+    num_devices = collectives.num_devices()
+    bulk_rows = num // num_devices * num_devices
+    slots, filled = draw_uniform(buffer, key, num)
+
+    def rows(stored: jax.Array) -> jax.Array:
+        return stored.reshape(-1, *stored.shape[2:])[slots]
+
+    outgoing = (
+        {name: rows(stored) for name, stored in buffer.data.items()},
+        rows(buffer.labels),
+        rows(buffer.task_ids),
+        jnp.full(num, filled, _count_dtype(buffer.labels.size)),
+    )
+    packed = _pack(outgoing)
+    bulk = collectives.all_to_all(packed[:bulk_rows].reshape(num_devices, -1, packed.shape[1]))
+    shift = jax.random.randint(shared_key, (), 0, num_devices)
+    rest = collectives.receive_shifted(packed[bulk_rows:], shift)
+    received = jnp.concatenate([bulk.reshape(-1, packed.shape[1]), rest])
+    data, labels, task_ids, owner_filled = _unpack(received, outgoing)
+
+    total = collectives.sum(filled).astype(jnp.float32)
+    weights = num_devices * owner_filled.astype(jnp.float32) / jnp.maximum(total, 1.0)
+    return Representatives(data, labels, task_ids, weights)
+
+
+def _pack(tree) -> jax.Array:
+    """Row-major leaves [n, ...] as one uint8 array [n, bytes per row]."""
+    return jnp.concatenate(
+        [
+            jax.lax.bitcast_convert_type(leaf, jnp.uint8).reshape(leaf.shape[0], -1)
+            for leaf in jax.tree.leaves(tree)
+        ],
+        axis=1,
+    )
+
+
+def _unpack(packed: jax.Array, template):
+    """Inverse of `_pack`, with the shapes and dtypes of `template`'s leaves."""
+    leaves, treedef = jax.tree.flatten(template)
+    out, start = [], 0
+    for leaf in leaves:
+        itemsize = leaf.dtype.itemsize
+        width = int(np.prod(leaf.shape[1:], dtype=int)) * itemsize
+        chunk = packed[:, start : start + width]
+        byte_shape = (*leaf.shape[1:], itemsize) if itemsize > 1 else leaf.shape[1:]
+        chunk = chunk.reshape(packed.shape[0], *byte_shape)
+        out.append(jax.lax.bitcast_convert_type(chunk, leaf.dtype))
+        start += width
+    return jax.tree.unflatten(treedef, out)
+
+
+def _count_dtype(capacity: int) -> np.dtype:
+    """The smallest unsigned integer type that holds a fill count of up to `capacity`."""
+    return next(
+        np.dtype(t) for t in (np.uint8, np.uint16, np.uint32) if capacity <= np.iinfo(t).max
     )

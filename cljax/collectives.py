@@ -7,6 +7,8 @@ Buffer and step code call these methods inside `shard_map` and never name a back
 from typing import Protocol
 
 import jax
+import jax.extend
+import jax.numpy as jnp
 from jax import lax
 
 from cljax.distributed import AXIS
@@ -25,11 +27,15 @@ class Collectives(Protocol):
 
     def sum(self, tree): ...
 
-    def mean(self, tree): ...
-
     def all_to_all(self, tree):
         """Sends slice i of every leaf's leading axis to device i; slice j of the result
         came from device j."""
+
+    def receive_shifted(self, tree, shift: jax.Array):
+        """Row t of the result on device j is row t of device (j + shift + t) mod D.
+
+        Leaves have fewer than D rows; `shift` must be the same on every device.
+        """
 
 
 class JaxCollectives:
@@ -50,10 +56,59 @@ class JaxCollectives:
     def sum(self, tree):
         return lax.psum(tree, self.axis_name)
 
-    def mean(self, tree):
-        return lax.pmean(tree, self.axis_name)
-
     def all_to_all(self, tree):
         return jax.tree.map(
             lambda leaf: lax.all_to_all(leaf, self.axis_name, 0, 0, tiled=False), tree
         )
+
+    def receive_shifted(self, tree, shift: jax.Array):
+        """One collective permute per row, with static offsets chosen by `lax.switch`."""
+        num_rows = jax.tree.leaves(tree)[0].shape[0]
+        if num_rows == 0:
+            return tree
+        num_devices = self.num_devices()
+
+        def permutes_for(base: int):
+            def run(tree):
+                received = [
+                    lax.ppermute(
+                        jax.tree.map(lambda leaf, t=row: leaf[t], tree),
+                        self.axis_name,
+                        [(src, (src - base - row) % num_devices) for src in range(num_devices)],
+                    )
+                    for row in range(num_rows)
+                ]
+                return jax.tree.map(lambda *rows: jnp.stack(rows), *received)
+
+            return run
+
+        return lax.switch(shift, [permutes_for(base) for base in range(num_devices)], tree)
+
+
+_RECEIVING = ("all_to_all", "ppermute", "psum", "psum_invariant", "all_gather")
+
+
+def received_bytes(jaxpr: jax.extend.core.Jaxpr) -> int:
+    """Bytes one device receives through collectives when `jaxpr` runs once per device.
+
+    Counts the outputs of every receiving collective; of the branches of a `cond` (one of
+    which runs), the largest.
+    """
+    total = 0
+    for eqn in jaxpr.eqns:
+        if eqn.primitive.name in _RECEIVING:
+            total += sum(var.aval.size * var.aval.dtype.itemsize for var in eqn.outvars)
+        elif eqn.primitive.name == "cond":
+            total += max(received_bytes(branch.jaxpr) for branch in eqn.params["branches"])
+        else:
+            total += sum(received_bytes(sub) for sub in _sub_jaxprs(eqn))
+    return total
+
+
+def _sub_jaxprs(eqn):
+    for param in eqn.params.values():
+        for value in param if isinstance(param, list | tuple) else [param]:
+            if isinstance(value, jax.extend.core.ClosedJaxpr):
+                yield value.jaxpr
+            elif isinstance(value, jax.extend.core.Jaxpr):
+                yield value

@@ -58,6 +58,8 @@ def validate(config: ml_collections.ConfigDict) -> None:
     ):
         _positive(field, _lookup(config, field))
     _positive("learning_rate", config.learning_rate, minimum=0)
+    _positive("strategy.alpha", config.strategy.alpha, minimum=0)
+    _positive("strategy.beta", config.strategy.beta, minimum=0)
     if STRATEGIES[config.strategy.name].uses_buffer:
         _validate_buffer(config)
 
@@ -66,6 +68,7 @@ def _validate_buffer(config: ml_collections.ConfigDict) -> None:
     buffer = config.buffer
     _positive("buffer.num_representatives", buffer.num_representatives)
     _positive("buffer.num_candidates", buffer.num_candidates)
+    _positive("buffer.augment_from_task", buffer.augment_from_task, minimum=0)
     _require(
         buffer.num_candidates <= config.batch_size,
         f"buffer.num_candidates={buffer.num_candidates} exceeds batch_size={config.batch_size};"

@@ -1,11 +1,11 @@
 """The fused, jitted train step and the sharded prediction step.
 
-One call of the train step, per device and inside `shard_map`: computes the loss on
-[local batch ‖ representatives drawn during the previous step], sums gradients across
-devices, inserts candidates from the local batch into the local buffer and draws the
-next step's representatives from the global buffer. The buffer work does not depend on
-the gradients, so XLA is free to overlap it with them. Train state and rehearsal state
-are donated: the buffer is updated in place.
+One call of the train step, per device and inside `shard_map`: computes the strategy's
+loss from one forward pass over [local batch ‖ representatives drawn during the previous
+step], sums gradients across devices, inserts candidates from the local batch into the
+local buffer and draws the next step's representatives from the global buffer. The
+buffer work does not depend on the gradients, so XLA is free to overlap it with them.
+Train state and rehearsal state are donated: the buffer is updated in place.
 """
 
 import dataclasses
@@ -23,6 +23,7 @@ from jax.sharding import PartitionSpec as P
 from cljax import buffer as buffer_lib
 from cljax.collectives import Collectives
 from cljax.distributed import AXIS
+from cljax.strategies import Batch, LossWeights, Strategy, Totals
 
 
 class TrainState(train_state.TrainState):
@@ -44,20 +45,17 @@ class StepConfig:
     """Static settings of the train step."""
 
     max_value: float
+    strategy: Strategy
     num_candidates: int = 0
     num_representatives: int = 0
     policy: str = "reservoir"
+    loss_weights: LossWeights = dataclasses.field(default_factory=LossWeights)
+    augment_from_task: int = 0
 
 
 def normalise(inputs: jax.Array, max_value: float) -> jax.Array:
     """Stored inputs (e.g. uint8) to float32 in [0, 1]."""
     return inputs.astype(jnp.float32) / max_value
-
-
-def weighted_cross_entropy_sum(
-    logits: jax.Array, labels: jax.Array, weights: jax.Array
-) -> jax.Array:
-    return (optax.softmax_cross_entropy_with_integer_labels(logits, labels) * weights).sum()
 
 
 def make_train_step(
@@ -71,51 +69,58 @@ def make_train_step(
     def per_device(state: TrainState, rehearsal: RehearsalState | None, batch, task_id):
         rng, step_key = jax.random.split(state.rng)
         device_key = jax.random.fold_in(step_key, collectives.device_index())
-        inputs, labels, weights = batch["inputs"], batch["labels"], batch["mask"]
-        weights = weights.astype(jnp.float32)
+        weights = batch["mask"].astype(jnp.float32)
+        inputs, reps, rep_weight = batch["inputs"], None, jnp.float32(0)
         if rehearsal is not None:
             rehearsal = jax.tree.map(lambda leaf: leaf[0], rehearsal)
             reps = rehearsal.representatives
-            inputs = jnp.concatenate([inputs, reps.inputs])
-            labels = jnp.concatenate([labels, reps.labels])
-            weights = jnp.concatenate([weights, reps.weights])
-        total_weight = collectives.sum(weights.sum())
+            reps = reps.replace(weights=reps.weights * (task_id >= settings.augment_from_task))
+            inputs = jnp.concatenate([inputs, reps.data["inputs"]])
+            rep_weight = reps.weights.sum()
+        totals = Totals(*collectives.sum((weights.sum(), rep_weight)))
+        num_new = weights.shape[0]
 
         def loss_fn(params):
             logits = state.apply_fn({"params": params}, normalise(inputs, settings.max_value))
-            return weighted_cross_entropy_sum(logits, labels, weights) / total_weight
+            rows = Batch(logits[:num_new], batch["labels"], weights, logits[num_new:], reps)
+            return settings.strategy.loss(rows, totals, settings.loss_weights), logits[:num_new]
 
-        loss, grads = jax.value_and_grad(loss_fn)(collectives.per_device(state.params))
+        grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+        (loss, logits), grads = grad_fn(collectives.per_device(state.params))
         grads, loss = collectives.sum((grads, loss))
         state = state.apply_gradients(grads=grads).replace(rng=rng)
         if rehearsal is not None:
-            rehearsal = _rehearse(rehearsal, batch, task_id, device_key, collectives, settings)
+            samples = {**batch, "logits": jax.lax.stop_gradient(logits)}
+            rehearsal = _rehearse(
+                rehearsal, samples, task_id, device_key, step_key, collectives, settings
+            )
             rehearsal = jax.tree.map(lambda leaf: leaf[None], rehearsal)
         return state, rehearsal, {"loss": loss}
 
     specs = (P(), P(AXIS), P(AXIS), P())
     step = jax.shard_map(per_device, mesh=mesh, in_specs=specs, out_specs=(P(), P(AXIS), P()))
-    return jax.jit(step, donate_argnums=(0, 1))
+    return jax.jit(step, donate_argnums=(0, 1), keep_unused=True)
 
 
 def _rehearse(
     rehearsal: RehearsalState,
-    batch: dict[str, jax.Array],
+    samples: dict[str, jax.Array],
     task_id: jax.Array,
-    key: jax.Array,
+    device_key: jax.Array,
+    shared_key: jax.Array,
     collectives: Collectives,
     settings: StepConfig,
 ) -> RehearsalState:
     """Draws next step's representatives, then inserts this step's candidates."""
-    insert_key, sample_key = jax.random.split(key)
+    insert_key, sample_key = jax.random.split(device_key)
     representatives = buffer_lib.sample_global(
-        rehearsal.buffer, sample_key, settings.num_representatives, collectives
+        rehearsal.buffer, sample_key, shared_key, settings.num_representatives, collectives
     )
     buffer = buffer_lib.insert(
         rehearsal.buffer,
-        batch["inputs"],
-        batch["labels"],
-        batch["mask"],
+        {name: samples[name] for name in rehearsal.buffer.data},
+        samples["labels"],
+        samples["mask"],
         task_id,
         insert_key,
         settings.num_candidates,

@@ -21,7 +21,7 @@ from cljax import configuration, distributed, metrics, steps
 from cljax.collectives import JaxCollectives
 from cljax.data import pipeline, scenarios, sources
 from cljax.models import create_model
-from cljax.strategies import STRATEGIES
+from cljax.strategies import STRATEGIES, LossWeights, Strategy
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
@@ -48,13 +48,16 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     optimizer = optax.adam(config.learning_rate)
     step_config = steps.StepConfig(
         max_value=dataset.max_value,
+        strategy=strategy,
         num_candidates=config.buffer.num_candidates,
         num_representatives=config.buffer.num_representatives,
         policy=config.buffer.policy,
+        loss_weights=LossWeights(config.strategy.alpha, config.strategy.beta),
+        augment_from_task=config.buffer.augment_from_task,
     )
     train_step = steps.make_train_step(mesh, JaxCollectives(), step_config)
     predict = steps.make_predict(mesh, model.apply, dataset.max_value)
-    rehearsal = _init_rehearsal(mesh, resolved, dataset) if strategy.uses_buffer else None
+    rehearsal = _init_rehearsal(mesh, resolved, dataset, strategy) if strategy.uses_buffer else None
     test_tasks = scenario.task_of_labels(dataset.test.labels)
 
     # The task loop.
@@ -152,24 +155,26 @@ def _init_state(model, optimizer, dataset, mesh, seed: int, task: int) -> steps.
     return jax.device_put(state, distributed.replicated(mesh))
 
 
-def _init_rehearsal(mesh, resolved: dict, dataset) -> steps.RehearsalState:
-    buffer_config = resolved["buffer"]
-    shape, dtype = dataset.input_shape, dataset.train.inputs.dtype
+def buffer_spec(dataset, strategy: Strategy) -> dict[str, tuple[tuple[int, ...], np.dtype]]:
+    """What the buffer stores per sample: the input as stored, and logits for DER."""
+    spec = {"inputs": (dataset.input_shape, dataset.train.inputs.dtype)}
+    if strategy.stores_logits:
+        spec["logits"] = ((dataset.num_classes,), np.dtype(np.float32))
+    return spec
+
+
+def _init_rehearsal(mesh, resolved: dict, dataset, strategy: Strategy) -> steps.RehearsalState:
+    buffer_config, spec = resolved["buffer"], buffer_spec(dataset, strategy)
     return steps.RehearsalState(
         buffer=buffer_lib.init_sharded(
             mesh,
             buffer_lib.init_buffer,
             dataset.num_classes,
             buffer_config["budget_per_class"],
-            shape,
-            dtype,
+            spec,
         ),
         representatives=buffer_lib.init_sharded(
-            mesh,
-            buffer_lib.init_representatives,
-            buffer_config["num_representatives"],
-            shape,
-            dtype,
+            mesh, buffer_lib.init_representatives, buffer_config["num_representatives"], spec
         ),
     )
 

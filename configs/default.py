@@ -28,6 +28,8 @@ def get_config(strategy: str = "er") -> ml_collections.ConfigDict:
 
     config.strategy = ml_collections.ConfigDict()
     config.strategy.name = strategy
+    config.strategy.alpha = 0.1
+    config.strategy.beta = 0.5
 
     config.buffer = ml_collections.ConfigDict()
     config.buffer.budget_per_class = 5
@@ -35,6 +37,7 @@ def get_config(strategy: str = "er") -> ml_collections.ConfigDict:
     config.buffer.num_candidates = 2
     config.buffer.num_representatives = 4
     config.buffer.policy = "reservoir"
+    config.buffer.augment_from_task = 0
 
     config.model = ml_collections.ConfigDict()
     config.model.name = "mlp"

@@ -10,11 +10,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from jax.sharding import Mesh
 from jax.sharding import PartitionSpec as P
 from scipy import stats
 
 from cljax import buffer as buffer_lib
-from cljax.collectives import JaxCollectives
+from cljax.collectives import JaxCollectives, received_bytes
 from cljax.distributed import AXIS
 
 ID, LABEL, TASK = 0, 1, 2
@@ -26,14 +27,17 @@ def id_batch(ids: np.ndarray, labels: np.ndarray, task: int) -> np.ndarray:
     return np.stack([ids, labels, np.full_like(ids, task)], axis=-1).astype(np.int32)
 
 
-def empty_buffer(num_classes: int, budget: int) -> buffer_lib.BufferState:
-    return buffer_lib.init_buffer(num_classes, budget, (3,), jnp.int32)
+SPEC = {"inputs": ((3,), np.dtype(np.int32))}
+
+
+def empty_buffer(num_classes: int, budget: int, spec=SPEC) -> buffer_lib.BufferState:
+    return buffer_lib.init_buffer(num_classes, budget, spec)
 
 
 @functools.partial(jax.jit, static_argnames=("num_candidates", "policy"))
 def insert(buffer, inputs, mask, task, key, num_candidates, policy="reservoir"):
     return buffer_lib.insert(
-        buffer, inputs, inputs[:, LABEL], mask, task, key, num_candidates, policy
+        buffer, {"inputs": inputs}, inputs[:, LABEL], mask, task, key, num_candidates, policy
     )
 
 
@@ -75,7 +79,7 @@ class TestInsert:
             buffer = insert(buffer, inputs, mask, 0, jax.random.key(step), self.batch)
             for row in inputs[mask]:
                 seen_ids[row[LABEL]].append(row[ID])
-            stored = np.asarray(buffer.inputs)[..., ID]
+            stored = np.asarray(buffer.data["inputs"])[..., ID]
             for c in range(self.num_classes):
                 kept = set(stored[c, : buffer.counts[c]].tolist())
                 if len(seen_ids[c]) <= self.budget:
@@ -90,7 +94,7 @@ class TestInsert:
             buffer = insert(buffer, inputs, mask, step % 3, jax.random.key(step), 5)
             valid_ids |= set(inputs[mask, ID].tolist())
         filled = filled_slots(buffer)
-        stored = np.asarray(buffer.inputs)[filled]
+        stored = np.asarray(buffer.data["inputs"])[filled]
         assert set(stored[:, ID].tolist()) <= valid_ids
         assert len(set(stored[:, ID].tolist())) == len(stored)
         np.testing.assert_array_equal(stored[:, LABEL], np.asarray(buffer.labels)[filled])
@@ -109,7 +113,7 @@ def retention_counts(policy: str, trials: int, budget: int, length: int, per_ste
             inputs = jnp.stack([ids, jnp.zeros_like(ids), jnp.zeros_like(ids)], -1)
             buffer = buffer_lib.insert(
                 buffer,
-                inputs,
+                {"inputs": inputs},
                 inputs[:, LABEL],
                 jnp.ones(per_step, bool),
                 0,
@@ -117,7 +121,7 @@ def retention_counts(policy: str, trials: int, budget: int, length: int, per_ste
                 per_step,
                 policy,
             )
-        return buffer.inputs[0, :, ID]
+        return buffer.data["inputs"][0, :, ID]
 
     kept = jax.jit(jax.vmap(one_trial))(jax.random.split(jax.random.key(7), trials))
     return np.bincount(np.asarray(kept).ravel(), minlength=length)
@@ -140,9 +144,10 @@ class TestPolicies:
 
 
 def global_buffer(mesh, fills_per_device: list[int], num_classes: int, budget: int):
-    """A sharded buffer where device d inserted `fills_per_device[d]` id-carrying samples."""
+    """A sharded buffer where device d inserted `fills_per_device[d]` id-carrying samples
+    with ids d * 12 + row."""
     num_devices = mesh.devices.size
-    width = max(max(fills_per_device), 1)
+    width = 12
     ids = np.arange(num_devices * width).reshape(num_devices, width)
     labels = ids % num_classes
     mask = np.arange(width)[None, :] < np.asarray(fills_per_device)[:, None]
@@ -151,7 +156,7 @@ def global_buffer(mesh, fills_per_device: list[int], num_classes: int, budget: i
     def per_device(buffer, inputs, mask):
         buffer = jax.tree.map(lambda leaf: leaf[0], buffer)
         buffer = buffer_lib.insert(
-            buffer, inputs, inputs[:, LABEL], mask, 0, jax.random.key(0), width
+            buffer, {"inputs": inputs}, inputs[:, LABEL], mask, 0, jax.random.key(0), width
         )
         return jax.tree.map(lambda leaf: leaf[None], buffer)
 
@@ -165,59 +170,181 @@ def draw_rounds(mesh, buffer, num: int, rounds: int) -> buffer_lib.Representativ
 
     def per_device(buffer, key):
         buffer = jax.tree.map(lambda leaf: leaf[0], buffer)
-        key = jax.random.fold_in(key, jax.lax.axis_index(AXIS))
-        return buffer_lib.sample_global(buffer, key, num, JaxCollectives())
+        device_key = jax.random.fold_in(key, jax.lax.axis_index(AXIS))
+        return buffer_lib.sample_global(buffer, device_key, key, num, JaxCollectives())
 
     shard = jax.shard_map(per_device, mesh=mesh, in_specs=(P(AXIS), P()), out_specs=P(AXIS))
     keys = jax.random.split(jax.random.key(11), rounds)
     return jax.jit(jax.vmap(shard, in_axes=(None, 0)))(buffer, keys)
 
 
+def submesh(num_devices: int) -> Mesh:
+    return Mesh(np.asarray(jax.devices()[:num_devices]), (AXIS,))
+
+
+def filled_ids(buffer) -> set[int]:
+    budget = buffer.labels.shape[-1]
+    filled = np.asarray(buffer.counts)[..., None] > np.arange(budget)
+    return set(np.asarray(buffer.data["inputs"])[filled][:, ID].tolist())
+
+
+def owners_of(reps, width: int) -> np.ndarray:
+    """The device that stored each representative (ids are device * width + row)."""
+    return np.asarray(reps.data["inputs"])[..., ID] // width
+
+
 class TestGlobalSampling:
     num_classes, budget = 3, 4
+    width = 12
 
     @pytest.mark.parametrize("num", [8, 3, 20])
-    def test_representatives_come_only_from_filled_slots(self, mesh, num):
+    def test_every_device_receives_exactly_r_and_only_filled_slots(self, mesh, num):
         fills = [0, 1, 2, 5, 12, 0, 3, 7]
         buffer = global_buffer(mesh, fills, self.num_classes, self.budget)
-        filled = np.asarray(buffer.inputs)[np.asarray(buffer.counts)[..., None] > np.arange(4)]
         reps = draw_rounds(mesh, buffer, num, rounds=50)
-        ids = np.asarray(reps.inputs)[..., ID]
         weights = np.asarray(reps.weights)
-        assert reps.inputs.shape[1] == mesh.devices.size * num
-        assert set(ids[weights > 0].tolist()) <= set(filled[:, ID].tolist())
-        np.testing.assert_array_equal(
-            np.asarray(reps.labels)[weights > 0], np.asarray(reps.inputs)[..., LABEL][weights > 0]
-        )
-        assert (weights == 0).any() and (weights > 0).mean() > 0.5
+        assert weights.shape == (50, mesh.devices.size * num)
+        ids = np.asarray(reps.data["inputs"])[..., ID]
+        assert set(ids[weights > 0].tolist()) <= filled_ids(buffer)
+        for field in (reps.labels, reps.task_ids):
+            np.testing.assert_array_equal(
+                np.asarray(field)[weights > 0],
+                np.asarray(reps.data["inputs"])[..., LABEL if field is reps.labels else TASK][
+                    weights > 0
+                ],
+            )
+        empty_owner = np.isin(owners_of(reps, self.width), [0, 5])
+        assert (weights[empty_owner] == 0).all() and (weights[~empty_owner] > 0).all()
 
     def test_empty_global_buffer_gives_only_zero_weights(self, mesh):
         buffer = global_buffer(mesh, [0] * 8, self.num_classes, self.budget)
         reps = draw_rounds(mesh, buffer, 8, rounds=3)
         assert (np.asarray(reps.weights) == 0).all()
 
-    def test_equal_fills_give_every_global_slot_equal_probability(self, mesh):
-        buffer = global_buffer(mesh, [12] * 8, self.num_classes, self.budget)
-        reps = draw_rounds(mesh, buffer, 8, rounds=200)
+    @pytest.mark.parametrize(("num_devices", "num"), [(1, 8), (8, 8), (8, 3), (8, 20)])
+    def test_equal_fills_give_every_global_slot_equal_probability(self, num_devices, num):
+        mesh = submesh(num_devices)
+        buffer = global_buffer(mesh, [self.width] * num_devices, self.num_classes, self.budget)
+        reps = draw_rounds(mesh, buffer, num, rounds=1600 // num)
         np.testing.assert_array_equal(np.asarray(reps.weights), 1.0)
-        ids = np.asarray(reps.inputs)[..., ID].ravel()
-        counts = np.bincount(ids, minlength=8 * 12)
-        assert (counts > 0).all()
+        ids = np.asarray(reps.data["inputs"])[..., ID].ravel()
+        counts = np.bincount(ids, minlength=num_devices * self.width)
         assert stats.chisquare(counts).pvalue > P_VALUE_FLOOR
+
+    @pytest.mark.parametrize("num", [3, 20])
+    def test_each_receiver_draws_every_owner_equally_often(self, mesh, num):
+        """With r not a multiple of D, the random shift spreads the extra draws evenly."""
+        buffer = global_buffer(mesh, [self.width] * 8, self.num_classes, self.budget)
+        rounds = 400
+        owners = owners_of(draw_rounds(mesh, buffer, num, rounds), self.width)
+        for receiver in range(8):
+            mine = owners[:, receiver * num : (receiver + 1) * num].ravel()
+            assert stats.chisquare(np.bincount(mine, minlength=8)).pvalue > P_VALUE_FLOOR
 
     def test_unequal_fills_draw_owners_uniformly_and_weight_by_fill(self, mesh):
         """Owner i's slots are drawn with probability 1/(D F_i) and weighted D F_i / F_total,
         so that the weighted share of every filled slot is 1 / F_total."""
-        fills = [1, 2, 3, 4, 6, 8, 10, 12]
-        buffer = global_buffer(mesh, fills, self.num_classes, self.budget)
+        fills = np.asarray([1, 2, 3, 4, 6, 8, 10, 12])
+        buffer = global_buffer(mesh, fills.tolist(), self.num_classes, self.budget)
         reps = draw_rounds(mesh, buffer, 16, rounds=100)
-        ids = np.asarray(reps.inputs)[..., ID].ravel()
-        owner = ids // 12
-        fills_arr = np.asarray(fills)
+        ids = np.asarray(reps.data["inputs"])[..., ID].ravel()
+        owner = ids // self.width
         np.testing.assert_allclose(
-            np.asarray(reps.weights).ravel(), 8 * fills_arr[owner] / fills_arr.sum()
+            np.asarray(reps.weights).ravel(), 8 * fills[owner] / fills.sum(), rtol=1e-6
         )
-        filled_ids = np.concatenate([d * 12 + np.arange(f) for d, f in enumerate(fills)])
-        observed = np.bincount(ids, minlength=8 * 12)[filled_ids]
-        expected = len(ids) / (8 * fills_arr[filled_ids // 12])
+        present = np.concatenate([d * self.width + np.arange(f) for d, f in enumerate(fills)])
+        observed = np.bincount(ids, minlength=8 * self.width)[present]
+        expected = len(ids) / (8 * fills[present // self.width])
         assert stats.chisquare(observed, expected).pvalue > P_VALUE_FLOOR
+
+    def test_same_keys_give_identical_representatives(self, mesh):
+        buffer = global_buffer(mesh, [5, 1, 12, 3, 0, 7, 2, 9], self.num_classes, self.budget)
+        first, second = (draw_rounds(mesh, buffer, 5, rounds=4) for _ in range(2))
+        jax.tree.map(np.testing.assert_array_equal, first, second)
+
+
+def test_sharded_insertion_equals_a_single_device_loop(mesh):
+    """Each device's shard is what one device alone builds from the same rows and keys."""
+    num_devices, batch, steps = 8, 6, 5
+    rng = np.random.default_rng(0)
+    batches = [
+        id_batch(np.arange(num_devices * batch) + step * 1000, rng.integers(0, 3, 48), step)
+        for step in range(steps)
+    ]
+    masks = [rng.random(num_devices * batch) > 0.3 for _ in range(steps)]
+
+    def per_device(buffer, inputs, mask, key):
+        buffer = jax.tree.map(lambda leaf: leaf[0], buffer)
+        key = jax.random.fold_in(key, jax.lax.axis_index(AXIS))
+        buffer = buffer_lib.insert(buffer, {"inputs": inputs}, inputs[:, LABEL], mask, 0, key, 4)
+        return jax.tree.map(lambda leaf: leaf[None], buffer)
+
+    shard = jax.jit(
+        jax.shard_map(
+            per_device, mesh=mesh, in_specs=(P(AXIS), P(AXIS), P(AXIS), P()), out_specs=P(AXIS)
+        )
+    )
+    sharded_buffer = buffer_lib.init_sharded(mesh, empty_buffer, 3, 2)
+    for step in range(steps):
+        sharded_buffer = shard(sharded_buffer, batches[step], masks[step], jax.random.key(step))
+
+    for device in range(num_devices):
+        alone = empty_buffer(3, 2)
+        rows = slice(device * batch, (device + 1) * batch)
+        for step in range(steps):
+            key = jax.random.fold_in(jax.random.key(step), device)
+            alone = insert(alone, batches[step][rows], masks[step][rows], 0, key, 4)
+        jax.tree.map(
+            lambda a, b, d=device: np.testing.assert_array_equal(np.asarray(a)[d], b),
+            sharded_buffer,
+            alone,
+        )
+
+
+def test_every_stored_tensor_stays_with_its_sample():
+    """Inputs, an extra multi-dimensional target, logits, label and task id all move together."""
+    spec = {
+        "inputs": ((3,), np.dtype(np.int32)),
+        "target": ((2, 2), np.dtype(np.float16)),
+        "logits": ((3,), np.dtype(np.float32)),
+    }
+    buffer = empty_buffer(3, 4, spec)
+    assert buffer.data["target"].dtype == jnp.float16
+    rng = np.random.default_rng(5)
+    for step in range(20):
+        ids = np.arange(8) + 8 * step
+        inputs = id_batch(ids, rng.integers(0, 3, 8), task=step)
+        samples = {
+            "inputs": inputs,
+            "target": np.broadcast_to(ids[:, None, None] / 4, (8, 2, 2)).astype(np.float16),
+            "logits": (ids[:, None] * np.arange(1, 4)).astype(np.float32),
+        }
+        buffer = buffer_lib.insert(
+            buffer, samples, inputs[:, LABEL], np.ones(8, bool), step, jax.random.key(step), 5
+        )
+    filled = filled_slots(buffer)
+    ids = np.asarray(buffer.data["inputs"])[filled][:, ID]
+    np.testing.assert_array_equal(np.asarray(buffer.data["target"])[filled][:, 1, 1], ids / 4)
+    np.testing.assert_array_equal(np.asarray(buffer.data["logits"])[filled][:, 2], ids * 3)
+    np.testing.assert_array_equal(np.asarray(buffer.task_ids)[filled], ids // 8)
+
+
+@pytest.mark.parametrize("num", [4, 7, 64])
+def test_bytes_received_per_step_stay_within_ten_percent_of_r_records(num):
+    """Measured from the collectives in the traced program, for 1 to 8 devices."""
+    spec = {"inputs": ((8, 8, 1), np.dtype(np.uint8)), "logits": ((10,), np.dtype(np.float32))}
+    record = buffer_lib.record_bytes(spec)
+    for num_devices in (1, 2, 4, 8):
+        received = sampling_received_bytes(submesh(num_devices), spec, num)
+        assert num * record <= received <= 1.1 * num * record
+
+
+def sampling_received_bytes(mesh, spec, num: int) -> int:
+    buffer = buffer_lib.init_sharded(mesh, buffer_lib.init_buffer, 10, 1000, spec)
+
+    def per_device(buffer, key):
+        buffer = jax.tree.map(lambda leaf: leaf[0], buffer)
+        return buffer_lib.sample_global(buffer, key, key, num, JaxCollectives())
+
+    shard = jax.shard_map(per_device, mesh=mesh, in_specs=(P(AXIS), P()), out_specs=P(AXIS))
+    return received_bytes(jax.make_jaxpr(shard)(buffer, jax.random.key(0)).jaxpr)

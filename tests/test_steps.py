@@ -10,9 +10,11 @@ from cljax import buffer as buffer_lib
 from cljax import distributed, steps
 from cljax.collectives import JaxCollectives
 from cljax.models.mlp import MLP
+from cljax.strategies import STRATEGIES
 
 NUM_CLASSES, BUDGET, BATCH, CANDIDATES, REPS = 4, 3, 4, 2, 8
 MAX_VALUE = 1000.0
+SPEC = {"inputs": ((3,), np.dtype(np.int32))}
 
 
 def make_setup(mesh):
@@ -20,14 +22,10 @@ def make_setup(mesh):
     state = steps.create_train_state(model, optax.sgd(0.1), jnp.zeros((1, 3)), jax.random.key(0))
     state = jax.device_put(state, distributed.replicated(mesh))
     rehearsal = steps.RehearsalState(
-        buffer=buffer_lib.init_sharded(
-            mesh, buffer_lib.init_buffer, NUM_CLASSES, BUDGET, (3,), jnp.int32
-        ),
-        representatives=buffer_lib.init_sharded(
-            mesh, buffer_lib.init_representatives, REPS, (3,), jnp.int32
-        ),
+        buffer=buffer_lib.init_sharded(mesh, buffer_lib.init_buffer, NUM_CLASSES, BUDGET, SPEC),
+        representatives=buffer_lib.init_sharded(mesh, buffer_lib.init_representatives, REPS, SPEC),
     )
-    settings = steps.StepConfig(MAX_VALUE, CANDIDATES, REPS, "reservoir")
+    settings = steps.StepConfig(MAX_VALUE, STRATEGIES["er"], CANDIDATES, REPS, "reservoir")
     return model, state, rehearsal, steps.make_train_step(mesh, JaxCollectives(), settings)
 
 
@@ -50,7 +48,7 @@ def test_step_equals_single_device_gradient_step_on_global_batch(mesh):
     reps = jax.device_get(rehearsal.representatives)
     params = jax.device_get(state.params)
     batch = host_batch(3, mesh.devices.size)
-    inputs = np.concatenate([batch["inputs"], reps.inputs.reshape(-1, 3)])
+    inputs = np.concatenate([batch["inputs"], reps.data["inputs"].reshape(-1, 3)])
     labels = np.concatenate([batch["labels"], reps.labels.ravel()])
     weights = np.concatenate([batch["mask"].astype(np.float32), reps.weights.ravel()])
     assert reps.weights.sum() > 0
@@ -75,7 +73,7 @@ def test_representatives_used_with_a_batch_never_include_that_batch(mesh):
     for step in range(12):
         batch = host_batch(step, mesh.devices.size)
         used = jax.device_get(rehearsal.representatives)
-        used_ids = used.inputs[..., 0][used.weights > 0]
+        used_ids = used.data["inputs"][..., 0][used.weights > 0]
         assert not set(used_ids.tolist()) & set(batch["inputs"][:, 0].tolist())
         if step >= 2:
             assert used_ids.size > 0 and used_ids.max() < (step - 1) * len(batch["mask"])
