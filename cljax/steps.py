@@ -3,7 +3,7 @@
 One call of the train step, per device and inside `shard_map`: computes the strategy's
 loss from one forward pass over [local batch ‖ representatives drawn during the previous
 step], sums gradients across devices, inserts candidates from the local batch into the
-local buffer and draws the next step's representatives from the global buffer. The
+local buffer, then draws the next step's representatives from the global buffer. The
 buffer work does not depend on the gradients, so XLA is free to overlap it with them.
 Train state and rehearsal state are donated: the buffer is updated in place.
 """
@@ -111,11 +111,12 @@ def _rehearse(
     collectives: Collectives,
     settings: StepConfig,
 ) -> RehearsalState:
-    """Draws next step's representatives, then inserts this step's candidates."""
+    """Inserts this step's candidates, then draws the next step's representatives.
+
+    Drawing from the buffer as updated lets XLA update it in place: drawing from the old
+    buffer while overwriting it would force a copy of the whole buffer every step.
+    """
     insert_key, sample_key = jax.random.split(device_key)
-    representatives = buffer_lib.sample_global(
-        rehearsal.buffer, sample_key, shared_key, settings.num_representatives, collectives
-    )
     buffer = buffer_lib.insert(
         rehearsal.buffer,
         {name: samples[name] for name in rehearsal.buffer.data},
@@ -125,6 +126,9 @@ def _rehearse(
         insert_key,
         settings.num_candidates,
         settings.policy,
+    )
+    representatives = buffer_lib.sample_global(
+        buffer, sample_key, shared_key, settings.num_representatives, collectives
     )
     return RehearsalState(buffer, representatives)
 

@@ -1,5 +1,7 @@
 """The fused train step: exact data-parallel gradients, staleness 1, and donation."""
 
+import re
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -17,15 +19,22 @@ MAX_VALUE = 1000.0
 SPEC = {"inputs": ((3,), np.dtype(np.int32))}
 
 
-def make_setup(mesh):
+def make_setup(mesh, budget: int = BUDGET, augment_from_task: int = 0):
     model = MLP(num_classes=NUM_CLASSES, hidden_sizes=(16,))
     state = steps.create_train_state(model, optax.sgd(0.1), jnp.zeros((1, 3)), jax.random.key(0))
     state = jax.device_put(state, distributed.replicated(mesh))
     rehearsal = steps.RehearsalState(
-        buffer=buffer_lib.init_sharded(mesh, buffer_lib.init_buffer, NUM_CLASSES, BUDGET, SPEC),
+        buffer=buffer_lib.init_sharded(mesh, buffer_lib.init_buffer, NUM_CLASSES, budget, SPEC),
         representatives=buffer_lib.init_sharded(mesh, buffer_lib.init_representatives, REPS, SPEC),
     )
-    settings = steps.StepConfig(MAX_VALUE, STRATEGIES["er"], CANDIDATES, REPS, "reservoir")
+    settings = steps.StepConfig(
+        MAX_VALUE,
+        STRATEGIES["er"],
+        CANDIDATES,
+        REPS,
+        "reservoir",
+        augment_from_task=augment_from_task,
+    )
     return model, state, rehearsal, steps.make_train_step(mesh, JaxCollectives(), settings)
 
 
@@ -75,8 +84,8 @@ def test_representatives_used_with_a_batch_never_include_that_batch(mesh):
         used = jax.device_get(rehearsal.representatives)
         used_ids = used.data["inputs"][..., 0][used.weights > 0]
         assert not set(used_ids.tolist()) & set(batch["inputs"][:, 0].tolist())
-        if step >= 2:
-            assert used_ids.size > 0 and used_ids.max() < (step - 1) * len(batch["mask"])
+        if step >= 1:
+            assert used_ids.size > 0 and used_ids.max() < step * len(batch["mask"])
         state, rehearsal, _ = train_step(state, rehearsal, batch, jnp.int32(0))
 
 
@@ -100,3 +109,36 @@ def test_same_seed_gives_bit_identical_states(mesh, seed):
 
     first, second = run(), run()
     jax.tree.map(np.testing.assert_array_equal, first, second)
+
+
+def test_compiled_step_updates_the_buffer_without_copying_it(mesh):
+    """No copy in the compiled step is as large as the buffer's input tensor."""
+    budget = 5000
+    _, state, rehearsal, train_step = make_setup(mesh, budget=budget)
+    batch = host_batch(0, mesh.devices.size)
+    hlo = train_step.lower(state, rehearsal, batch, jnp.int32(0)).compile().as_text()
+    buffer_elements = NUM_CLASSES * budget * 3
+    copies = [line for line in hlo.splitlines() if " copy(" in line]
+    sizes = [
+        int(np.prod([int(d) for d in shape.split(",") if d] or [1]))
+        for line in copies
+        for shape in re.findall(r"\[([\d,]*)\]", line.split("=")[1].split("copy(")[0])
+    ]
+    assert copies, "expected the compiled step to hold some small copies"
+    assert max(sizes) < buffer_elements
+
+
+def test_representatives_are_ignored_before_augment_from_task(mesh):
+    model, state, rehearsal, train_step = make_setup(mesh, augment_from_task=1)
+    for step in range(3):
+        state, rehearsal, _ = train_step(
+            state, rehearsal, host_batch(step, mesh.devices.size), jnp.int32(0)
+        )
+    assert rehearsal.representatives.weights.sum() > 0
+    params = jax.device_get(state.params)
+    batch = host_batch(3, mesh.devices.size)
+    _, _, metrics = train_step(state, rehearsal, batch, jnp.int32(0))
+    logits = model.apply({"params": params}, batch["inputs"] / MAX_VALUE)
+    ce = optax.softmax_cross_entropy_with_integer_labels(logits, batch["labels"])
+    expected = (ce * batch["mask"]).sum() / batch["mask"].sum()
+    np.testing.assert_allclose(metrics["loss"], expected, rtol=1e-5)

@@ -28,7 +28,7 @@ def results(data_dir, tmp_path_factory):
         strategy: trainer.train_and_evaluate(
             digits_config(data_dir, strategy), str(tmp_path_factory.mktemp(strategy))
         )
-        for strategy in ("incremental", "er", "from_scratch")
+        for strategy in ("incremental", "er", "derpp", "from_scratch")
     }
 
 
@@ -38,6 +38,12 @@ def test_strategies_order_from_scratch_over_er_over_incremental(results):
     assert accuracy["er"] > accuracy["incremental"] + 0.3
     assert accuracy["incremental"] < 0.3
     assert results["er"]["average_forgetting"] < results["incremental"]["average_forgetting"]
+
+
+def test_derpp_rehearses_as_well_as_er(results):
+    accuracy = {name: run["final_average_accuracy"] for name, run in results.items()}
+    assert accuracy["derpp"] > accuracy["incremental"] + 0.3
+    assert accuracy["derpp"] > accuracy["er"] - 0.05
 
 
 def test_incremental_forgets_earlier_tasks_almost_entirely(results):
