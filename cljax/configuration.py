@@ -8,6 +8,7 @@ import math
 import ml_collections
 
 from cljax.buffer import POLICIES
+from cljax.data.scenarios import SCENARIOS, class_groups
 from cljax.data.sources import BUILTIN_BUILDERS
 from cljax.models import MODELS
 from cljax.strategies import STRATEGIES
@@ -44,8 +45,18 @@ def _lookup(config: ml_collections.ConfigDict, field: str):
 
 def validate(config: ml_collections.ConfigDict) -> None:
     """Checks what can be checked without data or devices."""
-    _one_of("dataset.name", config.dataset.name, BUILTIN_BUILDERS)
-    _one_of("scenario.name", config.scenario.name, {"class_incremental"})
+    _require(
+        isinstance(config.dataset.name, str) and config.dataset.name,
+        f"dataset.name={config.dataset.name!r} is empty; set --config.dataset.name to a built-in "
+        "dataset "
+        f"{sorted(BUILTIN_BUILDERS)} or a prepared TFDS dataset",
+    )
+    _one_of("scenario.name", config.scenario.name, SCENARIOS)
+    _require(
+        config.scenario.name != "joint" or config.scenario.num_tasks == 1,
+        f"scenario.num_tasks={config.scenario.num_tasks} must be 1 for scenario.name='joint';"
+        " set --config.scenario.num_tasks=1",
+    )
     _one_of("strategy.name", config.strategy.name, STRATEGIES)
     _one_of("model.name", config.model.name, MODELS)
     _one_of("buffer.policy", config.buffer.policy, POLICIES)
@@ -55,6 +66,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
         "eval_batch_size",
         "epochs_per_task",
         "num_cpu_devices",
+        "dataset.prefetch_depth",
     ):
         _positive(field, _lookup(config, field))
     _positive("learning_rate", config.learning_rate, minimum=0)
@@ -88,12 +100,18 @@ def validate_for_data(
     config: ml_collections.ConfigDict, num_classes: int, train_size: int, num_devices: int
 ) -> None:
     """Checks what depends on the dataset and the number of devices."""
-    num_tasks = config.scenario.num_tasks
-    _require(
-        num_classes % num_tasks == 0,
-        f"scenario.num_tasks={num_tasks} does not divide the {num_classes} classes of"
-        f" {config.dataset.name}; set --config.scenario.num_tasks to a divisor of {num_classes}",
-    )
+    scenario = config.scenario
+    if scenario.name == "class_incremental":
+        sizes = class_groups(
+            num_classes, scenario.num_tasks, scenario.initial_increment, scenario.increment
+        )
+        _require(
+            sum(sizes) == num_classes and min(sizes) >= 1,
+            f"scenario.num_tasks={scenario.num_tasks} with initial_increment="
+            f"{scenario.initial_increment} and increment={scenario.increment} gives tasks of"
+            f" {sizes} classes, not the {num_classes} classes of {config.dataset.name}; set"
+            " --config.scenario.num_tasks (or initial_increment/increment) to cover them exactly",
+        )
     if STRATEGIES[config.strategy.name].uses_buffer:
         budget = budget_per_class(config.buffer, train_size, num_classes, num_devices)
         _require(

@@ -14,6 +14,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import optax
+from jax.experimental import multihost_utils
 from tqdm import tqdm
 
 from cljax import buffer as buffer_lib
@@ -34,11 +35,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     distributed.configure_cpu_devices(config.num_cpu_devices)
     mesh = distributed.make_mesh()
     num_devices = mesh.devices.size
-    dataset = sources.load(config.dataset.name, config.dataset.data_dir)
+    try:
+        dataset = sources.load(config.dataset.name, config.dataset.data_dir)
+    except sources.DatasetNotPrepared as error:
+        raise configuration.ConfigError(str(error)) from error
     configuration.validate_for_data(config, dataset.num_classes, len(dataset.train), num_devices)
-    scenario = scenarios.class_incremental(
-        dataset.num_classes, config.scenario.num_tasks, config.scenario.class_order_seed
-    )
+    scenario = make_scenario(config, dataset)
     strategy = STRATEGIES[config.strategy.name]
     resolved = _resolved_config(config, dataset, num_devices)
     global_batch_size = config.batch_size * num_devices
@@ -58,45 +60,55 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     train_step = steps.make_train_step(mesh, JaxCollectives(), step_config)
     predict = steps.make_predict(mesh, model.apply, dataset.max_value)
     rehearsal = _init_rehearsal(mesh, resolved, dataset, strategy) if strategy.uses_buffer else None
-    test_tasks = scenario.task_of_labels(dataset.test.labels)
 
     # The task loop.
     acc = np.zeros((scenario.num_tasks, scenario.num_tasks))
     state = None
-    train_time = 0.0
+    timings = []
     for task in range(scenario.num_tasks):
         if state is None or strategy.reinitialise_each_task:
             state = _init_state(model, optimizer, dataset, mesh, config.seed, task)
-        classes = (
-            scenario.classes_up_to(task)
+        train_rows = (
+            scenario.train_rows_up_to(task)
             if strategy.trains_on_seen_tasks
-            else scenario.task_classes[task]
+            else scenario.train_rows[task]
         )
-        train_indices = scenarios.indices_of_classes(dataset.train.labels, classes)
         task_start = time.perf_counter()
-        state, rehearsal = _train_task(
+        state, rehearsal, data_wait = _train_task(
             config,
             mesh,
             train_step,
             state,
             rehearsal,
             dataset,
-            train_indices,
+            train_rows,
             task,
             global_batch_size,
             f"task {task + 1}/{scenario.num_tasks}",
         )
-        train_time += time.perf_counter() - task_start
-        predictions = _predict_all(predict, state.params, dataset.test.inputs, mesh, config)
-        correct = predictions == dataset.test.labels
-        acc[task] = [correct[test_tasks == j].mean() for j in range(scenario.num_tasks)]
+        eval_start = time.perf_counter()
+        correct = _predict_all(predict, state.params, dataset.test, mesh, config) == (
+            dataset.test.labels
+        )
+        acc[task] = [correct[rows].mean() for rows in scenario.test_rows]
+        timings.append(
+            {
+                "task": task,
+                "train_s": eval_start - task_start,
+                "data_wait_s": data_wait,
+                "eval_s": time.perf_counter() - eval_start,
+            }
+        )
+        train_time = sum(timing["train_s"] for timing in timings)
         results = {
             "accuracy_matrix": acc[: task + 1].tolist(),
             **metrics.summary(acc[: task + 1]),
             "train_time_s": train_time,
+            "data_wait_s": sum(timing["data_wait_s"] for timing in timings),
             "wall_time_s": time.perf_counter() - wall_start,
             "num_devices": num_devices,
             "completed_tasks": task + 1,
+            "task_timings": timings,
             "config": resolved,
         }
         _write_json(workdir, "metrics.json", results)
@@ -121,43 +133,72 @@ def _log(message: str) -> None:
 
 
 def _train_task(
-    config, mesh, train_step, state, rehearsal, dataset, indices, task, global_batch_size, desc
+    config, mesh, train_step, state, rehearsal, dataset, rows, task, global_batch_size, desc
 ):
-    """Runs `epochs_per_task` epochs over `indices`; returns the updated states."""
+    """Runs `epochs_per_task` epochs over `rows`; returns the states and the data wait."""
     task_id = jnp.int32(task)
-    num_steps = pipeline.steps_per_epoch(len(indices), global_batch_size)
+    steps_per_epoch = pipeline.steps_per_epoch(len(rows), global_batch_size)
+    augment = config.dataset.augment
+    batches = pipeline.task_batches(
+        dataset.train,
+        rows,
+        global_batch_size,
+        seed=config.seed,
+        task=task,
+        epochs=config.epochs_per_task,
+        augment=dataset.natural_images if augment is None else augment,
+        process_index=jax.process_index(),
+        process_count=jax.process_count(),
+    )
     progress = tqdm(
-        total=config.epochs_per_task * num_steps,
+        total=config.epochs_per_task * steps_per_epoch,
         desc=desc,
         disable=None if distributed.is_main_process() else True,
         leave=False,
     )
-    with progress:
-        for epoch in range(config.epochs_per_task):
-            batches = pipeline.epoch_batches(
-                dataset.train, indices, global_batch_size, seed=config.seed, task=task, epoch=epoch
-            )
-            for batch in batches:
-                state, rehearsal, step_metrics = train_step(
-                    state, rehearsal, pipeline.to_global(batch, mesh), task_id
-                )
-                progress.update()
-            progress.set_postfix(loss=f"{float(step_metrics['loss']):.3f}")
+    prefetcher = pipeline.Prefetcher(
+        batches, lambda batch: pipeline.to_global(batch, mesh), config.dataset.prefetch_depth
+    )
+    with progress, prefetcher:
+        for step, batch in enumerate(prefetcher, start=1):
+            state, rehearsal, step_metrics = train_step(state, rehearsal, batch, task_id)
+            progress.update()
+            if step % steps_per_epoch == 0:
+                progress.set_postfix(loss=f"{float(step_metrics['loss']):.3f}")
     jax.block_until_ready((state, rehearsal))
-    return state, rehearsal
+    return state, rehearsal, prefetcher.wait_s
+
+
+def make_scenario(config: ml_collections.ConfigDict, dataset) -> scenarios.Scenario:
+    """The tasks of `scenario.name` over the dataset's splits."""
+    name, num_tasks = config.scenario.name, config.scenario.num_tasks
+    sizes = (len(dataset.train), len(dataset.test), dataset.num_classes)
+    if name == "joint":
+        return scenarios.joint(*sizes)
+    if name == "instance_incremental":
+        return scenarios.instance_incremental(*sizes, num_tasks, config.seed)
+    return scenarios.class_incremental(
+        dataset.train.labels,
+        dataset.test.labels,
+        dataset.num_classes,
+        num_tasks,
+        initial_increment=config.scenario.initial_increment,
+        increment=config.scenario.increment,
+        shuffle_seed=config.scenario.class_order_seed,
+    )
 
 
 def _init_state(model, optimizer, dataset, mesh, seed: int, task: int) -> steps.TrainState:
     """Fresh model and optimizer, replicated on every device."""
     key = jax.random.fold_in(jax.random.key(seed), task)
-    sample = steps.normalise(jnp.asarray(dataset.train.inputs[:1]), dataset.max_value)
+    sample = steps.normalise(jnp.asarray(dataset.train.read(np.arange(1))), dataset.max_value)
     state = steps.create_train_state(model, optimizer, sample, key)
     return jax.device_put(state, distributed.replicated(mesh))
 
 
 def buffer_spec(dataset, strategy: Strategy) -> dict[str, tuple[tuple[int, ...], np.dtype]]:
     """What the buffer stores per sample: the input as stored, and logits for DER."""
-    spec = {"inputs": (dataset.input_shape, dataset.train.inputs.dtype)}
+    spec = {"inputs": (dataset.input_shape, dataset.input_dtype)}
     if strategy.stores_logits:
         spec["logits"] = ((dataset.num_classes,), np.dtype(np.float32))
     return spec
@@ -179,17 +220,22 @@ def _init_rehearsal(mesh, resolved: dict, dataset, strategy: Strategy) -> steps.
     )
 
 
-def _predict_all(predict, params, inputs: np.ndarray, mesh, config) -> np.ndarray:
-    """Predicted classes for every row of `inputs`, in fixed-size sharded batches."""
+def _predict_all(predict, params, split, mesh, config) -> np.ndarray:
+    """Predicted classes for every row of `split`, in fixed-size sharded batches.
+
+    Each process reads its part of each batch; the predictions of all processes are
+    gathered so that every process computes the same accuracies.
+    """
     num_devices = mesh.devices.size
     batch_size = -(-config.eval_batch_size // num_devices) * num_devices
-    all_rows = np.arange(len(inputs))
+    mine = pipeline.process_slice(batch_size, jax.process_index(), jax.process_count())
     predictions = []
-    for start in range(0, len(inputs), batch_size):
-        rows = all_rows[start : start + batch_size]
-        padded = np.concatenate([rows, np.zeros(batch_size - len(rows), int)])
-        batch = jax.make_array_from_process_local_data(distributed.sharded(mesh), inputs[padded])
-        predictions.append(np.asarray(predict(params, batch))[: len(rows)])
+    for start in range(0, len(split), batch_size):
+        rows = np.arange(start, min(start + batch_size, len(split)))
+        local = split.read(np.resize(rows, batch_size)[mine])
+        batch = pipeline.to_global({"inputs": local}, mesh)["inputs"]
+        gathered = multihost_utils.process_allgather(predict(params, batch), tiled=True)
+        predictions.append(np.asarray(gathered)[: len(rows)])
     return np.concatenate(predictions)
 
 

@@ -20,11 +20,15 @@ def get_config(strategy: str = "er") -> ml_collections.ConfigDict:
     config.dataset = ml_collections.ConfigDict()
     config.dataset.name = "digits"
     config.dataset.data_dir = placeholder(str)
+    config.dataset.augment = placeholder(bool)
+    config.dataset.prefetch_depth = 2
 
     config.scenario = ml_collections.ConfigDict()
     config.scenario.name = "class_incremental"
     config.scenario.num_tasks = 5
     config.scenario.class_order_seed = placeholder(int)
+    config.scenario.initial_increment = placeholder(int)
+    config.scenario.increment = placeholder(int)
 
     config.strategy = ml_collections.ConfigDict()
     config.strategy.name = strategy

@@ -77,7 +77,9 @@ def test_bad_config_stops_with_one_line_naming_the_field(tmp_path, data_dir, fla
         ("buffer.num_representatives", 0),
         ("buffer.policy", "fifo"),
         ("model.name", "resnet"),
-        ("dataset.name", "nope"),
+        ("dataset.name", ""),
+        ("scenario.name", "domain_incremental"),
+        ("dataset.prefetch_depth", 0),
     ],
 )
 def test_validate_names_each_bad_field(field, value):

@@ -1,14 +1,22 @@
-"""The digits source, the class-incremental scenario and the deterministic sampler."""
+"""Sources, continual scenarios, the deterministic sampler and the prefetch thread."""
+
+import json
+import os
+import subprocess
+import sys
+import threading
+import time
 
 import numpy as np
 import pytest
+import tensorflow_datasets as tfds
 
-from cljax.data import pipeline, scenarios
+from cljax.data import pipeline, scenarios, sources
 
 
 def test_digits_split_is_stratified_disjoint_and_complete(digits):
     assert len(digits.train) + len(digits.test) == 1797
-    assert digits.train.inputs.dtype == np.uint8 and digits.input_shape == (8, 8, 1)
+    assert digits.input_dtype == np.uint8 and digits.input_shape == (8, 8, 1)
     assert digits.train.inputs.max() <= digits.max_value == 16
     train_share = np.bincount(digits.train.labels) / len(digits.train)
     test_share = np.bincount(digits.test.labels) / len(digits.test)
@@ -18,35 +26,188 @@ def test_digits_split_is_stratified_disjoint_and_complete(digits):
     assert overlap < 0.02 * len(digits.test)
 
 
-@pytest.mark.parametrize("shuffle_seed", [None, 3])
-def test_class_incremental_tasks_are_disjoint_and_cover_all_classes(shuffle_seed):
-    scenario = scenarios.class_incremental(10, 5, shuffle_seed)
-    classes = np.concatenate(scenario.task_classes)
-    assert sorted(classes.tolist()) == list(range(10))
-    assert all(len(task) == 2 for task in scenario.task_classes)
-    labels = np.arange(10)
-    for task, task_classes in enumerate(scenario.task_classes):
-        assert (scenario.task_of_labels(task_classes) == task).all()
-    assert len(scenario.classes_up_to(2)) == 6
-    if shuffle_seed is not None:
-        assert not np.array_equal(classes, labels)
+def test_builtin_datasets_build_offline_without_tensorflow(tmp_path):
+    """In a fresh process: both build, with the expected shapes, and TensorFlow stays out."""
+    code = (
+        "import json, sys\n"
+        "from cljax.data import sources\n"
+        "out = {}\n"
+        "for name in ('digits', 'mnist1d'):\n"
+        f"    d = sources.load(name, {str(tmp_path)!r})\n"
+        "    out[name] = [len(d.train), len(d.test), list(d.input_shape), str(d.input_dtype),\n"
+        "                 sorted(set(d.train.labels.tolist()))]\n"
+        "out['tensorflow'] = 'tensorflow' in sys.modules\n"
+        "print('RESULT', json.dumps(out))\n"
+    )
+    env = {**os.environ, "no_proxy": "*", "https_proxy": "http://127.0.0.1:9"}
+    result = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    line = next(x for x in result.stdout.splitlines() if x.startswith("RESULT "))
+    out = json.loads(line.removeprefix("RESULT "))
+    assert out["digits"][:4] == [1437, 360, [8, 8, 1], "uint8"]
+    assert out["mnist1d"][:4] == [8000, 2000, [40, 1], "float32"]
+    assert out["mnist1d"][4] == list(range(10))
+    assert out["tensorflow"] is False
+
+
+def test_unprepared_tfds_dataset_gives_one_line_with_the_prepare_command(tmp_path):
+    with pytest.raises(sources.DatasetNotPrepared) as error:
+        sources.load("mnist", str(tmp_path))
+    message = str(error.value)
+    assert "\n" not in message
+    assert f"python -m cljax.data.prepare mnist --data_dir={tmp_path}" in message
+
+
+def test_unknown_dataset_name_is_named_in_the_error(tmp_path):
+    with pytest.raises(sources.DatasetNotPrepared, match=r"dataset\.name='no_such_set'"):
+        sources.load("no_such_set", str(tmp_path))
+
+
+def test_tfds_image_dataset_is_read_lazily_through_the_data_source(tmp_path):
+    with tfds.testing.mock_data(num_examples=24, policy=tfds.testing.MockPolicy.USE_CODE):
+        dataset = sources.load("mnist", str(tmp_path))
+        assert dataset.input_shape == (28, 28, 1) and dataset.num_classes == 10
+        assert dataset.max_value == 255 and not dataset.natural_images
+        assert len(dataset.train) == 24 and dataset.train.labels.shape == (24,)
+        rows = np.array([3, 0, 17])
+        inputs = dataset.train.read(rows)
+        assert inputs.shape == (3, 28, 28, 1) and inputs.dtype == np.uint8
+        np.testing.assert_array_equal(inputs[1], dataset.train.source[0]["image"])
+
+
+class TestScenarios:
+    labels = np.repeat(np.arange(10), 7)
+    test_labels = np.repeat(np.arange(10), 3)
+
+    @pytest.mark.parametrize("shuffle_seed", [None, 3])
+    def test_class_incremental_tasks_are_disjoint_and_cover_all_classes(self, shuffle_seed):
+        scenario = scenarios.class_incremental(
+            self.labels, self.test_labels, 10, 5, shuffle_seed=shuffle_seed
+        )
+        classes = np.concatenate(scenario.task_classes)
+        assert sorted(classes.tolist()) == list(range(10))
+        for task, task_classes in enumerate(scenario.task_classes):
+            assert set(self.labels[scenario.train_rows[task]]) == set(task_classes)
+            assert set(self.test_labels[scenario.test_rows[task]]) == set(task_classes)
+        assert sorted(np.concatenate(scenario.train_rows).tolist()) == list(range(70))
+        assert len(scenario.train_rows_up_to(2)) == 6 * 7
+        if shuffle_seed is not None:
+            assert not np.array_equal(classes, np.arange(10))
+
+    def test_initial_increment_then_increment(self):
+        scenario = scenarios.class_incremental(
+            self.labels, self.test_labels, 10, 4, initial_increment=4, increment=2
+        )
+        assert [len(c) for c in scenario.task_classes] == [4, 2, 2, 2]
+
+    def test_instance_incremental_chunks_are_disjoint_and_cover_the_splits(self):
+        scenario = scenarios.instance_incremental(70, 30, 10, 4, seed=1)
+        for rows, size in ((scenario.train_rows, 70), (scenario.test_rows, 30)):
+            joined = np.concatenate(rows)
+            assert sorted(joined.tolist()) == list(range(size))
+            assert max(map(len, rows)) - min(map(len, rows)) <= 1
+        assert all(len(c) == 10 for c in scenario.task_classes)
+
+    def test_joint_is_one_task_with_everything(self):
+        scenario = scenarios.joint(70, 30, 10)
+        assert scenario.num_tasks == 1 and len(scenario.train_rows[0]) == 70
 
 
 def test_epoch_order_depends_only_on_seed_task_and_epoch():
-    indices = np.arange(100, 400)
-    first = pipeline.epoch_order(indices, seed=1, task=2, epoch=3)
-    np.testing.assert_array_equal(first, pipeline.epoch_order(indices, 1, 2, 3))
+    rows = np.arange(100, 400)
+    first = pipeline.epoch_order(rows, seed=1, task=2, epoch=3)
+    np.testing.assert_array_equal(first, pipeline.epoch_order(rows, 1, 2, 3))
     for other in [(0, 2, 3), (1, 1, 3), (1, 2, 4)]:
-        assert not np.array_equal(first, pipeline.epoch_order(indices, *other))
-    assert sorted(first.tolist()) == indices.tolist()
+        assert not np.array_equal(first, pipeline.epoch_order(rows, *other))
+    assert sorted(first.tolist()) == rows.tolist()
 
 
-def test_epoch_batches_cover_each_sample_once_with_a_masked_tail(digits):
-    indices = scenarios.indices_of_classes(digits.train.labels, np.array([3, 7]))
-    batches = list(pipeline.epoch_batches(digits.train, indices, 64, seed=0, task=0, epoch=0))
-    assert len(batches) == pipeline.steps_per_epoch(len(indices), 64)
+def test_task_batches_cover_each_sample_once_per_epoch_with_a_masked_tail(digits):
+    rows = np.flatnonzero(np.isin(digits.train.labels, [3, 7]))
+    batches = list(pipeline.task_batches(digits.train, rows, 64, seed=0, task=0, epochs=2))
+    assert len(batches) == 2 * pipeline.steps_per_epoch(len(rows), 64)
     assert all(len(batch["mask"]) == 64 for batch in batches)
-    labels = np.concatenate([batch["labels"][batch["mask"]] for batch in batches])
-    assert len(labels) == len(indices)
-    assert sorted(labels.tolist()) == sorted(digits.train.labels[indices].tolist())
-    assert not batches[-1]["mask"].all()
+    first_epoch = batches[: len(batches) // 2]
+    labels = np.concatenate([b["labels"][b["mask"]] for b in first_epoch])
+    assert sorted(labels.tolist()) == sorted(digits.train.labels[rows].tolist())
+    assert not first_epoch[-1]["mask"].all()
+
+
+def test_processes_read_disjoint_parts_whose_union_is_the_global_batch(digits):
+    rows = np.arange(len(digits.train))
+
+    def batches(process_index: int, process_count: int):
+        return list(
+            pipeline.task_batches(
+                digits.train,
+                rows,
+                48,
+                seed=4,
+                task=1,
+                epochs=1,
+                process_index=process_index,
+                process_count=process_count,
+            )
+        )
+
+    single = batches(0, 1)
+    parts = [batches(p, 3) for p in range(3)]
+    for step, whole in enumerate(single):
+        for key in ("inputs", "labels", "mask"):
+            joined = np.concatenate([part[step][key] for part in parts])
+            np.testing.assert_array_equal(joined, whole[key])
+        assert all(len(part[step]["mask"]) == 16 for part in parts)
+
+
+def test_augmentation_is_seeded_and_preserves_pixels():
+    images = np.random.default_rng(0).integers(1, 255, (6, 12, 12, 3), dtype=np.uint8)
+    first = pipeline.crop_and_flip(images, np.random.default_rng(7))
+    np.testing.assert_array_equal(first, pipeline.crop_and_flip(images, np.random.default_rng(7)))
+    assert not np.array_equal(first, pipeline.crop_and_flip(images, np.random.default_rng(8)))
+    assert first.shape == images.shape and first.dtype == images.dtype
+    for original, augmented in zip(images, first, strict=True):
+        kept = augmented[augmented.any(axis=-1)]
+        assert {tuple(p) for p in kept} <= {tuple(p) for p in original.reshape(-1, 3)}
+
+
+def test_prefetcher_yields_every_item_in_order_and_bounds_its_queue():
+    produced = []
+
+    def items():
+        for i in range(10):
+            produced.append(i)
+            yield i
+
+    with pipeline.Prefetcher(items(), depth=2) as prefetcher:
+        time.sleep(0.3)
+        assert len(produced) <= 4
+        assert list(prefetcher) == list(range(10))
+
+
+def test_failure_in_the_prefetch_thread_reaches_the_consumer():
+    def items():
+        yield 0
+        yield 1
+        raise OSError("disk gone")
+
+    prefetcher = pipeline.Prefetcher(items(), depth=2)
+    received = []
+    with pytest.raises(RuntimeError, match=r"data pipeline failed.*disk gone"), prefetcher:
+        received.extend(prefetcher)
+    assert received == [0, 1]
+
+
+def test_closing_early_stops_the_thread():
+    def endless():
+        i = 0
+        while True:
+            yield i
+            i += 1
+
+    with pipeline.Prefetcher(endless(), depth=2) as prefetcher:
+        assert next(prefetcher) == 0
+    assert not any(
+        t.name == prefetcher._thread.name and t.is_alive() for t in threading.enumerate()
+    )

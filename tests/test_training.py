@@ -4,6 +4,7 @@ import json
 
 import numpy as np
 import pytest
+import tensorflow_datasets as tfds
 
 from cljax import configuration, trainer
 from configs import default
@@ -64,3 +65,24 @@ def test_rerunning_into_a_finished_workdir_is_refused(results, data_dir, tmp_pat
     workdir = tmp_path_factory.getbasetemp() / "er0"
     with pytest.raises(configuration.ConfigError, match=r"already holds metrics\.json"):
         trainer.train_and_evaluate(digits_config(data_dir, "er"), str(workdir))
+
+
+def test_tfds_image_dataset_trains_end_to_end_with_augmentation(tmp_path):
+    """A (mocked) cifar10 read lazily from its TFDS data source, augmented, through a CNN."""
+    config = default.get_config("er")
+    config.num_cpu_devices = 8
+    config.dataset.name = "cifar10"
+    config.dataset.data_dir = str(tmp_path / "tfds")
+    config.model.name = "cnn"
+    config.model.channels = (8,)
+    config.model.dense_size = 16
+    del config.model.hidden_sizes
+    config.scenario.num_tasks = 2
+    config.epochs_per_task = 1
+    config.batch_size = 2
+    with tfds.testing.mock_data(num_examples=40, policy=tfds.testing.MockPolicy.USE_CODE):
+        run = trainer.train_and_evaluate(config, str(tmp_path / "run"))
+    acc = np.asarray(run["accuracy_matrix"])
+    assert acc.shape == (2, 2) and ((acc >= 0) & (acc <= 1)).all()
+    assert run["config"]["model"]["name"] == "cnn"
+    assert len(run["task_timings"]) == 2 and run["data_wait_s"] >= 0

@@ -1,25 +1,44 @@
 """Datasets by name, read from TFDS array_record files with `tfds.data_source`.
 
-Built-in datasets (`digits`) are TFDS builders inside cljax that are prepared into the
-data dir on first use, with no download.
+Built-in datasets (`digits`, `mnist1d`) are TFDS builders inside cljax, built into the
+data dir on first use with no download. Any other name is a TFDS image-classification
+dataset (`image` and `label` features) that must already be prepared in array_record
+format (`python -m cljax.data.prepare NAME`). Small built-in datasets are held in memory;
+TFDS datasets are read batch by batch, and only their labels are read up front.
 """
 
 import dataclasses
-import logging
 import os
+from collections.abc import Sequence
+from typing import Protocol
 
 import numpy as np
 import tensorflow_datasets as tfds
 
 from cljax.data.digits import Digits
+from cljax.data.mnist1d import Mnist1d
 
-BUILTIN_BUILDERS = {"digits": Digits}
+BUILTIN_BUILDERS = {"digits": Digits, "mnist1d": Mnist1d}
 DEFAULT_DATA_DIR = os.path.join("~", "tensorflow_datasets")
+
+
+class DatasetNotPrepared(ValueError):
+    """A TFDS dataset that is missing from the data dir, or not in array_record format."""
+
+
+class Split(Protocol):
+    """One split: all labels in memory, inputs read on demand in their stored dtype."""
+
+    labels: np.ndarray
+
+    def __len__(self) -> int: ...
+
+    def read(self, rows: np.ndarray) -> np.ndarray: ...
 
 
 @dataclasses.dataclass(frozen=True)
 class ArraySplit:
-    """One split held in host memory: inputs in their stored dtype, int32 labels."""
+    """A split held in host memory."""
 
     inputs: np.ndarray
     labels: np.ndarray
@@ -27,20 +46,36 @@ class ArraySplit:
     def __len__(self) -> int:
         return len(self.labels)
 
+    def read(self, rows: np.ndarray) -> np.ndarray:
+        return self.inputs[rows]
+
+
+@dataclasses.dataclass(frozen=True)
+class SourceSplit:
+    """A split read record by record from a TFDS data source (random access)."""
+
+    source: Sequence[dict]
+    labels: np.ndarray
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def read(self, rows: np.ndarray) -> np.ndarray:
+        return np.stack([np.asarray(self.source[int(row)]["image"]) for row in rows])
+
 
 @dataclasses.dataclass(frozen=True)
 class Dataset:
     """Train and test splits plus what the model and buffer need to know about them."""
 
     name: str
-    train: ArraySplit
-    test: ArraySplit
+    train: Split
+    test: Split
     num_classes: int
+    input_shape: tuple[int, ...]
+    input_dtype: np.dtype
     max_value: float
-
-    @property
-    def input_shape(self) -> tuple[int, ...]:
-        return self.train.inputs.shape[1:]
+    natural_images: bool = False
 
 
 def resolve_data_dir(data_dir: str | None) -> str:
@@ -48,26 +83,89 @@ def resolve_data_dir(data_dir: str | None) -> str:
     return os.path.expanduser(data_dir or os.environ.get("TFDS_DATA_DIR") or DEFAULT_DATA_DIR)
 
 
+def prepare_command(name: str, data_dir: str) -> str:
+    return f"python -m cljax.data.prepare {name} --data_dir={data_dir}"
+
+
 def load(name: str, data_dir: str | None = None) -> Dataset:
     """Loads dataset `name`, building it first if it is one of cljax's built-in datasets."""
     data_dir = resolve_data_dir(data_dir)
-    if name not in BUILTIN_BUILDERS:
-        raise ValueError(
-            f"dataset.name={name!r} is not known; use one of {sorted(BUILTIN_BUILDERS)}"
-        )
+    if name in BUILTIN_BUILDERS:
+        return _load_builtin(name, data_dir)
+    return _load_tfds(name, data_dir)
+
+
+def _load_builtin(name: str, data_dir: str) -> Dataset:
     builder = BUILTIN_BUILDERS[name](data_dir=data_dir, file_format="array_record")
     if not builder.is_prepared():
-        logging.info("Building dataset %s into %s", name, builder.data_dir)
+        print(f"Building dataset {name} into {builder.data_dir}", flush=True)
         builder.download_and_prepare()
-    sources = tfds.data_source(name, data_dir=data_dir)
-    train, test = (_read_split(sources[split]) for split in ("train", "test"))
-    num_classes = builder.info.features["label"].num_classes
-    max_value = getattr(builder, "MAX_VALUE", float(np.iinfo(train.inputs.dtype).max))
-    return Dataset(name, train, test, num_classes, max_value)
+    splits = {}
+    for split in ("train", "test"):
+        source = tfds.data_source(name, split=split, data_dir=data_dir)
+        records = [source[i] for i in range(len(source))]
+        splits[split] = ArraySplit(
+            np.stack([record["image"] for record in records]),
+            np.asarray([record["label"] for record in records], np.int32),
+        )
+    image = builder.info.features["image"]
+    return Dataset(
+        name=name,
+        train=splits["train"],
+        test=splits["test"],
+        num_classes=builder.info.features["label"].num_classes,
+        input_shape=tuple(image.shape),
+        input_dtype=np.dtype(image.np_dtype),
+        max_value=builder.MAX_VALUE,
+    )
 
 
-def _read_split(source) -> ArraySplit:
-    records = source.__getitems__(list(range(len(source))))
-    inputs = np.stack([record["image"] for record in records])
-    labels = np.asarray([record["label"] for record in records], dtype=np.int32)
-    return ArraySplit(inputs, labels)
+def _load_tfds(name: str, data_dir: str) -> Dataset:
+    try:
+        train, test = (_source_split(name, split, data_dir) for split in ("train", "test"))
+        builder = tfds.builder(name, data_dir=data_dir)
+    except (
+        tfds.core.registered.DatasetNotFoundError,
+        FileNotFoundError,
+        AssertionError,
+        NotImplementedError,
+        ValueError,
+    ) as error:
+        raise DatasetNotPrepared(
+            f"dataset.name={name!r} is not prepared as array_record in {data_dir} "
+            f"({type(error).__name__}); run: {prepare_command(name, data_dir)}"
+        ) from error
+    features = builder.info.features
+    image = features["image"]
+    dtype = np.dtype(image.np_dtype)
+    return Dataset(
+        name=name,
+        train=train,
+        test=test,
+        num_classes=features["label"].num_classes,
+        input_shape=tuple(image.shape),
+        input_dtype=dtype,
+        max_value=float(np.iinfo(dtype).max) if dtype.kind == "u" else 1.0,
+        natural_images=image.shape[-1] == 3,
+    )
+
+
+def _source_split(name: str, split: str, data_dir: str) -> SourceSplit:
+    source = tfds.data_source(name, split=split, data_dir=data_dir, download=False)
+    return SourceSplit(source, _read_labels(name, split, data_dir, source))
+
+
+def _read_labels(name: str, split: str, data_dir: str, source) -> np.ndarray:
+    """All labels of a split, without decoding images where TFDS can (with TensorFlow
+    installed); else by decoding every record once."""
+    try:
+        undecoded = tfds.data_source(
+            name,
+            split=split,
+            data_dir=data_dir,
+            download=False,
+            decoders={"image": tfds.decode.SkipDecoding()},
+        )
+        return np.asarray([undecoded[i]["label"] for i in range(len(undecoded))], np.int32)
+    except ModuleNotFoundError:
+        return np.asarray([source[i]["label"] for i in range(len(source))], np.int32)
