@@ -36,7 +36,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     mesh = distributed.make_mesh()
     num_devices = mesh.devices.size
     try:
-        dataset = sources.load(config.dataset.name, config.dataset.data_dir)
+        dataset = sources.load(
+            config.dataset.name, config.dataset.data_dir, config.dataset.image_size
+        )
     except sources.DatasetNotPrepared as error:
         raise configuration.ConfigError(str(error)) from error
     configuration.validate_for_data(config, dataset.num_classes, len(dataset.train), num_devices)

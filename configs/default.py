@@ -20,6 +20,7 @@ def get_config(strategy: str = "er") -> ml_collections.ConfigDict:
     config.dataset = ml_collections.ConfigDict()
     config.dataset.name = "digits"
     config.dataset.data_dir = placeholder(str)
+    config.dataset.image_size = placeholder(int)
     config.dataset.augment = placeholder(bool)
     config.dataset.prefetch_depth = 2
 

@@ -135,6 +135,33 @@ def test_task_batches_cover_each_sample_once_per_epoch_with_a_masked_tail(digits
     assert not first_epoch[-1]["mask"].all()
 
 
+def test_a_resumed_sampler_gives_exactly_the_batches_not_yet_seen(digits):
+    rows = np.arange(300)
+
+    def batches(start: pipeline.Position):
+        return list(
+            pipeline.task_batches(digits.train, rows, 64, seed=2, task=3, epochs=3, start=start)
+        )
+
+    every = batches(pipeline.Position())
+    per_epoch = pipeline.steps_per_epoch(300, 64)
+    resumed = batches(pipeline.Position(epoch=1, step=2))
+    assert len(resumed) == len(every) - per_epoch - 2
+    for original, again in zip(every[per_epoch + 2 :], resumed, strict=True):
+        for key in original:
+            np.testing.assert_array_equal(original[key], again[key])
+
+
+def test_varying_size_images_are_resized_and_centre_cropped():
+    wide = np.zeros((40, 80, 3), np.uint8)
+    wide[:, 30:50] = 255
+    square = sources.resize_and_crop(wide, 20)
+    assert square.shape == (20, 20, 3)
+    assert square[:, 10].min() == 255 and square[:, 0].max() == 0
+    gray = sources.resize_and_crop(np.full((30, 10, 1), 7, np.uint8), 8)
+    assert gray.shape == (8, 8, 1) and (gray == 7).all()
+
+
 def test_processes_read_disjoint_parts_whose_union_is_the_global_batch(digits):
     rows = np.arange(len(digits.train))
 

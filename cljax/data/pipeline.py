@@ -30,9 +30,8 @@ CROP_PADDING = 4
 
 @dataclasses.dataclass(frozen=True)
 class Position:
-    """Where the sampler is: a small value a checkpoint can hold."""
+    """Where the sampler is within a task: a small value a checkpoint can hold."""
 
-    task: int = 0
     epoch: int = 0
     step: int = 0
 
@@ -63,13 +62,17 @@ def task_batches(
     augment: bool = False,
     process_index: int = 0,
     process_count: int = 1,
+    start: Position = Position(),
 ) -> Iterator[Batch]:
-    """This process's part {inputs, labels, mask} of every global batch of a task."""
+    """This process's part {inputs, labels, mask} of every global batch of a task, from
+    `start` (epoch and step within it) on: a resumed run sees the batches it had not seen."""
     mine = process_slice(global_batch_size, process_index, process_count)
-    for epoch in range(epochs):
+    for epoch in range(start.epoch, epochs):
         order = epoch_order(rows, seed, task, epoch)
-        for step, start in enumerate(range(0, len(order), global_batch_size)):
-            chosen = order[start : start + global_batch_size]
+        first_step = start.step if epoch == start.epoch else 0
+        for step in range(first_step, steps_per_epoch(len(order), global_batch_size)):
+            start_row = step * global_batch_size
+            chosen = order[start_row : start_row + global_batch_size]
             mask = np.arange(global_batch_size) < len(chosen)
             padded = np.resize(chosen, global_batch_size)[mine]
             inputs = split.read(padded)

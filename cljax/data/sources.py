@@ -14,6 +14,7 @@ from typing import Protocol
 
 import numpy as np
 import tensorflow_datasets as tfds
+from PIL import Image
 
 from cljax.data.digits import Digits
 from cljax.data.mnist1d import Mnist1d
@@ -52,16 +53,35 @@ class ArraySplit:
 
 @dataclasses.dataclass(frozen=True)
 class SourceSplit:
-    """A split read record by record from a TFDS data source (random access)."""
+    """A split read record by record from a TFDS data source (random access).
+
+    With `image_size`, each image is resized (shorter side) and centre-cropped to a square
+    of that size, for datasets whose images differ in size (e.g. imagenet2012).
+    """
 
     source: Sequence[dict]
     labels: np.ndarray
+    image_size: int | None = None
 
     def __len__(self) -> int:
         return len(self.labels)
 
     def read(self, rows: np.ndarray) -> np.ndarray:
-        return np.stack([np.asarray(self.source[int(row)]["image"]) for row in rows])
+        images = (np.asarray(self.source[int(row)]["image"]) for row in rows)
+        if self.image_size is not None:
+            images = (resize_and_crop(image, self.image_size) for image in images)
+        return np.stack(list(images))
+
+
+def resize_and_crop(image: np.ndarray, size: int) -> np.ndarray:
+    """Resizes the shorter side of an HWC uint8 image to `size`, then crops the centre."""
+    height, width = image.shape[:2]
+    scale = size / min(height, width)
+    resized_hw = (max(size, round(height * scale)), max(size, round(width * scale)))
+    pil = Image.fromarray(image.squeeze(-1) if image.shape[-1] == 1 else image)
+    resized = np.asarray(pil.resize(resized_hw[::-1], Image.Resampling.BILINEAR))
+    top, left = (resized_hw[0] - size) // 2, (resized_hw[1] - size) // 2
+    return resized[top : top + size, left : left + size].reshape(size, size, image.shape[-1])
 
 
 @dataclasses.dataclass(frozen=True)
@@ -87,12 +107,15 @@ def prepare_command(name: str, data_dir: str) -> str:
     return f"python -m cljax.data.prepare {name} --data_dir={data_dir}"
 
 
-def load(name: str, data_dir: str | None = None) -> Dataset:
-    """Loads dataset `name`, building it first if it is one of cljax's built-in datasets."""
+def load(name: str, data_dir: str | None = None, image_size: int | None = None) -> Dataset:
+    """Loads dataset `name`, building it first if it is one of cljax's built-in datasets.
+
+    `image_size` resizes a TFDS dataset's images to squares of that size.
+    """
     data_dir = resolve_data_dir(data_dir)
     if name in BUILTIN_BUILDERS:
         return _load_builtin(name, data_dir)
-    return _load_tfds(name, data_dir)
+    return _load_tfds(name, data_dir, image_size)
 
 
 def _load_builtin(name: str, data_dir: str) -> Dataset:
@@ -120,9 +143,11 @@ def _load_builtin(name: str, data_dir: str) -> Dataset:
     )
 
 
-def _load_tfds(name: str, data_dir: str) -> Dataset:
+def _load_tfds(name: str, data_dir: str, image_size: int | None) -> Dataset:
     try:
-        train, test = (_source_split(name, split, data_dir) for split in ("train", "test"))
+        train, test = (
+            _source_split(name, split, data_dir, image_size) for split in ("train", "test")
+        )
         builder = tfds.builder(name, data_dir=data_dir)
     except (
         tfds.core.registered.DatasetNotFoundError,
@@ -138,21 +163,29 @@ def _load_tfds(name: str, data_dir: str) -> Dataset:
     features = builder.info.features
     image = features["image"]
     dtype = np.dtype(image.np_dtype)
+    shape = tuple(image.shape)
+    if image_size is not None:
+        shape = (image_size, image_size, shape[-1])
+    elif None in shape:
+        raise DatasetNotPrepared(
+            f"dataset.name={name!r} has images of varying size {shape}; set"
+            " --config.dataset.image_size (e.g. 224) to resize them"
+        )
     return Dataset(
         name=name,
         train=train,
         test=test,
         num_classes=features["label"].num_classes,
-        input_shape=tuple(image.shape),
+        input_shape=shape,
         input_dtype=dtype,
         max_value=float(np.iinfo(dtype).max) if dtype.kind == "u" else 1.0,
         natural_images=image.shape[-1] == 3,
     )
 
 
-def _source_split(name: str, split: str, data_dir: str) -> SourceSplit:
+def _source_split(name: str, split: str, data_dir: str, image_size: int | None) -> SourceSplit:
     source = tfds.data_source(name, split=split, data_dir=data_dir, download=False)
-    return SourceSplit(source, _read_labels(name, split, data_dir, source))
+    return SourceSplit(source, _read_labels(name, split, data_dir, source), image_size)
 
 
 def _read_labels(name: str, split: str, data_dir: str, source) -> np.ndarray:
