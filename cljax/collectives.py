@@ -1,7 +1,8 @@
 """The collectives that per-device code uses, behind one small interface.
 
 Buffer and step code call these methods inside `shard_map` and never name a backend.
-`JaxCollectives` maps them onto `jax.lax` collectives over the mesh axis.
+`JaxCollectives` maps them onto `jax.lax` collectives over the mesh axis `AXIS`;
+`MpiCollectives` onto mpi4jax calls between processes.
 """
 
 from typing import Protocol
@@ -11,7 +12,7 @@ import jax.extend
 import jax.numpy as jnp
 from jax import lax
 
-from cljax.distributed import AXIS
+AXIS = "data"
 
 
 class Collectives(Protocol):
@@ -112,3 +113,67 @@ def _sub_jaxprs(eqn):
                 yield value.jaxpr
             elif isinstance(value, jax.extend.core.Jaxpr):
                 yield value
+
+
+class MpiCollectives:
+    """mpi4jax collectives over an MPI communicator, one device per process.
+
+    Used by `mpirun`-launched jobs without jax.distributed: each process runs the per-device
+    program itself (no `shard_map`), and these calls reach the other processes.
+    """
+
+    def __init__(self, comm=None):
+        from mpi4py import MPI
+
+        self.comm = comm if comm is not None else MPI.COMM_WORLD
+        self._sum_op = MPI.SUM
+
+    def num_devices(self) -> int:
+        return self.comm.Get_size()
+
+    def device_index(self) -> jax.Array:
+        return jnp.int32(self.comm.Get_rank())
+
+    def per_device(self, tree):
+        return tree
+
+    def sum(self, tree):
+        import mpi4jax
+
+        return jax.tree.map(lambda x: mpi4jax.allreduce(x, op=self._sum_op, comm=self.comm), tree)
+
+    def all_to_all(self, tree):
+        import mpi4jax
+
+        return jax.tree.map(lambda x: mpi4jax.alltoall(x, comm=self.comm), tree)
+
+    def receive_shifted(self, tree, shift: jax.Array):
+        """One sendrecv per row, with the static ranks of the shift chosen by `lax.switch`."""
+        import mpi4jax
+
+        num_rows = jax.tree.leaves(tree)[0].shape[0]
+        if num_rows == 0:
+            return tree
+        size, rank = self.comm.Get_size(), self.comm.Get_rank()
+
+        def sendrecvs_for(base: int):
+            def run(tree):
+                received = []
+                for row in range(num_rows):
+                    offset = (base + row) % size
+
+                    def exchange(leaf, row=row, offset=offset):
+                        return mpi4jax.sendrecv(
+                            leaf[row],
+                            leaf[row],
+                            source=(rank + offset) % size,
+                            dest=(rank - offset) % size,
+                            comm=self.comm,
+                        )
+
+                    received.append(jax.tree.map(exchange, tree))
+                return jax.tree.map(lambda *rows: jnp.stack(rows), *received)
+
+            return run
+
+        return lax.switch(shift, [sendrecvs_for(base) for base in range(size)], tree)

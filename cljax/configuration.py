@@ -70,10 +70,26 @@ def validate(config: ml_collections.ConfigDict) -> None:
     ):
         _positive(field, _lookup(config, field))
     _positive("learning_rate", config.learning_rate, minimum=0)
+    _validate_distributed(config.distributed)
     _positive("strategy.alpha", config.strategy.alpha, minimum=0)
     _positive("strategy.beta", config.strategy.beta, minimum=0)
     if STRATEGIES[config.strategy.name].uses_buffer:
         _validate_buffer(config)
+
+
+def _validate_distributed(distributed: ml_collections.ConfigDict) -> None:
+    _one_of("distributed.backend", distributed.backend, ("jax", "mpi"))
+    _positive("distributed.timeout_s", distributed.timeout_s)
+    explicit = [
+        distributed.coordinator_address,
+        distributed.num_processes,
+        distributed.process_id,
+    ]
+    _require(
+        all(value is None for value in explicit) or None not in explicit,
+        "distributed.coordinator_address, num_processes and process_id go together; set all"
+        " three (--config.distributed.FIELD) or none (automatic detection)",
+    )
 
 
 def _validate_buffer(config: ml_collections.ConfigDict) -> None:

@@ -21,6 +21,7 @@ from jax.sharding import Mesh
 from jax.sharding import PartitionSpec as P
 
 from cljax import buffer as buffer_lib
+from cljax import distributed
 from cljax.collectives import Collectives
 from cljax.distributed import AXIS
 from cljax.strategies import Batch, LossWeights, Strategy, Totals
@@ -98,7 +99,7 @@ def make_train_step(
         return state, rehearsal, {"loss": loss}
 
     specs = (P(), P(AXIS), P(AXIS), P())
-    step = jax.shard_map(per_device, mesh=mesh, in_specs=specs, out_specs=(P(), P(AXIS), P()))
+    step = distributed.per_device(per_device, mesh, specs, (P(), P(AXIS), P()))
     return jax.jit(step, donate_argnums=(0, 1), keep_unused=True)
 
 

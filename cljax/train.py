@@ -13,7 +13,7 @@ import jax
 from absl import app, flags
 from ml_collections import config_flags
 
-from cljax import configuration, distributed, trainer
+from cljax import configuration, trainer
 
 COMPILATION_CACHE = os.path.join("~", ".cache", "cljax", "jax")
 DEFAULT_CONFIG = pathlib.Path(__file__).resolve().parents[1] / "configs" / "default.py"
@@ -39,7 +39,6 @@ def main(argv: list[str]) -> None:
         jax.config.update("jax_compilation_cache_dir", os.path.expanduser(COMPILATION_CACHE))
     try:
         configuration.validate(config)
-        distributed.configure_cpu_devices(config.num_cpu_devices)
         trainer.train_and_evaluate(config, _WORKDIR.value or default_workdir(config))
     except configuration.ConfigError as error:
         sys.exit(f"cljax: {error}")

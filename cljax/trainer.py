@@ -14,12 +14,10 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import optax
-from jax.experimental import multihost_utils
 from tqdm import tqdm
 
 from cljax import buffer as buffer_lib
 from cljax import configuration, distributed, metrics, steps
-from cljax.collectives import JaxCollectives
 from cljax.data import pipeline, scenarios, sources
 from cljax.models import create_model
 from cljax.strategies import STRATEGIES, LossWeights, Strategy
@@ -31,10 +29,14 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     configuration.validate(config)
     _check_workdir(workdir)
 
-    # Devices and data.
-    distributed.configure_cpu_devices(config.num_cpu_devices)
+    # Processes, devices and data.
+    distributed.configure_cpu_devices(_cpu_devices_per_process(config))
+    distributed.initialize(config.distributed)
     mesh = distributed.make_mesh()
-    num_devices = mesh.devices.size
+    num_devices = distributed.num_data_parallel(mesh)
+    if distributed.is_main_process():
+        sources.build_if_builtin(config.dataset.name, config.dataset.data_dir)
+    distributed.barrier("cljax-dataset-built")
     try:
         dataset = sources.load(
             config.dataset.name, config.dataset.data_dir, config.dataset.image_size
@@ -59,7 +61,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
         loss_weights=LossWeights(config.strategy.alpha, config.strategy.beta),
         augment_from_task=config.buffer.augment_from_task,
     )
-    train_step = steps.make_train_step(mesh, JaxCollectives(), step_config)
+    train_step = steps.make_train_step(mesh, distributed.collectives(), step_config)
     predict = steps.make_predict(mesh, model.apply, dataset.max_value)
     rehearsal = _init_rehearsal(mesh, resolved, dataset, strategy) if strategy.uses_buffer else None
 
@@ -67,6 +69,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     acc = np.zeros((scenario.num_tasks, scenario.num_tasks))
     state = None
     timings = []
+    log = _Logger(config.distributed.log_dir)
+    watchdog = distributed.Watchdog(config.distributed.timeout_s)
+    if distributed.process_count() > 1:
+        watchdog.__enter__()
     for task in range(scenario.num_tasks):
         if state is None or strategy.reinitialise_each_task:
             state = _init_state(model, optimizer, dataset, mesh, config.seed, task)
@@ -87,6 +93,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
             task,
             global_batch_size,
             f"task {task + 1}/{scenario.num_tasks}",
+            watchdog,
         )
         eval_start = time.perf_counter()
         correct = _predict_all(predict, state.params, dataset.test, mesh, config) == (
@@ -94,13 +101,16 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
         )
         acc[task] = [correct[rows].mean() for rows in scenario.test_rows]
         timings.append(
-            {
-                "task": task,
-                "train_s": eval_start - task_start,
-                "data_wait_s": data_wait,
-                "eval_s": time.perf_counter() - eval_start,
-            }
+            _with_max_over_processes(
+                {
+                    "task": task,
+                    "train_s": eval_start - task_start,
+                    "data_wait_s": data_wait,
+                    "eval_s": time.perf_counter() - eval_start,
+                }
+            )
         )
+        watchdog.progress()
         train_time = sum(timing["train_s"] for timing in timings)
         results = {
             "accuracy_matrix": acc[: task + 1].tolist(),
@@ -114,13 +124,14 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
             "config": resolved,
         }
         _write_json(workdir, "metrics.json", results)
-        _log(
+        log(
             f"task {task + 1}/{scenario.num_tasks}: accuracy on seen tasks "
             f"{acc[task, : task + 1].mean():.4f}, train time {train_time:.1f}s"
         )
 
-    _log(metrics.format_matrix(acc))
-    _log(
+    watchdog.__exit__()
+    log(metrics.format_matrix(acc))
+    log(
         f"final_average_accuracy={results['final_average_accuracy']:.4f} "
         f"average_forgetting={results['average_forgetting']:.4f} "
         f"train_time_s={train_time:.1f} metrics: {os.path.join(workdir, 'metrics.json')}"
@@ -128,14 +139,42 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     return results
 
 
-def _log(message: str) -> None:
-    """Prints on process 0 only."""
-    if distributed.is_main_process():
-        print(message, flush=True)
+class _Logger:
+    """Prints on process 0; with `log_dir`, every process also appends to its own file."""
+
+    def __init__(self, log_dir: str | None):
+        self.path = None
+        if log_dir:
+            os.makedirs(log_dir, exist_ok=True)
+            self.path = os.path.join(log_dir, f"process_{distributed.process_index()}.log")
+
+    def __call__(self, message: str) -> None:
+        if distributed.is_main_process():
+            print(message, flush=True)
+        if self.path:
+            with open(self.path, "a") as file:
+                file.write(message + "\n")
+
+
+def _with_max_over_processes(timing: dict) -> dict:
+    """Adds `<key>_max`: the largest value over all processes, for every timing."""
+    keys = [key for key in timing if key.endswith("_s")]
+    values = distributed.max_over_processes(np.asarray([timing[key] for key in keys]))
+    return {**timing, **{f"{key}_max": float(v) for key, v in zip(keys, values, strict=True)}}
 
 
 def _train_task(
-    config, mesh, train_step, state, rehearsal, dataset, rows, task, global_batch_size, desc
+    config,
+    mesh,
+    train_step,
+    state,
+    rehearsal,
+    dataset,
+    rows,
+    task,
+    global_batch_size,
+    desc,
+    watchdog,
 ):
     """Runs `epochs_per_task` epochs over `rows`; returns the states and the data wait."""
     task_id = jnp.int32(task)
@@ -149,8 +188,8 @@ def _train_task(
         task=task,
         epochs=config.epochs_per_task,
         augment=dataset.natural_images if augment is None else augment,
-        process_index=jax.process_index(),
-        process_count=jax.process_count(),
+        process_index=distributed.process_index(),
+        process_count=distributed.process_count(),
     )
     progress = tqdm(
         total=config.epochs_per_task * steps_per_epoch,
@@ -165,10 +204,16 @@ def _train_task(
         for step, batch in enumerate(prefetcher, start=1):
             state, rehearsal, step_metrics = train_step(state, rehearsal, batch, task_id)
             progress.update()
+            watchdog.progress()
             if step % steps_per_epoch == 0:
                 progress.set_postfix(loss=f"{float(step_metrics['loss']):.3f}")
     jax.block_until_ready((state, rehearsal))
     return state, rehearsal, prefetcher.wait_s
+
+
+def _cpu_devices_per_process(config: ml_collections.ConfigDict) -> int:
+    """Simulated CPU devices of this process: one per process with the MPI backend."""
+    return 1 if config.distributed.backend == "mpi" else config.num_cpu_devices
 
 
 def make_scenario(config: ml_collections.ConfigDict, dataset) -> scenarios.Scenario:
@@ -191,11 +236,14 @@ def make_scenario(config: ml_collections.ConfigDict, dataset) -> scenarios.Scena
 
 
 def _init_state(model, optimizer, dataset, mesh, seed: int, task: int) -> steps.TrainState:
-    """Fresh model and optimizer, replicated on every device."""
+    """Fresh model and optimizer, replicated on every device of every process."""
     key = jax.random.fold_in(jax.random.key(seed), task)
-    sample = steps.normalise(jnp.asarray(dataset.train.read(np.arange(1))), dataset.max_value)
-    state = steps.create_train_state(model, optimizer, sample, key)
-    return jax.device_put(state, distributed.replicated(mesh))
+    sample = steps.normalise(dataset.train.read(np.arange(1)), dataset.max_value)
+    create = jax.jit(
+        lambda key: steps.create_train_state(model, optimizer, sample, key),
+        out_shardings=distributed.replicated(mesh),
+    )
+    return create(key)
 
 
 def buffer_spec(dataset, strategy: Strategy) -> dict[str, tuple[tuple[int, ...], np.dtype]]:
@@ -228,16 +276,17 @@ def _predict_all(predict, params, split, mesh, config) -> np.ndarray:
     Each process reads its part of each batch; the predictions of all processes are
     gathered so that every process computes the same accuracies.
     """
-    num_devices = mesh.devices.size
+    num_devices = distributed.num_data_parallel(mesh)
     batch_size = -(-config.eval_batch_size // num_devices) * num_devices
-    mine = pipeline.process_slice(batch_size, jax.process_index(), jax.process_count())
+    mine = pipeline.process_slice(
+        batch_size, distributed.process_index(), distributed.process_count()
+    )
     predictions = []
     for start in range(0, len(split), batch_size):
         rows = np.arange(start, min(start + batch_size, len(split)))
         local = split.read(np.resize(rows, batch_size)[mine])
         batch = pipeline.to_global({"inputs": local}, mesh)["inputs"]
-        gathered = multihost_utils.process_allgather(predict(params, batch), tiled=True)
-        predictions.append(np.asarray(gathered)[: len(rows)])
+        predictions.append(distributed.gather_rows(predict(params, batch))[: len(rows)])
     return np.concatenate(predictions)
 
 

@@ -48,6 +48,14 @@ def get_config(strategy: str = "er") -> ml_collections.ConfigDict:
     config.model.name = "mlp"
     config.model.hidden_sizes = (256, 256)
 
+    config.distributed = ml_collections.ConfigDict()
+    config.distributed.backend = "jax"
+    config.distributed.coordinator_address = placeholder(str)
+    config.distributed.num_processes = placeholder(int)
+    config.distributed.process_id = placeholder(int)
+    config.distributed.timeout_s = 300
+    config.distributed.log_dir = placeholder(str)
+
     config.batch_size = 4
     config.eval_batch_size = 512
     config.epochs_per_task = 5

@@ -1,0 +1,162 @@
+"""Real multi-process runs on this machine: jax.distributed (gloo) and mpirun (mpi4jax).
+
+Each run is a short digits experiment; multi-process accuracy matrices must equal those of
+a single process with the same global batch and seed.
+"""
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+BIN = os.path.dirname(sys.executable)
+SHORT_RUN = ["--config.epochs_per_task=1", "--config.scenario.num_tasks=5"]
+
+
+def environment(data_dir: str) -> dict[str, str]:
+    env = {key: value for key, value in os.environ.items() if key != "XLA_FLAGS"}
+    env.update(TFDS_DATA_DIR=data_dir, PYTHON=sys.executable, CLJAX_PORT=str(free_port()))
+    env["PATH"] = f"{BIN}:{env.get('PATH', '')}"
+    return env
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def run(command: list[str], env: dict[str, str], timeout: int = 400):
+    result = subprocess.run(
+        command, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    return result
+
+
+def accuracy(workdir) -> np.ndarray:
+    with open(os.path.join(workdir, "metrics.json")) as file:
+        return np.asarray(json.load(file)["accuracy_matrix"])
+
+
+def single_process(tmp_path, env, devices: int) -> np.ndarray:
+    workdir = tmp_path / f"single{devices}"
+    run(
+        [
+            sys.executable,
+            "-m",
+            "cljax.train",
+            f"--workdir={workdir}",
+            f"--config.num_cpu_devices={devices}",
+            *SHORT_RUN,
+        ],
+        env,
+    )
+    return accuracy(workdir)
+
+
+def test_two_processes_of_two_devices_equal_one_process_of_four(tmp_path, data_dir):
+    env = environment(data_dir)
+    workdir = tmp_path / "jax2x2"
+    run(
+        [
+            "bash",
+            "launch/local.sh",
+            "2",
+            f"--workdir={workdir}",
+            "--config.num_cpu_devices=2",
+            *SHORT_RUN,
+        ],
+        env,
+    )
+    with open(workdir / "metrics.json") as file:
+        metrics = json.load(file)
+    assert metrics["num_devices"] == 4
+    timing = metrics["task_timings"][0]
+    assert timing["train_s_max"] >= timing["train_s"] > 0
+    np.testing.assert_array_equal(accuracy(workdir), single_process(tmp_path, env, 4))
+
+
+def test_mpirun_with_the_mpi_backend_equals_one_process_of_two_devices(tmp_path, data_dir):
+    pytest.importorskip("mpi4jax", reason="pip install -e '.[mpi]' (see README)")
+    env = environment(data_dir)
+    workdir = tmp_path / "mpi2"
+    run(["bash", "launch/mpirun.sh", "2", f"--workdir={workdir}", *SHORT_RUN], env)
+    with open(workdir / "metrics.json") as file:
+        assert json.load(file)["num_devices"] == 2
+    np.testing.assert_array_equal(accuracy(workdir), single_process(tmp_path, env, 2))
+
+
+def start_process(rank: int, port: int, timeout_s: int, workdir, env) -> subprocess.Popen:
+    return subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "cljax.train",
+            f"--workdir={workdir}",
+            "--config.num_cpu_devices=2",
+            "--config.epochs_per_task=100000",
+            f"--config.distributed.timeout_s={timeout_s}",
+            f"--config.distributed.coordinator_address=127.0.0.1:{port}",
+            "--config.distributed.num_processes=2",
+            f"--config.distributed.process_id={rank}",
+        ],
+        cwd=REPO,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+
+
+def test_survivor_of_a_killed_process_stops_with_a_clear_error_within_the_timeout(
+    tmp_path, data_dir
+):
+    env, timeout_s = environment(data_dir), 15
+    port = int(env["CLJAX_PORT"])
+    survivor, victim = (start_process(r, port, timeout_s, tmp_path / "run", env) for r in (0, 1))
+    time.sleep(20)
+    assert survivor.poll() is None and victim.poll() is None, "both should still be training"
+    victim.send_signal(signal.SIGKILL)
+    killed_at = time.monotonic()
+    _, stderr = survivor.communicate(timeout=timeout_s + 60)
+    assert survivor.returncode != 0
+    assert time.monotonic() - killed_at < timeout_s + 60
+    assert "another task died" in stderr or "another process probably died" in stderr
+
+
+def test_a_process_that_cannot_reach_the_others_stops_within_the_timeout(tmp_path, data_dir):
+    env, timeout_s = environment(data_dir), 5
+    start = time.monotonic()
+    lonely = start_process(1, int(env["CLJAX_PORT"]), timeout_s, tmp_path / "run", env)
+    _, stderr = lonely.communicate(timeout=timeout_s + 60)
+    assert lonely.returncode != 0
+    assert time.monotonic() - start < timeout_s + 60
+    assert "cljax: joining a job of 2 processes" in stderr
+
+
+def test_watchdog_stops_a_process_that_makes_no_progress_once_armed(tmp_path):
+    code = (
+        "import time\n"
+        "from cljax.distributed import Watchdog\n"
+        "with Watchdog(timeout_s=1) as watchdog:\n"
+        "    time.sleep(2.5)\n"
+        "    print('not armed yet', flush=True)\n"
+        "    watchdog.progress()\n"
+        "    time.sleep(30)\n"
+    )
+    start = time.monotonic()
+    result = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=60
+    )
+    assert result.returncode == 3
+    assert "not armed yet" in result.stdout
+    assert "made no training progress" in result.stderr
+    assert time.monotonic() - start < 20
