@@ -153,12 +153,13 @@ def barrier(name: str) -> None:
 
 
 def max_over_processes(values: np.ndarray) -> np.ndarray:
-    """Element-wise maximum of `values` over all processes."""
+    """Element-wise maximum of `values` over all processes (never below this process's own
+    values, although JAX gathers them as float32)."""
     if process_count() == 1:
         return values
     if _backend == "mpi":
         return np.max(_comm().allgather(values), axis=0)
-    return multihost_utils.process_allgather(values).max(axis=0)
+    return np.maximum(values, multihost_utils.process_allgather(values).max(axis=0))
 
 
 def _comm():
@@ -219,9 +220,15 @@ class Watchdog:
                 )
                 os._exit(self.EXIT_STATUS)
 
-    def __enter__(self) -> "Watchdog":
+    def start(self) -> None:
         self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+
+    def __enter__(self) -> "Watchdog":
+        self.start()
         return self
 
     def __exit__(self, *exc_info) -> None:
-        self._stop.set()
+        self.stop()

@@ -5,9 +5,11 @@ jitted steps, then for each task train for `epochs_per_task` epochs and evaluate
 task's test split. Returns the metrics it writes to `<workdir>/metrics.json`.
 """
 
+import dataclasses
 import json
 import os
 import time
+from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
@@ -72,7 +74,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     log = _Logger(config.distributed.log_dir)
     watchdog = distributed.Watchdog(config.distributed.timeout_s)
     if distributed.process_count() > 1:
-        watchdog.__enter__()
+        watchdog.start()
+    run = _Run(config, mesh, dataset, train_step, watchdog, global_batch_size, scenario.num_tasks)
     for task in range(scenario.num_tasks):
         if state is None or strategy.reinitialise_each_task:
             state = _init_state(model, optimizer, dataset, mesh, config.seed, task)
@@ -82,19 +85,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
             else scenario.train_rows[task]
         )
         task_start = time.perf_counter()
-        state, rehearsal, data_wait = _train_task(
-            config,
-            mesh,
-            train_step,
-            state,
-            rehearsal,
-            dataset,
-            train_rows,
-            task,
-            global_batch_size,
-            f"task {task + 1}/{scenario.num_tasks}",
-            watchdog,
-        )
+        state, rehearsal, data_wait = _train_task(run, state, rehearsal, train_rows, task)
         eval_start = time.perf_counter()
         correct = _predict_all(predict, state.params, dataset.test, mesh, config) == (
             dataset.test.labels
@@ -129,7 +120,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
             f"{acc[task, : task + 1].mean():.4f}, train time {train_time:.1f}s"
         )
 
-    watchdog.__exit__()
+    watchdog.stop()
     log(metrics.format_matrix(acc))
     log(
         f"final_average_accuracy={results['final_average_accuracy']:.4f} "
@@ -163,27 +154,29 @@ def _with_max_over_processes(timing: dict) -> dict:
     return {**timing, **{f"{key}_max": float(v) for key, v in zip(keys, values, strict=True)}}
 
 
-def _train_task(
-    config,
-    mesh,
-    train_step,
-    state,
-    rehearsal,
-    dataset,
-    rows,
-    task,
-    global_batch_size,
-    desc,
-    watchdog,
-):
+@dataclasses.dataclass(frozen=True)
+class _Run:
+    """What stays the same for every task of a run."""
+
+    config: ml_collections.ConfigDict
+    mesh: jax.sharding.Mesh
+    dataset: sources.Dataset
+    train_step: Callable
+    watchdog: distributed.Watchdog
+    global_batch_size: int
+    num_tasks: int
+
+
+def _train_task(run: _Run, state, rehearsal, rows: np.ndarray, task: int):
     """Runs `epochs_per_task` epochs over `rows`; returns the states and the data wait."""
+    config, dataset = run.config, run.dataset
     task_id = jnp.int32(task)
-    steps_per_epoch = pipeline.steps_per_epoch(len(rows), global_batch_size)
+    steps_per_epoch = pipeline.steps_per_epoch(len(rows), run.global_batch_size)
     augment = config.dataset.augment
     batches = pipeline.task_batches(
         dataset.train,
         rows,
-        global_batch_size,
+        run.global_batch_size,
         seed=config.seed,
         task=task,
         epochs=config.epochs_per_task,
@@ -193,18 +186,18 @@ def _train_task(
     )
     progress = tqdm(
         total=config.epochs_per_task * steps_per_epoch,
-        desc=desc,
+        desc=f"task {task + 1}/{run.num_tasks}",
         disable=None if distributed.is_main_process() else True,
         leave=False,
     )
     prefetcher = pipeline.Prefetcher(
-        batches, lambda batch: pipeline.to_global(batch, mesh), config.dataset.prefetch_depth
+        batches, lambda batch: pipeline.to_global(batch, run.mesh), config.dataset.prefetch_depth
     )
     with progress, prefetcher:
         for step, batch in enumerate(prefetcher, start=1):
-            state, rehearsal, step_metrics = train_step(state, rehearsal, batch, task_id)
+            state, rehearsal, step_metrics = run.train_step(state, rehearsal, batch, task_id)
             progress.update()
-            watchdog.progress()
+            run.watchdog.progress()
             if step % steps_per_epoch == 0:
                 progress.set_postfix(loss=f"{float(step_metrics['loss']):.3f}")
     jax.block_until_ready((state, rehearsal))
