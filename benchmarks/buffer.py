@@ -36,7 +36,7 @@ NUM_CLASSES = 10
 SAMPLE_SHAPE = (28, 28, 1)
 
 
-def make_step(mesh: Mesh, num_candidates: int, num_representatives: int):
+def make_step(mesh: Mesh, num_candidates: int, num_representatives: int, on_host: bool):
     def per_device(buffer, inputs, labels, key):
         buffer = jax.tree.map(lambda leaf: leaf[0], buffer)
         device_key = jax.random.fold_in(key, jax.lax.axis_index(AXIS))
@@ -48,22 +48,32 @@ def make_step(mesh: Mesh, num_candidates: int, num_representatives: int):
             0,
             jax.random.fold_in(device_key, 1),
             num_candidates,
+            on_host=on_host,
         )
         reps = buffer_lib.sample_global(
-            buffer, device_key, key, num_representatives, JaxCollectives()
+            buffer, device_key, key, num_representatives, JaxCollectives(), on_host=on_host
         )
         return jax.tree.map(lambda leaf: leaf[None], buffer), reps
 
     specs = (P(AXIS), P(AXIS), P(AXIS), P())
     shard = jax.shard_map(per_device, mesh=mesh, in_specs=specs, out_specs=P(AXIS))
-    return shard, jax.jit(shard, donate_argnums=(0,))
+    memory_kind = "pinned_host" if on_host else "device"
+    out_shardings = (buffer_lib.buffer_shardings(mesh, memory_kind), sharded(mesh))
+    return shard, jax.jit(shard, donate_argnums=(0,), out_shardings=out_shardings)
 
 
 def measure(num_devices: int, capacity: int, args) -> dict:
     mesh = Mesh(np.asarray(jax.devices()[:num_devices]), (AXIS,))
     spec = {"inputs": (SAMPLE_SHAPE, np.dtype(np.uint8))}
     budget = capacity // NUM_CLASSES
-    buffer = buffer_lib.init_sharded(mesh, buffer_lib.init_buffer, NUM_CLASSES, budget, spec)
+    buffer = buffer_lib.init_sharded(
+        mesh,
+        buffer_lib.init_buffer,
+        NUM_CLASSES,
+        budget,
+        spec,
+        shardings=buffer_lib.buffer_shardings(mesh, args.memory_kind),
+    )
     rng = np.random.default_rng(0)
     global_batch = args.batch_size * num_devices
     inputs = jax.device_put(
@@ -72,7 +82,8 @@ def measure(num_devices: int, capacity: int, args) -> dict:
     labels = jax.device_put(
         rng.integers(0, NUM_CLASSES, global_batch).astype(np.int32), sharded(mesh)
     )
-    traced, step = make_step(mesh, args.num_candidates, args.num_representatives)
+    on_host = args.memory_kind == "pinned_host"
+    traced, step = make_step(mesh, args.num_candidates, args.num_representatives, on_host)
     jaxpr = jax.make_jaxpr(traced)(buffer, inputs, labels, jax.random.key(0)).jaxpr
     sample_jaxpr_bytes = received_bytes(jaxpr)
 
@@ -85,6 +96,7 @@ def measure(num_devices: int, capacity: int, args) -> dict:
             times.append(time.perf_counter() - start)
     return {
         "devices": num_devices,
+        "memory_kind": args.memory_kind,
         "capacity": budget * NUM_CLASSES,
         "r": args.num_representatives,
         "c": args.num_candidates,
@@ -104,6 +116,7 @@ def main() -> None:
     parser.add_argument("--num_representatives", type=int, default=8)
     parser.add_argument("--steps", type=int, default=200)
     parser.add_argument("--warmup", type=int, default=10)
+    parser.add_argument("--memory_kind", choices=buffer_lib.MEMORY_KINDS, default="device")
     args = parser.parse_args()
     for num_devices in args.devices:
         for capacity in args.capacities:

@@ -35,12 +35,14 @@ import flax.struct
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.experimental.compute_on import compute_on
 from jax.sharding import Mesh
 
 from cljax.collectives import Collectives
 from cljax.distributed import sharded
 
 POLICIES = ("reservoir", "random_replace")
+MEMORY_KINDS = ("device", "pinned_host")
 
 Spec = Mapping[str, tuple[Sequence[int], np.dtype]]
 
@@ -96,8 +98,9 @@ def init_representatives(num: int, spec: Spec) -> Representatives:
     )
 
 
-def init_sharded(mesh: Mesh, make_local, *args, memory_kind: str | None = None):
-    """`make_local(*args)` stacked once per device and sharded along the mesh axis."""
+def init_sharded(mesh: Mesh, make_local, *args, shardings=None):
+    """`make_local(*args)` stacked once per device and sharded along the mesh axis (or
+    placed by `shardings`, a pytree prefix of the result)."""
     num_devices = mesh.devices.size
 
     def stacked():
@@ -105,10 +108,14 @@ def init_sharded(mesh: Mesh, make_local, *args, memory_kind: str | None = None):
             lambda leaf: jnp.broadcast_to(leaf, (num_devices, *leaf.shape)), make_local(*args)
         )
 
-    sharding = sharded(mesh)
-    if memory_kind is not None:
-        sharding = sharding.with_memory_kind(memory_kind)
-    return jax.jit(stacked, out_shardings=sharding)()
+    return jax.jit(stacked, out_shardings=shardings or sharded(mesh))()
+
+
+def buffer_shardings(mesh: Mesh, memory_kind: str = "device") -> BufferState:
+    """Where a sharded buffer lives: its slots in `memory_kind` (e.g. pinned host memory),
+    its per-class counters on the device."""
+    slots, counters = sharded(mesh).with_memory_kind(memory_kind), sharded(mesh)
+    return BufferState(slots, slots, slots, counters, counters)
 
 
 def record_bytes(spec: Spec) -> int:
@@ -126,10 +133,12 @@ def insert(
     key: jax.Array,
     num_candidates: int,
     policy: str = "reservoir",
+    on_host: bool = False,
 ) -> BufferState:
     """Inserts `num_candidates` rows drawn uniformly from the valid rows of the batch.
 
-    `samples` holds one batch-major tensor per name of `buffer.data`.
+    `samples` holds one batch-major tensor per name of `buffer.data`. `on_host`: the slots
+    are in host memory; slots are chosen on the device and written by the host.
     """
     pick_key, slot_key = jax.random.split(key)
     scores = jnp.where(mask, jax.random.uniform(pick_key, mask.shape), 2.0)
@@ -144,9 +153,10 @@ def insert(
     num_slots = buffer.num_classes * buffer.budget_per_class
     target = jnp.where(write, target, num_slots)
 
+    write_rows = _host_write_rows if on_host else _write_rows
+
     def scatter(stored: jax.Array, values: jax.Array) -> jax.Array:
-        flat = stored.reshape(num_slots, *stored.shape[2:])
-        return flat.at[target].set(values, mode="drop").reshape(stored.shape)
+        return write_rows(stored, target, values)
 
     seen = buffer.seen + jnp.zeros_like(buffer.seen).at[classes].add(valid.astype(jnp.int32))
     return BufferState(
@@ -156,6 +166,33 @@ def insert(
         counts=jnp.minimum(seen, buffer.budget_per_class),
         seen=seen,
     )
+
+
+def _write_rows(stored: jax.Array, target: jax.Array, values: jax.Array) -> jax.Array:
+    """`stored` [C, N, ...] with flat slots `target` set to `values` (out of range: dropped)."""
+    flat = stored.reshape(-1, *stored.shape[2:])
+    return flat.at[target].set(values, mode="drop").reshape(stored.shape)
+
+
+def _read_rows(stored: jax.Array, slots: jax.Array) -> jax.Array:
+    """Rows of `stored` [C, N, ...] at flat slots `slots`."""
+    return stored.reshape(-1, *stored.shape[2:])[slots]
+
+
+_on_host = compute_on("device_host")
+
+
+def _host_write_rows(stored: jax.Array, target: jax.Array, values: jax.Array) -> jax.Array:
+    """`_write_rows` run by the host on slots in host memory."""
+    host = jax.memory.Space.Host
+    write = _on_host(jax.jit(_write_rows))
+    return write(stored, jax.device_put(target, host), jax.device_put(values, host))
+
+
+def _host_read_rows(stored: jax.Array, slots: jax.Array) -> jax.Array:
+    """`_read_rows` run by the host on slots in host memory; the rows go to the device."""
+    rows = _on_host(jax.jit(_read_rows))(stored, jax.device_put(slots, jax.memory.Space.Host))
+    return jax.device_put(rows, jax.memory.Space.Device)
 
 
 def _position_in_class_stream(seen: jax.Array, classes: jax.Array, valid: jax.Array) -> jax.Array:
@@ -205,26 +242,18 @@ def sample_global(
     shared_key: jax.Array,
     num: int,
     collectives: Collectives,
+    on_host: bool = False,
 ) -> Representatives:
     """`num` representatives from the union of all devices' buffers (see module docstring).
 
     `key` must differ between devices and `shared_key` must be the same on all of them.
     Each record travels as one row of bytes, so a step costs one `all_to_all` and at most
-    D - 1 collective permutes whatever the number of stored tensors.
+    D - 1 collective permutes whatever the number of stored tensors. `on_host`: the buffer
+    is in host memory; the draw runs there and only the `num` records move to the device.
     """
     num_devices = collectives.num_devices()
     bulk_rows = num // num_devices * num_devices
-    slots, filled = draw_uniform(buffer, key, num)
-
-    def rows(stored: jax.Array) -> jax.Array:
-        return stored.reshape(-1, *stored.shape[2:])[slots]
-
-    outgoing = (
-        {name: rows(stored) for name, stored in buffer.data.items()},
-        rows(buffer.labels),
-        rows(buffer.task_ids),
-        jnp.full(num, filled, _count_dtype(buffer.labels.size)),
-    )
+    outgoing, filled = draw_records(buffer, key, num, on_host)
     packed = _pack(outgoing)
     bulk = collectives.all_to_all(packed[:bulk_rows].reshape(num_devices, -1, packed.shape[1]))
     shift = jax.random.randint(shared_key, (), 0, num_devices)
@@ -235,6 +264,25 @@ def sample_global(
     total = collectives.sum(filled).astype(jnp.float32)
     weights = num_devices * owner_filled.astype(jnp.float32) / jnp.maximum(total, 1.0)
     return Representatives(data, labels, task_ids, weights)
+
+
+def draw_records(buffer: BufferState, key: jax.Array, num: int, on_host: bool = False):
+    """`num` records drawn uniformly from this device's filled slots, each with the
+    device's fill count (for the weights); and the fill count. `on_host`: the slots are in
+    host memory; they are drawn on the device and read by the host."""
+    slots, filled = draw_uniform(buffer, key, num)
+    read_rows = _host_read_rows if on_host else _read_rows
+
+    def rows(stored: jax.Array) -> jax.Array:
+        return read_rows(stored, slots)
+
+    records = (
+        {name: rows(stored) for name, stored in buffer.data.items()},
+        rows(buffer.labels),
+        rows(buffer.task_ids),
+        jnp.full(num, filled, _count_dtype(buffer.labels.size)),
+    )
+    return records, filled
 
 
 def _pack(tree) -> jax.Array:

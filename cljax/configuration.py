@@ -5,9 +5,10 @@ Every error is one line that names the field and says how to fix it.
 
 import math
 
+import jax
 import ml_collections
 
-from cljax.buffer import POLICIES
+from cljax.buffer import MEMORY_KINDS, POLICIES
 from cljax.data.scenarios import SCENARIOS, class_groups
 from cljax.data.sources import BUILTIN_BUILDERS
 from cljax.models import MODELS
@@ -110,6 +111,16 @@ def _validate_buffer(config: ml_collections.ConfigDict) -> None:
         )
     else:
         _positive("buffer.budget_per_class", buffer.budget_per_class)
+
+
+def validate_memory_kind(memory_kind: str, available: list[str]) -> None:
+    """Checks `buffer.memory_kind` against the memories of the backend's devices."""
+    _one_of("buffer.memory_kind", memory_kind, MEMORY_KINDS)
+    _require(
+        memory_kind in available,
+        f"buffer.memory_kind={memory_kind!r} is not supported by the {jax.default_backend()}"
+        f" backend (its memories: {sorted(available)}); set --config.buffer.memory_kind=device",
+    )
 
 
 def validate_for_data(

@@ -52,6 +52,11 @@ class StepConfig:
     policy: str = "reservoir"
     loss_weights: LossWeights = dataclasses.field(default_factory=LossWeights)
     augment_from_task: int = 0
+    buffer_memory_kind: str = "device"
+
+    @property
+    def buffer_on_host(self) -> bool:
+        return self.buffer_memory_kind == "pinned_host"
 
 
 def normalise(inputs: jax.Array, max_value: float) -> jax.Array:
@@ -100,7 +105,12 @@ def make_train_step(
 
     specs = (P(), P(AXIS), P(AXIS), P())
     step = distributed.per_device(per_device, mesh, specs, (P(), P(AXIS), P()))
-    return jax.jit(step, donate_argnums=(0, 1), keep_unused=True)
+    out_shardings = None
+    if settings.buffer_on_host:
+        buffer_sharding = buffer_lib.buffer_shardings(mesh, "pinned_host")
+        rehearsal_shardings = RehearsalState(buffer_sharding, distributed.sharded(mesh))
+        out_shardings = (distributed.replicated(mesh), rehearsal_shardings, None)
+    return jax.jit(step, donate_argnums=(0, 1), keep_unused=True, out_shardings=out_shardings)
 
 
 def _rehearse(
@@ -127,9 +137,15 @@ def _rehearse(
         insert_key,
         settings.num_candidates,
         settings.policy,
+        on_host=settings.buffer_on_host,
     )
     representatives = buffer_lib.sample_global(
-        buffer, sample_key, shared_key, settings.num_representatives, collectives
+        buffer,
+        sample_key,
+        shared_key,
+        settings.num_representatives,
+        collectives,
+        on_host=settings.buffer_on_host,
     )
     return RehearsalState(buffer, representatives)
 

@@ -36,6 +36,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     distributed.initialize(config.distributed)
     mesh = distributed.make_mesh()
     num_devices = distributed.num_data_parallel(mesh)
+    configuration.validate_memory_kind(
+        config.buffer.memory_kind, [m.kind for m in mesh.devices.flat[0].addressable_memories()]
+    )
     if distributed.is_main_process():
         sources.build_if_builtin(config.dataset.name, config.dataset.data_dir)
     distributed.barrier("cljax-dataset-built")
@@ -62,6 +65,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
         policy=config.buffer.policy,
         loss_weights=LossWeights(config.strategy.alpha, config.strategy.beta),
         augment_from_task=config.buffer.augment_from_task,
+        buffer_memory_kind=config.buffer.memory_kind,
     )
     train_step = steps.make_train_step(mesh, distributed.collectives(), step_config)
     predict = steps.make_predict(mesh, model.apply, dataset.max_value)
@@ -256,6 +260,7 @@ def _init_rehearsal(mesh, resolved: dict, dataset, strategy: Strategy) -> steps.
             dataset.num_classes,
             buffer_config["budget_per_class"],
             spec,
+            shardings=buffer_lib.buffer_shardings(mesh, buffer_config["memory_kind"]),
         ),
         representatives=buffer_lib.init_sharded(
             mesh, buffer_lib.init_representatives, buffer_config["num_representatives"], spec

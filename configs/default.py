@@ -46,6 +46,7 @@ def get_config(strategy: str = "er") -> ml_collections.ConfigDict:
     config.buffer.num_representatives = 4
     config.buffer.policy = "reservoir"
     config.buffer.augment_from_task = 0
+    config.buffer.memory_kind = "device"
 
     config.model = ml_collections.ConfigDict()
     config.model.name = "mlp"

@@ -99,3 +99,12 @@ def test_rehearsal_ratio_gives_the_papers_budget():
     assert configuration.budget_per_class(buffer, 1437, 10, 4) == 3
     buffer.rehearsal_ratio = None
     assert configuration.budget_per_class(buffer, 1437, 10, 4) == buffer.budget_per_class
+
+
+def test_unsupported_buffer_memory_kind_names_the_field_and_the_fix():
+    with pytest.raises(configuration.ConfigError) as error:
+        configuration.validate_memory_kind("pinned_host", ["device"])
+    message = str(error.value)
+    assert message.startswith("buffer.memory_kind='pinned_host' is not supported")
+    assert "--config.buffer.memory_kind=device" in message
+    configuration.validate_memory_kind("pinned_host", ["device", "pinned_host"])

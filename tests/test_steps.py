@@ -19,12 +19,19 @@ MAX_VALUE = 1000.0
 SPEC = {"inputs": ((3,), np.dtype(np.int32))}
 
 
-def make_setup(mesh, budget: int = BUDGET, augment_from_task: int = 0):
+def make_setup(mesh, budget: int = BUDGET, augment_from_task: int = 0, memory_kind: str = "device"):
     model = MLP(num_classes=NUM_CLASSES, hidden_sizes=(16,))
     state = steps.create_train_state(model, optax.sgd(0.1), jnp.zeros((1, 3)), jax.random.key(0))
     state = jax.device_put(state, distributed.replicated(mesh))
     rehearsal = steps.RehearsalState(
-        buffer=buffer_lib.init_sharded(mesh, buffer_lib.init_buffer, NUM_CLASSES, budget, SPEC),
+        buffer=buffer_lib.init_sharded(
+            mesh,
+            buffer_lib.init_buffer,
+            NUM_CLASSES,
+            budget,
+            SPEC,
+            shardings=buffer_lib.buffer_shardings(mesh, memory_kind),
+        ),
         representatives=buffer_lib.init_sharded(mesh, buffer_lib.init_representatives, REPS, SPEC),
     )
     settings = steps.StepConfig(
@@ -34,6 +41,7 @@ def make_setup(mesh, budget: int = BUDGET, augment_from_task: int = 0):
         REPS,
         "reservoir",
         augment_from_task=augment_from_task,
+        buffer_memory_kind=memory_kind,
     )
     return model, state, rehearsal, steps.make_train_step(mesh, JaxCollectives(), settings)
 
@@ -142,3 +150,23 @@ def test_representatives_are_ignored_before_augment_from_task(mesh):
     ce = optax.softmax_cross_entropy_with_integer_labels(logits, batch["labels"])
     expected = (ce * batch["mask"]).sum() / batch["mask"].sum()
     np.testing.assert_allclose(metrics["loss"], expected, rtol=1e-5)
+
+
+def test_buffer_in_pinned_host_memory_stays_there_and_changes_nothing_else(mesh):
+    def run(memory_kind: str):
+        _, state, rehearsal, train_step = make_setup(mesh, memory_kind=memory_kind)
+        for step in range(6):
+            old = rehearsal.buffer.data["inputs"]
+            state, rehearsal, _ = train_step(
+                state, rehearsal, host_batch(step, mesh.devices.size), jnp.int32(0)
+            )
+            assert old.is_deleted()
+        return state.params, rehearsal
+
+    on_device, on_host = run("device"), run("pinned_host")
+    buffer = on_host[1].buffer
+    assert {leaf.sharding.memory_kind for leaf in (buffer.data["inputs"], buffer.labels)} == {
+        "pinned_host"
+    }
+    assert on_host[1].representatives.weights.sharding.memory_kind == "device"
+    jax.tree.map(np.testing.assert_array_equal, jax.device_get(on_device), jax.device_get(on_host))
