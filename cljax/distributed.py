@@ -32,12 +32,23 @@ _CLUSTER_SIZE_VARIABLES = {
 }
 
 
-def configure_cpu_devices(num_devices: int) -> None:
+_CPU_COLLECTIVE_TIMEOUT_FLAG = "--xla_cpu_collective_call_terminate_timeout_seconds"
+
+
+def configure_cpu_devices(num_devices: int, collective_timeout_s: int | None = None) -> None:
     """Asks the CPU backend for `num_devices` simulated devices (per process).
 
-    Must run before JAX starts a backend. In a notebook where JAX already started, the
-    existing devices are kept and a warning says how many there are.
+    Simulated devices are threads; on a busy machine one can reach a collective long after
+    the others, and XLA aborts after 40 s by default. `collective_timeout_s` raises that
+    limit (unless XLA_FLAGS already sets it). Must run before JAX starts a backend. In a
+    notebook where JAX already started, the existing devices are kept and a warning says how
+    many there are.
     """
+    flags = os.environ.get("XLA_FLAGS", "")
+    if collective_timeout_s is not None and _CPU_COLLECTIVE_TIMEOUT_FLAG not in flags:
+        os.environ["XLA_FLAGS"] = (
+            f"{flags} {_CPU_COLLECTIVE_TIMEOUT_FLAG}={collective_timeout_s}".strip()
+        )
     try:
         jax.config.update("jax_num_cpu_devices", num_devices)
     except RuntimeError:

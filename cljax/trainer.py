@@ -32,7 +32,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     _check_workdir(workdir)
 
     # Processes, devices and data.
-    distributed.configure_cpu_devices(_cpu_devices_per_process(config))
+    distributed.configure_cpu_devices(
+        _cpu_devices_per_process(config), config.distributed.timeout_s
+    )
     distributed.initialize(config.distributed)
     mesh = distributed.make_mesh()
     num_devices = distributed.num_data_parallel(mesh)

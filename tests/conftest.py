@@ -2,6 +2,11 @@
 
 import os
 
+# Simulated devices are threads: on a loaded 2-core machine one can reach a collective late.
+os.environ["XLA_FLAGS"] = (
+    os.environ.get("XLA_FLAGS", "") + " --xla_cpu_collective_call_terminate_timeout_seconds=600"
+)
+
 import jax
 
 NUM_DEVICES = 8
