@@ -7,12 +7,14 @@ synthetic slow source takes `host_fraction` of the step time per batch, as stora
 (reading from a parallel file system) plus light numpy work, then the batch is placed on
 the mesh. The latency is a sleep: on a CPU-only machine, compute-bound host work would
 compete with the "device" for the same cores, which is not the situation on accelerators.
-Each step is waited for, so time spent fetching is time the device sits idle;
+The training loop places each batch on the mesh itself, as the trainer does. Each step is
+waited for, so time spent fetching and placing is time the device sits idle;
 `data_wait_fraction` = data_wait_s / loop time. Prints one JSON line per queue depth
 (0: no thread, the loop reads each batch itself).
 """
 
 import argparse
+import contextlib
 import json
 import os
 import statistics
@@ -66,23 +68,21 @@ def run(step, mesh, steps: int, latency_s: float, depth: int) -> dict:
     def place(images):
         return pipeline.to_global({"inputs": images}, mesh)["inputs"]
 
-    batches = map(place, (read_batch(i, latency_s) for i in range(steps)))
+    batches = (read_batch(i, latency_s) for i in range(steps))
     state = jnp.float32(0)
     start = time.perf_counter()
-    if depth == 0:
-        wait = 0.0
+    wait = 0.0
+    with contextlib.ExitStack() as stack:
+        if depth > 0:
+            batches = stack.enter_context(pipeline.Prefetcher(batches, depth=depth))
         while True:
             fetch = time.perf_counter()
-            batch = next(batches, None)
+            images = next(batches, None)
+            batch = None if images is None else place(images)
             wait += time.perf_counter() - fetch
             if batch is None:
                 break
             state = jax.block_until_ready(step(state, batch))
-    else:
-        with pipeline.Prefetcher(batches, depth=depth) as prefetcher:
-            for batch in prefetcher:
-                state = jax.block_until_ready(step(state, batch))
-        wait = prefetcher.wait_s
     total = time.perf_counter() - start
     return {
         "depth": depth,

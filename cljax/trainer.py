@@ -196,11 +196,10 @@ def _train_task(run: _Run, state, rehearsal, rows: np.ndarray, task: int):
         disable=None if distributed.is_main_process() else True,
         leave=False,
     )
-    prefetcher = pipeline.Prefetcher(
-        batches, lambda batch: pipeline.to_global(batch, run.mesh), config.dataset.prefetch_depth
-    )
+    prefetcher = pipeline.Prefetcher(batches, config.dataset.prefetch_depth)
     with progress, prefetcher:
-        for step, batch in enumerate(prefetcher, start=1):
+        for step, host_batch in enumerate(prefetcher, start=1):
+            batch = pipeline.to_global(host_batch, run.mesh)
             state, rehearsal, step_metrics = run.train_step(state, rehearsal, batch, task_id)
             progress.update()
             run.watchdog.progress()

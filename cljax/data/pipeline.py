@@ -15,7 +15,7 @@ import math
 import queue
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 
 import jax
 import numpy as np
@@ -118,24 +118,26 @@ class _Failure:
 
 
 class Prefetcher:
-    """Runs an iterator in a background thread, `depth` items ahead of the consumer.
+    """Runs an iterator (reading, decoding, augmenting) in a background thread, `depth`
+    items ahead of the consumer.
 
-    `place` (e.g. putting a batch on the mesh) also runs in the thread. An exception in the
-    thread is raised in the consumer at the item where it happened. `wait_s` is the time
-    the consumer spent waiting for items. Use as a context manager so the thread stops.
+    The consumer places the items on devices itself: device work from a second thread can
+    deadlock XLA:CPU's in-process collectives. An exception in the thread is raised in the
+    consumer at the item where it happened. `wait_s` is the time the consumer spent
+    waiting for items. Use as a context manager so the thread stops.
     """
 
-    def __init__(self, items: Iterator, place: Callable = lambda item: item, depth: int = 2):
+    def __init__(self, items: Iterator, depth: int = 2):
         self.wait_s = 0.0
         self._queue: queue.Queue = queue.Queue(maxsize=max(depth, 1))
         self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._produce, args=(items, place), daemon=True)
+        self._thread = threading.Thread(target=self._produce, args=(items,), daemon=True)
         self._thread.start()
 
-    def _produce(self, items: Iterator, place: Callable) -> None:
+    def _produce(self, items: Iterator) -> None:
         try:
             for item in items:
-                if not self._put(place(item)):
+                if not self._put(item):
                     return
             self._put(_End())
         except BaseException as error:
