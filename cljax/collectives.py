@@ -63,27 +63,39 @@ class JaxCollectives:
         )
 
     def receive_shifted(self, tree, shift: jax.Array):
-        """One collective permute per row, with static offsets chosen by `lax.switch`."""
-        num_rows = jax.tree.leaves(tree)[0].shape[0]
-        if num_rows == 0:
-            return tree
+        """One collective permute per row."""
         num_devices = self.num_devices()
 
-        def permutes_for(base: int):
-            def run(tree):
-                received = [
-                    lax.ppermute(
-                        jax.tree.map(lambda leaf, t=row: leaf[t], tree),
-                        self.axis_name,
-                        [(src, (src - base - row) % num_devices) for src in range(num_devices)],
-                    )
-                    for row in range(num_rows)
-                ]
-                return jax.tree.map(lambda *rows: jnp.stack(rows), *received)
+        def receive_row(row, offset: int):
+            pairs = [(src, (src - offset) % num_devices) for src in range(num_devices)]
+            return lax.ppermute(row, self.axis_name, pairs)
 
-            return run
+        return _receive_shifted_rows(tree, shift, num_devices, receive_row)
 
-        return lax.switch(shift, [permutes_for(base) for base in range(num_devices)], tree)
+
+def _receive_shifted_rows(tree, shift: jax.Array, num_devices: int, receive_row):
+    """Row t of the result is `receive_row(row t, offset)`, offset = (shift + t) mod D.
+
+    Collectives need static device offsets: `lax.switch` on the shared `shift` picks the
+    branch built for it.
+    """
+    num_rows = jax.tree.leaves(tree)[0].shape[0]
+    if num_rows == 0:
+        return tree
+
+    def rows_for(base: int):
+        def run(tree):
+            received = [
+                receive_row(
+                    jax.tree.map(lambda leaf, t=row: leaf[t], tree), (base + row) % num_devices
+                )
+                for row in range(num_rows)
+            ]
+            return jax.tree.map(lambda *rows: jnp.stack(rows), *received)
+
+        return run
+
+    return lax.switch(shift, [rows_for(base) for base in range(num_devices)], tree)
 
 
 _RECEIVING = ("all_to_all", "ppermute", "psum", "psum_invariant", "all_gather")
@@ -148,32 +160,21 @@ class MpiCollectives:
         return jax.tree.map(lambda x: mpi4jax.alltoall(x, comm=self.comm), tree)
 
     def receive_shifted(self, tree, shift: jax.Array):
-        """One sendrecv per row, with the static ranks of the shift chosen by `lax.switch`."""
+        """One sendrecv per row."""
         import mpi4jax
 
-        num_rows = jax.tree.leaves(tree)[0].shape[0]
-        if num_rows == 0:
-            return tree
         size, rank = self.comm.Get_size(), self.comm.Get_rank()
 
-        def sendrecvs_for(base: int):
-            def run(tree):
-                received = []
-                for row in range(num_rows):
-                    offset = (base + row) % size
+        def receive_row(row, offset: int):
+            return jax.tree.map(
+                lambda leaf: mpi4jax.sendrecv(
+                    leaf,
+                    leaf,
+                    source=(rank + offset) % size,
+                    dest=(rank - offset) % size,
+                    comm=self.comm,
+                ),
+                row,
+            )
 
-                    def exchange(leaf, row=row, offset=offset):
-                        return mpi4jax.sendrecv(
-                            leaf[row],
-                            leaf[row],
-                            source=(rank + offset) % size,
-                            dest=(rank - offset) % size,
-                            comm=self.comm,
-                        )
-
-                    received.append(jax.tree.map(exchange, tree))
-                return jax.tree.map(lambda *rows: jnp.stack(rows), *received)
-
-            return run
-
-        return lax.switch(shift, [sendrecvs_for(base) for base in range(size)], tree)
+        return _receive_shifted_rows(tree, shift, size, receive_row)

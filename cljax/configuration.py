@@ -48,9 +48,8 @@ def validate(config: ml_collections.ConfigDict) -> None:
     """Checks what can be checked without data or devices."""
     _require(
         isinstance(config.dataset.name, str) and config.dataset.name,
-        f"dataset.name={config.dataset.name!r} is empty; set --config.dataset.name to a built-in "
-        "dataset "
-        f"{sorted(BUILTIN_BUILDERS)} or a prepared TFDS dataset",
+        f"dataset.name={config.dataset.name!r} is empty; set --config.dataset.name to a built-in"
+        f" dataset {sorted(BUILTIN_BUILDERS)} or a prepared TFDS dataset",
     )
     _one_of("scenario.name", config.scenario.name, SCENARIOS)
     _require(

@@ -156,7 +156,7 @@ def make_predict(mesh: Mesh, apply_fn: Callable[..., Any], max_value: float):
     def per_device(params, inputs):
         return apply_fn({"params": params}, normalise(inputs, max_value)).argmax(-1)
 
-    return jax.jit(jax.shard_map(per_device, mesh=mesh, in_specs=(P(), P(AXIS)), out_specs=P(AXIS)))
+    return jax.jit(distributed.per_device(per_device, mesh, (P(), P(AXIS)), P(AXIS)))
 
 
 def create_train_state(

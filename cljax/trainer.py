@@ -69,6 +69,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
         augment_from_task=config.buffer.augment_from_task,
         buffer_memory_kind=config.buffer.memory_kind,
     )
+    init_state = _make_init_state(model, optimizer, dataset, mesh)
     train_step = steps.make_train_step(mesh, distributed.collectives(), step_config)
     predict = steps.make_predict(mesh, model.apply, dataset.max_value)
     rehearsal = _init_rehearsal(mesh, resolved, dataset, strategy) if strategy.uses_buffer else None
@@ -84,7 +85,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     run = _Run(config, mesh, dataset, train_step, watchdog, global_batch_size, scenario.num_tasks)
     for task in range(scenario.num_tasks):
         if state is None or strategy.reinitialise_each_task:
-            state = _init_state(model, optimizer, dataset, mesh, config.seed, task)
+            state = init_state(jax.random.fold_in(jax.random.key(config.seed), task))
         train_rows = (
             scenario.train_rows_up_to(task)
             if strategy.trains_on_seen_tasks
@@ -233,15 +234,14 @@ def make_scenario(config: ml_collections.ConfigDict, dataset) -> scenarios.Scena
     )
 
 
-def _init_state(model, optimizer, dataset, mesh, seed: int, task: int) -> steps.TrainState:
-    """Fresh model and optimizer, replicated on every device of every process."""
-    key = jax.random.fold_in(jax.random.key(seed), task)
+def _make_init_state(model, optimizer, dataset, mesh) -> Callable[[jax.Array], steps.TrainState]:
+    """`init(key)`: fresh model and optimizer, replicated on every device of every process;
+    compiled once, for strategies that re-initialise at every task."""
     sample = steps.normalise(dataset.train.read(np.arange(1)), dataset.max_value)
-    create = jax.jit(
+    return jax.jit(
         lambda key: steps.create_train_state(model, optimizer, sample, key),
         out_shardings=distributed.replicated(mesh),
     )
-    return create(key)
 
 
 def buffer_spec(dataset, strategy: Strategy) -> dict[str, tuple[tuple[int, ...], np.dtype]]:
@@ -277,13 +277,13 @@ def _predict_all(predict, params, split, mesh, config) -> np.ndarray:
     """
     num_devices = distributed.num_data_parallel(mesh)
     batch_size = -(-config.eval_batch_size // num_devices) * num_devices
-    mine = pipeline.process_slice(
-        batch_size, distributed.process_index(), distributed.process_count()
-    )
     predictions = []
     for start in range(0, len(split), batch_size):
         rows = np.arange(start, min(start + batch_size, len(split)))
-        local = split.read(np.resize(rows, batch_size)[mine])
+        mine, _ = pipeline.local_rows(
+            rows, batch_size, distributed.process_index(), distributed.process_count()
+        )
+        local = split.read(mine)
         batch = pipeline.to_global({"inputs": local}, mesh)["inputs"]
         predictions.append(distributed.gather_rows(predict(params, batch))[: len(rows)])
     return np.concatenate(predictions)

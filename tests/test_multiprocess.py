@@ -17,7 +17,12 @@ import pytest
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BIN = os.path.dirname(sys.executable)
-SHORT_RUN = ["--config.epochs_per_task=1", "--config.scenario.num_tasks=5"]
+# r = 3 leaves r mod D rows for the shifted permutes on 2 and 4 devices.
+SHORT_RUN = [
+    "--config.epochs_per_task=1",
+    "--config.scenario.num_tasks=5",
+    "--config.buffer.num_representatives=3",
+]
 
 
 def environment(data_dir: str) -> dict[str, str]:

@@ -51,6 +51,16 @@ def process_slice(global_batch_size: int, process_index: int, process_count: int
     return slice(process_index * per_process, (process_index + 1) * per_process)
 
 
+def local_rows(
+    chosen: np.ndarray, global_batch_size: int, process_index: int, process_count: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """This process's rows of a global batch made of `chosen` (cycled to fill the batch),
+    and which of them are real rather than padding."""
+    mine = process_slice(global_batch_size, process_index, process_count)
+    valid = np.arange(global_batch_size) < len(chosen)
+    return np.resize(chosen, global_batch_size)[mine], valid[mine]
+
+
 def task_batches(
     split: Split,
     rows: np.ndarray,
@@ -66,20 +76,18 @@ def task_batches(
 ) -> Iterator[Batch]:
     """This process's part {inputs, labels, mask} of every global batch of a task, from
     `start` (epoch and step within it) on: a resumed run sees the batches it had not seen."""
-    mine = process_slice(global_batch_size, process_index, process_count)
     for epoch in range(start.epoch, epochs):
         order = epoch_order(rows, seed, task, epoch)
         first_step = start.step if epoch == start.epoch else 0
         for step in range(first_step, steps_per_epoch(len(order), global_batch_size)):
             start_row = step * global_batch_size
             chosen = order[start_row : start_row + global_batch_size]
-            mask = np.arange(global_batch_size) < len(chosen)
-            padded = np.resize(chosen, global_batch_size)[mine]
+            padded, mask = local_rows(chosen, global_batch_size, process_index, process_count)
             inputs = split.read(padded)
             if augment:
                 rng = np.random.default_rng([seed, task, epoch, step, process_index])
                 inputs = crop_and_flip(inputs, rng)
-            yield {"inputs": inputs, "labels": split.labels[padded], "mask": mask[mine]}
+            yield {"inputs": inputs, "labels": split.labels[padded], "mask": mask}
 
 
 def crop_and_flip(images: np.ndarray, rng: np.random.Generator) -> np.ndarray:

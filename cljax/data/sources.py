@@ -120,19 +120,21 @@ def load(name: str, data_dir: str | None = None, image_size: int | None = None) 
 
 def build_if_builtin(name: str, data_dir: str | None = None) -> None:
     """Builds built-in dataset `name` into the data dir unless it is there already."""
-    if name not in BUILTIN_BUILDERS:
-        return
-    builder = BUILTIN_BUILDERS[name](
-        data_dir=resolve_data_dir(data_dir), file_format="array_record"
-    )
+    if name in BUILTIN_BUILDERS:
+        _prepared_builtin(name, resolve_data_dir(data_dir))
+
+
+def _prepared_builtin(name: str, data_dir: str) -> tfds.core.DatasetBuilder:
+    """The builder of built-in dataset `name`, built into `data_dir` if it was not there."""
+    builder = BUILTIN_BUILDERS[name](data_dir=data_dir, file_format="array_record")
     if not builder.is_prepared():
         print(f"Building dataset {name} into {builder.data_dir}", flush=True)
         builder.download_and_prepare()
+    return builder
 
 
 def _load_builtin(name: str, data_dir: str) -> Dataset:
-    build_if_builtin(name, data_dir)
-    builder = BUILTIN_BUILDERS[name](data_dir=data_dir, file_format="array_record")
+    builder = _prepared_builtin(name, data_dir)
     splits = {}
     for split in ("train", "test"):
         source = tfds.data_source(name, split=split, data_dir=data_dir)
