@@ -21,77 +21,61 @@ import jax
 
 jax.config.update("jax_num_cpu_devices", 8)
 
-import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
-from jax.sharding import Mesh  # noqa: E402
+from jax.sharding import Mesh, NamedSharding  # noqa: E402
 from jax.sharding import PartitionSpec as P  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from cljax import buffer as buffer_lib  # noqa: E402
-from cljax.collectives import JaxCollectives, received_bytes  # noqa: E402
-from cljax.distributed import AXIS, sharded  # noqa: E402
+from cljax.collectives import AXIS, JaxCollectives, received_bytes  # noqa: E402
 
 NUM_CLASSES = 10
 SAMPLE_SHAPE = (28, 28, 1)
 
 
-def make_step(mesh: Mesh, num_candidates: int, num_representatives: int, on_host: bool):
-    def per_device(buffer, inputs, labels, key):
-        buffer = jax.tree.map(lambda leaf: leaf[0], buffer)
+def make_step(mesh: Mesh, buffer: buffer_lib.RehearsalBuffer):
+    def per_device(state, inputs, labels, key):
         device_key = jax.random.fold_in(key, jax.lax.axis_index(AXIS))
-        buffer = buffer_lib.insert(
-            buffer,
-            {"inputs": inputs},
-            labels,
-            jnp.ones(labels.shape, bool),
-            0,
-            jax.random.fold_in(device_key, 1),
-            num_candidates,
-            on_host=on_host,
-        )
-        reps = buffer_lib.sample_global(
-            buffer, device_key, key, num_representatives, JaxCollectives(), on_host=on_host
-        )
-        return jax.tree.map(lambda leaf: leaf[None], buffer), reps
+        batch = {"inputs": inputs, "labels": labels}
+        state = buffer.insert(state, batch, jax.random.fold_in(device_key, 1))
+        return state, buffer.sample(state, device_key, key, JaxCollectives())
 
     specs = (P(AXIS), P(AXIS), P(AXIS), P())
     shard = jax.shard_map(per_device, mesh=mesh, in_specs=specs, out_specs=P(AXIS))
-    memory_kind = "pinned_host" if on_host else "device"
-    out_shardings = (buffer_lib.buffer_shardings(mesh, memory_kind), sharded(mesh))
+    sharding = NamedSharding(mesh, P(AXIS))
+    out_shardings = (buffer.shardings(sharding), sharding)
     return shard, jax.jit(shard, donate_argnums=(0,), out_shardings=out_shardings)
 
 
 def measure(num_devices: int, capacity: int, args) -> dict:
     mesh = Mesh(np.asarray(jax.devices()[:num_devices]), (AXIS,))
-    spec = {"inputs": (SAMPLE_SHAPE, np.dtype(np.uint8))}
+    sharding = NamedSharding(mesh, P(AXIS))
+    example = {"inputs": jax.ShapeDtypeStruct(SAMPLE_SHAPE, np.dtype(np.uint8))}
     budget = capacity // NUM_CLASSES
-    buffer = buffer_lib.init_sharded(
-        mesh,
-        buffer_lib.init_buffer,
+    buffer = buffer_lib.rehearsal_buffer(
         NUM_CLASSES,
         budget,
-        spec,
-        shardings=buffer_lib.buffer_shardings(mesh, args.memory_kind),
+        args.num_candidates,
+        args.num_representatives,
+        memory_kind=args.memory_kind,
     )
+    state = buffer.init_sharded(example, sharding)
     rng = np.random.default_rng(0)
     global_batch = args.batch_size * num_devices
     inputs = jax.device_put(
-        rng.integers(0, 255, (global_batch, *SAMPLE_SHAPE), dtype=np.uint8), sharded(mesh)
+        rng.integers(0, 255, (global_batch, *SAMPLE_SHAPE), dtype=np.uint8), sharding
     )
-    labels = jax.device_put(
-        rng.integers(0, NUM_CLASSES, global_batch).astype(np.int32), sharded(mesh)
-    )
-    on_host = args.memory_kind == "pinned_host"
-    traced, step = make_step(mesh, args.num_candidates, args.num_representatives, on_host)
-    jaxpr = jax.make_jaxpr(traced)(buffer, inputs, labels, jax.random.key(0)).jaxpr
+    labels = jax.device_put(rng.integers(0, NUM_CLASSES, global_batch).astype(np.int32), sharding)
+    traced, step = make_step(mesh, buffer)
+    jaxpr = jax.make_jaxpr(traced)(state, inputs, labels, jax.random.key(0)).jaxpr
     sample_jaxpr_bytes = received_bytes(jaxpr)
 
     times = []
     for i in range(args.warmup + args.steps):
         start = time.perf_counter()
-        buffer, reps = step(buffer, inputs, labels, jax.random.key(i))
-        jax.block_until_ready((buffer, reps))
+        state, reps = step(state, inputs, labels, jax.random.key(i))
+        jax.block_until_ready((state, reps))
         if i >= args.warmup:
             times.append(time.perf_counter() - start)
     return {
@@ -100,7 +84,7 @@ def measure(num_devices: int, capacity: int, args) -> dict:
         "capacity": budget * NUM_CLASSES,
         "r": args.num_representatives,
         "c": args.num_candidates,
-        "sample_bytes": buffer_lib.record_bytes(spec),
+        "sample_bytes": buffer_lib.record_bytes(example),
         "step_ms": round(1000 * statistics.median(times), 3),
         "recv_bytes_per_device": sample_jaxpr_bytes,
         "buffer_bytes_per_device": int(np.prod(SAMPLE_SHAPE)) * capacity,

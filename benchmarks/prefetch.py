@@ -30,14 +30,14 @@ import numpy as np  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from cljax import distributed  # noqa: E402
+from cljax import runtime as runtime_lib  # noqa: E402
 from cljax.data import pipeline  # noqa: E402
 
 BATCH_SHAPE = (64, 32, 32, 3)
 
 
-def make_step(mesh, width: int, depth: int):
-    weights = jax.device_put(jnp.eye(width) * 0.5, distributed.replicated(mesh))
+def make_step(runtime, width: int, depth: int):
+    weights = jax.device_put(jnp.eye(width) * 0.5, runtime.replicated)
 
     @jax.jit
     def step(state, batch):
@@ -64,9 +64,9 @@ def median_seconds(fn, count: int = 20) -> float:
     return statistics.median(times)
 
 
-def run(step, mesh, steps: int, latency_s: float, depth: int) -> dict:
+def run(step, runtime, steps: int, latency_s: float, depth: int) -> dict:
     def place(images):
-        return pipeline.to_global({"inputs": images}, mesh)["inputs"]
+        return runtime.place({"inputs": images})["inputs"]
 
     batches = (read_batch(i, latency_s) for i in range(steps))
     state = jnp.float32(0)
@@ -100,15 +100,15 @@ def main() -> None:
     parser.add_argument("--depths", type=int, nargs="+", default=[0, 2])
     args = parser.parse_args()
 
-    mesh = distributed.make_mesh()
-    step = make_step(mesh, width=512, depth=8)
-    batch = pipeline.to_global({"inputs": read_batch(0, 0.0)}, mesh)["inputs"]
+    runtime = runtime_lib.JaxRuntime(timeout_s=300)
+    step = make_step(runtime, width=512, depth=8)
+    batch = runtime.place({"inputs": read_batch(0, 0.0)})["inputs"]
     state = jax.block_until_ready(step(jnp.float32(0), batch))
     step_s = median_seconds(lambda: jax.block_until_ready(step(state, batch)))
     latency_s = args.host_fraction * step_s
-    host_s = median_seconds(lambda: pipeline.to_global({"inputs": read_batch(0, latency_s)}, mesh))
+    host_s = median_seconds(lambda: runtime.place({"inputs": read_batch(0, latency_s)}))
     for depth in args.depths:
-        result = run(step, mesh, args.steps, latency_s, depth)
+        result = run(step, runtime, args.steps, latency_s, depth)
         result.update(step_ms=round(1000 * step_s, 2), host_ms=round(1000 * host_s, 2))
         print(json.dumps(result), flush=True)
 

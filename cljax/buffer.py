@@ -1,9 +1,15 @@
-"""The distributed rehearsal buffer: a pure-functional pytree, one shard per device.
+"""The distributed rehearsal buffer as a library of pure functions.
+
+    buffer = rehearsal_buffer(num_classes=10, budget_per_class=20, num_candidates=2,
+                              num_representatives=4)
+    state = buffer.init({"inputs": jnp.zeros((28, 28, 1), jnp.uint8)})
+    state = buffer.insert(state, {"inputs": x, "labels": y}, key)
+    representatives = buffer.sample(state, key, shared_key)
 
 Per device the buffer holds `budget_per_class` (N) slots for each class. Each slot stores
-one sample record: one or more tensors (`data`: the input, and optionally DER logits or
-extra targets, each with its own shape and dtype; uint8 images stay uint8), its label and
-its task id. Per class it counts filled slots and candidates seen.
+one sample record: the named tensors of the example given to `init` (each with its own shape
+and dtype; uint8 images stay uint8), its label and its task id. Per class it counts filled
+slots and candidates seen.
 
 Per step and per device:
 - `insert` adds `num_candidates` (c) samples drawn uniformly from the valid rows of the
@@ -13,41 +19,46 @@ Per step and per device:
   (the reference implementation) also fills free slots first, then always replaces a
   uniform slot of the class, which favours recent samples. Candidates of one class in one
   step are applied as if inserted one after another.
-- `sample_global` gives every device exactly `r` representatives drawn from the union of
-  all devices' buffers, in one round of collectives and with no request: every owner draws
-  r samples uniformly from its own filled slots and sends q = r // D of them to every
-  device with one `all_to_all`, and its r mod D others to the devices at offsets
-  s, s+1, ... (s: a random shift shared by all devices) with collective permutes. Every
-  device therefore receives exactly r samples, and each owner's expected share is r/D. When
-  all devices hold equally many samples every filled slot of the global buffer is equally
+- `sample` gives every device exactly `r` representatives drawn from the union of all
+  devices' buffers, in one round of collectives and with no request: every owner draws r
+  samples uniformly from its own filled slots and sends q = r // D of them to every device
+  with one `all_to_all`, and its r mod D others to the devices at offsets s, s+1, ...
+  (s: a random shift shared by all devices) with collective permutes. Every device
+  therefore receives exactly r samples, and each owner's expected share is r/D. When all
+  devices hold equally many samples every filled slot of the global buffer is equally
   likely. When fills differ, a sample from owner i (F_i filled slots, F in total) is drawn
   with probability 1/(D F_i) and carries the importance weight D F_i / F, so that in
   expectation every filled slot weighs the same in the loss; the weight is 1 when fills are
   equal and 0 when the owner holds nothing (an empty slot never reaches the loss).
 
-The functions here work on one device's shard (no leading device axis) inside `shard_map`;
-`init_sharded` builds the global state, stacked along the device axis.
+`init`, `insert` and `sample` work on one device's state. Across D devices, the global
+state is every device's state concatenated along axis 0 (`init_sharded`), and `shard_map`
+over that axis hands each device its own; `sample` then takes the collectives of the mesh
+axis. With `memory_kind='pinned_host'` the slots live in host memory: slots to write and to
+read are chosen on the device, and the host writes the c candidates and reads the r drawn
+records, so only those cross between host and device.
 """
 
-from collections.abc import Mapping, Sequence
+import dataclasses
+from collections.abc import Callable, Mapping
 
-import flax.struct
 import jax
 import jax.numpy as jnp
 import numpy as np
 from jax.experimental.compute_on import compute_on
-from jax.sharding import Mesh
+from jax.sharding import NamedSharding
 
-from cljax.collectives import Collectives
-from cljax.distributed import sharded
+from cljax.collectives import Collectives, SingleDevice
 
 POLICIES = ("reservoir", "random_replace")
 MEMORY_KINDS = ("device", "pinned_host")
+LABELS, MASK, TASK_ID = "labels", "mask", "task_id"
 
-Spec = Mapping[str, tuple[Sequence[int], np.dtype]]
+Example = Mapping[str, jax.ShapeDtypeStruct | jax.Array | np.ndarray]
 
 
-@flax.struct.dataclass
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
 class BufferState:
     """One device's buffer: class-partitioned slots [C, N, ...] and per-class counters [C]."""
 
@@ -57,18 +68,11 @@ class BufferState:
     counts: jax.Array
     seen: jax.Array
 
-    @property
-    def num_classes(self) -> int:
-        return self.labels.shape[-2]
 
-    @property
-    def budget_per_class(self) -> int:
-        return self.labels.shape[-1]
-
-
-@flax.struct.dataclass
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
 class Representatives:
-    """Samples drawn from the global buffer for the next step; weight 0 marks no sample."""
+    """Samples drawn from the global buffer; weight 0 marks no sample."""
 
     data: dict[str, jax.Array]
     labels: jax.Array
@@ -76,96 +80,196 @@ class Representatives:
     weights: jax.Array
 
 
-def init_buffer(num_classes: int, budget_per_class: int, spec: Spec) -> BufferState:
-    """An empty buffer for one device; `spec` maps each stored tensor to (shape, dtype)."""
-    slots = (num_classes, budget_per_class)
-    return BufferState(
-        data={name: jnp.zeros((*slots, *shape), dtype) for name, (shape, dtype) in spec.items()},
-        labels=jnp.broadcast_to(jnp.arange(num_classes, dtype=jnp.int32)[:, None], slots),
-        task_ids=jnp.full(slots, -1, jnp.int32),
-        counts=jnp.zeros(num_classes, jnp.int32),
-        seen=jnp.zeros(num_classes, jnp.int32),
+def rehearsal_buffer(
+    num_classes: int,
+    budget_per_class: int,
+    num_candidates: int,
+    num_representatives: int,
+    policy: str = "reservoir",
+    memory_kind: str = "device",
+) -> "RehearsalBuffer":
+    """A rehearsal buffer with these static settings (checked here, once)."""
+    for name, value in (
+        ("num_classes", num_classes),
+        ("budget_per_class", budget_per_class),
+        ("num_candidates", num_candidates),
+        ("num_representatives", num_representatives),
+    ):
+        if not isinstance(value, int) or value < 1:
+            raise ValueError(f"{name}={value!r} must be an integer >= 1")
+    if policy not in POLICIES:
+        raise ValueError(f"policy={policy!r} is not one of {POLICIES}")
+    if memory_kind not in MEMORY_KINDS:
+        raise ValueError(f"memory_kind={memory_kind!r} is not one of {MEMORY_KINDS}")
+    return RehearsalBuffer(
+        num_classes, budget_per_class, num_candidates, num_representatives, policy, memory_kind
     )
 
 
-def init_representatives(num: int, spec: Spec) -> Representatives:
-    """`num` empty representatives (all weights 0), for the first step."""
-    return Representatives(
-        data={name: jnp.zeros((num, *shape), dtype) for name, (shape, dtype) in spec.items()},
-        labels=jnp.zeros(num, jnp.int32),
-        task_ids=jnp.full(num, -1, jnp.int32),
-        weights=jnp.zeros(num, jnp.float32),
-    )
+@dataclasses.dataclass(frozen=True)
+class RehearsalBuffer:
+    """The buffer's static settings and its pure functions (see `rehearsal_buffer`)."""
 
+    num_classes: int
+    budget_per_class: int
+    num_candidates: int
+    num_representatives: int
+    policy: str = "reservoir"
+    memory_kind: str = "device"
 
-def init_sharded(mesh: Mesh, make_local, *args, shardings=None):
-    """`make_local(*args)` stacked once per device and sharded along the mesh axis (or
-    placed by `shardings`, a pytree prefix of the result)."""
-    num_devices = mesh.devices.size
+    @property
+    def on_host(self) -> bool:
+        return self.memory_kind == "pinned_host"
 
-    def stacked():
-        return jax.tree.map(
-            lambda leaf: jnp.broadcast_to(leaf, (num_devices, *leaf.shape)), make_local(*args)
+    def init(self, example: Example) -> BufferState:
+        """An empty buffer for one device, storing the named tensors of `example` (one
+        sample: arrays or `jax.ShapeDtypeStruct`s, each with its own shape and dtype)."""
+        slots = (self.num_classes, self.budget_per_class)
+        return BufferState(
+            data={
+                name: jnp.zeros((*slots, *value.shape), value.dtype)
+                for name, value in example.items()
+            },
+            labels=jnp.broadcast_to(jnp.arange(self.num_classes, dtype=jnp.int32)[:, None], slots),
+            task_ids=jnp.full(slots, -1, jnp.int32),
+            counts=jnp.zeros(self.num_classes, jnp.int32),
+            seen=jnp.zeros(self.num_classes, jnp.int32),
         )
 
-    return jax.jit(stacked, out_shardings=shardings or sharded(mesh))()
+    def empty_representatives(self, example: Example) -> Representatives:
+        """`num_representatives` empty representatives (all weights 0), for a first step."""
+        num = self.num_representatives
+        return Representatives(
+            data={
+                name: jnp.zeros((num, *value.shape), value.dtype) for name, value in example.items()
+            },
+            labels=jnp.zeros(num, jnp.int32),
+            task_ids=jnp.full(num, -1, jnp.int32),
+            weights=jnp.zeros(num, jnp.float32),
+        )
+
+    def insert(
+        self, state: BufferState, batch: Mapping[str, jax.Array], key: jax.Array
+    ) -> BufferState:
+        """Inserts `num_candidates` rows drawn uniformly from the valid rows of `batch`.
+
+        `batch` holds one batch-major tensor for every stored name, `labels` [B], and
+        optionally `mask` [B] (False: padding, never inserted) and `task_id` (scalar or [B]).
+        """
+        labels = batch[LABELS]
+        mask = batch.get(MASK, jnp.ones(labels.shape, bool))
+        task_ids = jnp.broadcast_to(jnp.asarray(batch.get(TASK_ID, 0), jnp.int32), labels.shape)
+        if self.num_candidates > labels.shape[0]:
+            raise ValueError(
+                f"num_candidates={self.num_candidates} exceeds the {labels.shape[0]} rows of "
+                "the batch"
+            )
+        pick_key, slot_key = jax.random.split(key)
+        scores = jnp.where(mask, jax.random.uniform(pick_key, mask.shape), 2.0)
+        chosen = jnp.argsort(scores)[: self.num_candidates]
+        valid = mask[chosen]
+        classes = labels[chosen]
+
+        position = _position_in_class_stream(state.seen, classes, valid)
+        slot, accepted = _choose_slots(position, self.budget_per_class, slot_key, self.policy)
+        target = classes * self.budget_per_class + slot
+        write = valid & accepted & ~_overwritten_later(target, valid & accepted)
+        target = jnp.where(write, target, self.num_classes * self.budget_per_class)
+        write_rows = _host_write_rows if self.on_host else _write_rows
+
+        def scatter(stored: jax.Array, values: jax.Array) -> jax.Array:
+            return write_rows(stored, target, values)
+
+        seen = state.seen + jnp.zeros_like(state.seen).at[classes].add(valid.astype(jnp.int32))
+        return BufferState(
+            data={
+                name: scatter(stored, batch[name][chosen]) for name, stored in state.data.items()
+            },
+            labels=scatter(state.labels, classes),
+            task_ids=scatter(state.task_ids, task_ids[chosen]),
+            counts=jnp.minimum(seen, self.budget_per_class),
+            seen=seen,
+        )
+
+    def sample(
+        self,
+        state: BufferState,
+        key: jax.Array,
+        shared_key: jax.Array,
+        collectives: Collectives = SingleDevice(),  # noqa: B008 (stateless)
+    ) -> Representatives:
+        """`num_representatives` samples from the union of all devices' buffers (see the
+        module docstring).
+
+        `key` must differ between devices and `shared_key` must be the same on all of them.
+        Each record travels as one row of bytes, so a step costs one `all_to_all` and at most
+        D - 1 collective permutes whatever the number of stored tensors.
+        """
+        num, num_devices = self.num_representatives, collectives.num_devices()
+        bulk_rows = num // num_devices * num_devices
+        outgoing, filled = self._draw_records(state, key)
+        packed = _pack(outgoing)
+        bulk = collectives.all_to_all(packed[:bulk_rows].reshape(num_devices, -1, packed.shape[1]))
+        shift = jax.random.randint(shared_key, (), 0, num_devices)
+        rest = collectives.receive_shifted(packed[bulk_rows:], shift)
+        received = jnp.concatenate([bulk.reshape(-1, packed.shape[1]), rest])
+        data, labels, task_ids, owner_filled = _unpack(received, outgoing)
+
+        total = collectives.sum(filled).astype(jnp.float32)
+        weights = num_devices * owner_filled.astype(jnp.float32) / jnp.maximum(total, 1.0)
+        return Representatives(data, labels, task_ids, weights)
+
+    def _draw_records(self, state: BufferState, key: jax.Array):
+        """`num_representatives` records drawn uniformly from this device's filled slots,
+        each with the device's fill count (for the weights); and the fill count."""
+        num = self.num_representatives
+        slots, filled = _draw_uniform(state, key, num)
+        read_rows = _host_read_rows if self.on_host else _read_rows
+
+        def rows(stored: jax.Array) -> jax.Array:
+            return read_rows(stored, slots)
+
+        records = (
+            {name: rows(stored) for name, stored in state.data.items()},
+            rows(state.labels),
+            rows(state.task_ids),
+            jnp.full(num, filled, _count_dtype(state.labels.size)),
+        )
+        return records, filled
+
+    def shardings(self, sharding: NamedSharding) -> BufferState:
+        """Where a global buffer split by `sharding` lives: its slots in `memory_kind`, its
+        per-class counters on the devices."""
+        slots = sharding.with_memory_kind(self.memory_kind)
+        return BufferState(slots, slots, slots, sharding, sharding)
+
+    def init_sharded(self, example: Example, sharding: NamedSharding) -> BufferState:
+        """The global empty buffer: one `init(example)` per device, split by `sharding`."""
+        return _per_device_copies(lambda: self.init(example), sharding, self.shardings(sharding))
+
+    def empty_representatives_sharded(
+        self, example: Example, sharding: NamedSharding
+    ) -> Representatives:
+        """The global `empty_representatives(example)`: one per device, split by `sharding`."""
+        return _per_device_copies(lambda: self.empty_representatives(example), sharding, sharding)
 
 
-def buffer_shardings(mesh: Mesh, memory_kind: str = "device") -> BufferState:
-    """Where a sharded buffer lives: its slots in `memory_kind` (e.g. pinned host memory),
-    its per-class counters on the device."""
-    slots, counters = sharded(mesh).with_memory_kind(memory_kind), sharded(mesh)
-    return BufferState(slots, slots, slots, counters, counters)
-
-
-def record_bytes(spec: Spec) -> int:
+def record_bytes(example: Example) -> int:
     """Bytes of one stored sample: its tensors, label and task id."""
-    tensors = sum(int(np.prod(shape)) * np.dtype(dtype).itemsize for shape, dtype in spec.values())
+    tensors = sum(int(np.prod(v.shape)) * np.dtype(v.dtype).itemsize for v in example.values())
     return tensors + 2 * np.dtype(np.int32).itemsize
 
 
-def insert(
-    buffer: BufferState,
-    samples: Mapping[str, jax.Array],
-    labels: jax.Array,
-    mask: jax.Array,
-    task_id: jax.Array,
-    key: jax.Array,
-    num_candidates: int,
-    policy: str = "reservoir",
-    on_host: bool = False,
-) -> BufferState:
-    """Inserts `num_candidates` rows drawn uniformly from the valid rows of the batch.
+def _per_device_copies(make_local: Callable, sharding: NamedSharding, out_shardings):
+    """`make_local()` once per device along the sharded axis, concatenated along axis 0."""
+    num_shards = sharding.mesh.shape[sharding.spec[0]]
 
-    `samples` holds one batch-major tensor per name of `buffer.data`. `on_host`: the slots
-    are in host memory; slots are chosen on the device and written by the host.
-    """
-    pick_key, slot_key = jax.random.split(key)
-    scores = jnp.where(mask, jax.random.uniform(pick_key, mask.shape), 2.0)
-    chosen = jnp.argsort(scores)[:num_candidates]
-    valid = mask[chosen]
-    classes = labels[chosen]
+    def tiled():
+        return jax.tree.map(
+            lambda leaf: jnp.tile(leaf, (num_shards,) + (1,) * (leaf.ndim - 1)), make_local()
+        )
 
-    position = _position_in_class_stream(buffer.seen, classes, valid)
-    slot, accepted = _choose_slots(position, buffer.budget_per_class, slot_key, policy)
-    target = classes * buffer.budget_per_class + slot
-    write = valid & accepted & ~_overwritten_later(target, valid & accepted)
-    num_slots = buffer.num_classes * buffer.budget_per_class
-    target = jnp.where(write, target, num_slots)
-
-    write_rows = _host_write_rows if on_host else _write_rows
-
-    def scatter(stored: jax.Array, values: jax.Array) -> jax.Array:
-        return write_rows(stored, target, values)
-
-    seen = buffer.seen + jnp.zeros_like(buffer.seen).at[classes].add(valid.astype(jnp.int32))
-    return BufferState(
-        data={name: scatter(buffer.data[name], samples[name][chosen]) for name in buffer.data},
-        labels=scatter(buffer.labels, classes),
-        task_ids=scatter(buffer.task_ids, jnp.full_like(classes, task_id)),
-        counts=jnp.minimum(seen, buffer.budget_per_class),
-        seen=seen,
-    )
+    return jax.jit(tiled, out_shardings=out_shardings)()
 
 
 def _write_rows(stored: jax.Array, target: jax.Array, values: jax.Array) -> jax.Array:
@@ -208,10 +312,8 @@ def _choose_slots(
     """Slot per candidate and whether it is stored: free slots first, then by policy."""
     if policy == "reservoir":
         replaced = jax.random.randint(key, position.shape, 0, position + 1)
-    elif policy == "random_replace":
-        replaced = jax.random.randint(key, position.shape, 0, budget)
     else:
-        raise ValueError(f"buffer.policy={policy!r} is not one of {POLICIES}")
+        replaced = jax.random.randint(key, position.shape, 0, budget)
     slot = jnp.where(position < budget, position, replaced)
     return slot, slot < budget
 
@@ -222,67 +324,20 @@ def _overwritten_later(target: jax.Array, writes: jax.Array) -> jax.Array:
     return jnp.triu(same_target, k=1).any(axis=1)
 
 
-def draw_uniform(buffer: BufferState, key: jax.Array, num: int) -> tuple[jax.Array, jax.Array]:
+def _draw_uniform(state: BufferState, key: jax.Array, num: int) -> tuple[jax.Array, jax.Array]:
     """`num` draws (with replacement) from this device's filled slots, as flat slot ids.
 
     Returns the slot ids and this device's number of filled slots; the ids are meaningless
     when nothing is filled.
     """
-    filled = buffer.counts.sum()
+    num_classes = state.counts.shape[0]
+    budget = state.labels.shape[1]
+    filled = state.counts.sum()
     rank = jax.random.randint(key, (num,), 0, jnp.maximum(filled, 1))
-    ends = jnp.cumsum(buffer.counts)
-    classes = jnp.minimum(jnp.searchsorted(ends, rank, side="right"), buffer.num_classes - 1)
-    offset = rank - (ends[classes] - buffer.counts[classes])
-    return classes * buffer.budget_per_class + offset, filled
-
-
-def sample_global(
-    buffer: BufferState,
-    key: jax.Array,
-    shared_key: jax.Array,
-    num: int,
-    collectives: Collectives,
-    on_host: bool = False,
-) -> Representatives:
-    """`num` representatives from the union of all devices' buffers (see module docstring).
-
-    `key` must differ between devices and `shared_key` must be the same on all of them.
-    Each record travels as one row of bytes, so a step costs one `all_to_all` and at most
-    D - 1 collective permutes whatever the number of stored tensors. `on_host`: the buffer
-    is in host memory; the draw runs there and only the `num` records move to the device.
-    """
-    num_devices = collectives.num_devices()
-    bulk_rows = num // num_devices * num_devices
-    outgoing, filled = draw_records(buffer, key, num, on_host)
-    packed = _pack(outgoing)
-    bulk = collectives.all_to_all(packed[:bulk_rows].reshape(num_devices, -1, packed.shape[1]))
-    shift = jax.random.randint(shared_key, (), 0, num_devices)
-    rest = collectives.receive_shifted(packed[bulk_rows:], shift)
-    received = jnp.concatenate([bulk.reshape(-1, packed.shape[1]), rest])
-    data, labels, task_ids, owner_filled = _unpack(received, outgoing)
-
-    total = collectives.sum(filled).astype(jnp.float32)
-    weights = num_devices * owner_filled.astype(jnp.float32) / jnp.maximum(total, 1.0)
-    return Representatives(data, labels, task_ids, weights)
-
-
-def draw_records(buffer: BufferState, key: jax.Array, num: int, on_host: bool = False):
-    """`num` records drawn uniformly from this device's filled slots, each with the
-    device's fill count (for the weights); and the fill count. `on_host`: the slots are in
-    host memory; they are drawn on the device and read by the host."""
-    slots, filled = draw_uniform(buffer, key, num)
-    read_rows = _host_read_rows if on_host else _read_rows
-
-    def rows(stored: jax.Array) -> jax.Array:
-        return read_rows(stored, slots)
-
-    records = (
-        {name: rows(stored) for name, stored in buffer.data.items()},
-        rows(buffer.labels),
-        rows(buffer.task_ids),
-        jnp.full(num, filled, _count_dtype(buffer.labels.size)),
-    )
-    return records, filled
+    ends = jnp.cumsum(state.counts)
+    classes = jnp.minimum(jnp.searchsorted(ends, rank, side="right"), num_classes - 1)
+    offset = rank - (ends[classes] - state.counts[classes])
+    return classes * budget + offset, filled
 
 
 def _pack(tree) -> jax.Array:

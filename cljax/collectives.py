@@ -1,8 +1,9 @@
 """The collectives that per-device code uses, behind one small interface.
 
-Buffer and step code call these methods inside `shard_map` and never name a backend.
-`JaxCollectives` maps them onto `jax.lax` collectives over the mesh axis `AXIS`;
-`MpiCollectives` onto mpi4jax calls between processes.
+Buffer, model and step code call these methods and never name a backend:
+`JaxCollectives` maps them onto `jax.lax` collectives over the mesh axis `AXIS` (inside
+`shard_map`), `MpiCollectives` onto mpi4jax calls between processes, and `SingleDevice`
+onto nothing at all, for one device in a plain `jax.jit` loop without a mesh.
 """
 
 from typing import Protocol
@@ -37,6 +38,29 @@ class Collectives(Protocol):
 
         Leaves have fewer than D rows; `shift` must be the same on every device.
         """
+
+
+class SingleDevice:
+    """One device and no mesh: every collective is the identity."""
+
+    def num_devices(self) -> int:
+        return 1
+
+    def device_index(self) -> jax.Array:
+        return jnp.int32(0)
+
+    def per_device(self, tree):
+        return tree
+
+    def sum(self, tree):
+        return tree
+
+    def all_to_all(self, tree):
+        return tree
+
+    def receive_shifted(self, tree, shift: jax.Array):
+        """Leaves have fewer rows than the one device: none."""
+        return tree
 
 
 class JaxCollectives:

@@ -3,16 +3,23 @@
 Every error is one line that names the field and says how to fix it.
 """
 
+import importlib.util
 import math
+import os
+import pathlib
 
 import jax
 import ml_collections
 
+from cljax import components
 from cljax.buffer import MEMORY_KINDS, POLICIES
 from cljax.data.scenarios import SCENARIOS, class_groups
 from cljax.data.sources import BUILTIN_BUILDERS
 from cljax.models import MODELS
+from cljax.runtime import BACKENDS
 from cljax.strategies import STRATEGIES
+
+CONFIG_DIR = pathlib.Path(__file__).resolve().parents[1] / "configs"
 
 
 class ConfigError(ValueError):
@@ -59,6 +66,12 @@ def validate(config: ml_collections.ConfigDict) -> None:
     )
     _one_of("strategy.name", config.strategy.name, STRATEGIES)
     _one_of("model.name", config.model.name, MODELS)
+    for kind, registry in (("strategy", STRATEGIES), ("model", MODELS)):
+        name = config[kind].name
+        try:
+            components.check(kind, name, registry[name], config[kind].get(name, {}))
+        except components.ArgumentError as error:
+            raise ConfigError(str(error)) from error
     _one_of("buffer.policy", config.buffer.policy, POLICIES)
     for field in (
         "scenario.num_tasks",
@@ -71,14 +84,12 @@ def validate(config: ml_collections.ConfigDict) -> None:
         _positive(field, _lookup(config, field))
     _positive("learning_rate", config.learning_rate, minimum=0)
     _validate_distributed(config.distributed)
-    _positive("strategy.alpha", config.strategy.alpha, minimum=0)
-    _positive("strategy.beta", config.strategy.beta, minimum=0)
     if STRATEGIES[config.strategy.name].uses_buffer:
         _validate_buffer(config)
 
 
 def _validate_distributed(distributed: ml_collections.ConfigDict) -> None:
-    _one_of("distributed.backend", distributed.backend, ("jax", "mpi"))
+    _one_of("distributed.backend", distributed.backend, BACKENDS)
     _positive("distributed.timeout_s", distributed.timeout_s)
     explicit = [
         distributed.coordinator_address,
@@ -125,7 +136,7 @@ def validate_memory_kind(memory_kind: str, available: list[str]) -> None:
 def validate_for_data(
     config: ml_collections.ConfigDict, num_classes: int, train_size: int, num_devices: int
 ) -> None:
-    """Checks what depends on the dataset and the number of devices."""
+    """Checks what depends on the dataset and the number of data-parallel devices."""
     scenario = config.scenario
     if scenario.name == "class_incremental":
         sizes = class_groups(
@@ -158,3 +169,16 @@ def budget_per_class(
     if buffer.rehearsal_ratio is None:
         return buffer.budget_per_class
     return math.floor(train_size * buffer.rehearsal_ratio / 100 / num_classes / num_devices)
+
+
+def load_config(spec: str = "default") -> ml_collections.ConfigDict:
+    """The config of `spec`: `NAME[:ARG]` for `configs/NAME.py` of this clone (from any
+    directory), or `PATH.py[:ARG]` for any config file; ARG goes to its `get_config`."""
+    name, _, argument = spec.partition(":")
+    path = pathlib.Path(name)
+    if not path.suffix:
+        path = CONFIG_DIR / f"{name}.py"
+    module_spec = importlib.util.spec_from_file_location(path.stem, os.fspath(path))
+    module = importlib.util.module_from_spec(module_spec)
+    module_spec.loader.exec_module(module)
+    return module.get_config(argument) if argument else module.get_config()

@@ -1,62 +1,62 @@
 """The fused, jitted train step and the sharded prediction step.
 
-One call of the train step, per device and inside `shard_map`: computes the strategy's
-loss from one forward pass over [local batch ‖ representatives drawn during the previous
-step], sums gradients across devices, inserts candidates from the local batch into the
-local buffer, then draws the next step's representatives from the global buffer. The
-buffer work does not depend on the gradients, so XLA is free to overlap it with them.
-Train state and rehearsal state are donated: the buffer is updated in place.
+One call of the train step, per device: computes the strategy's loss from one forward pass
+over [local batch ‖ representatives drawn during the previous step], sums gradients across
+devices, inserts candidates from the local batch into the local buffer, then draws the next
+step's representatives from the global buffer. The buffer work does not depend on the
+gradients, so XLA is free to overlap it with them. Train state and rehearsal state are
+donated: the buffer is updated in place.
 """
 
 import dataclasses
 from collections.abc import Callable
 from typing import Any
 
+import flax.linen as nn
 import flax.struct
 import jax
 import jax.numpy as jnp
 import optax
-from flax.training import train_state
-from jax.sharding import Mesh
 from jax.sharding import PartitionSpec as P
 
-from cljax import buffer as buffer_lib
-from cljax import distributed
-from cljax.collectives import Collectives
-from cljax.distributed import AXIS
-from cljax.strategies import Batch, LossWeights, Strategy, Totals
+from cljax.buffer import MASK, TASK_ID, BufferState, RehearsalBuffer, Representatives
+from cljax.collectives import AXIS
+from cljax.runtime import Runtime
+from cljax.strategies import StepOutputs, Strategy, Totals
 
 
-class TrainState(train_state.TrainState):
-    """Flax train state plus the PRNG key that drives every random choice of a step."""
+@flax.struct.dataclass
+class TrainState:
+    """Everything a step changes, replicated: parameters, the model's other variables
+    (e.g. BatchNorm statistics), optimizer and strategy state, and the PRNG key that drives
+    every random choice of a step."""
 
+    step: jax.Array
+    params: Any
+    model_state: Any
+    opt_state: Any
+    strategy_state: Any
     rng: jax.Array
 
 
 @flax.struct.dataclass
 class RehearsalState:
-    """The buffer and the representatives it drew for the next step, per device."""
+    """The buffer and the representatives it drew for the next step, split over devices."""
 
-    buffer: buffer_lib.BufferState
-    representatives: buffer_lib.Representatives
+    buffer: BufferState
+    representatives: Representatives
 
 
 @dataclasses.dataclass(frozen=True)
 class StepConfig:
-    """Static settings of the train step."""
+    """What the train step is built from."""
 
-    max_value: float
+    model: nn.Module
+    optimizer: optax.GradientTransformation
     strategy: Strategy
-    num_candidates: int = 0
-    num_representatives: int = 0
-    policy: str = "reservoir"
-    loss_weights: LossWeights = dataclasses.field(default_factory=LossWeights)
+    max_value: float
+    buffer: RehearsalBuffer | None = None
     augment_from_task: int = 0
-    buffer_memory_kind: str = "device"
-
-    @property
-    def buffer_on_host(self) -> bool:
-        return self.buffer_memory_kind == "pinned_host"
 
 
 def normalise(inputs: jax.Array, max_value: float) -> jax.Array:
@@ -64,63 +64,98 @@ def normalise(inputs: jax.Array, max_value: float) -> jax.Array:
     return inputs.astype(jnp.float32) / max_value
 
 
+def create_train_state(settings: StepConfig, sample_input: jax.Array, key: jax.Array) -> TrainState:
+    """Fresh parameters, optimizer state and strategy state."""
+    init_key, rng = jax.random.split(key)
+    variables = settings.model.init(init_key, sample_input)
+    params = variables.pop("params")
+    return TrainState(
+        step=jnp.zeros((), jnp.int32),
+        params=params,
+        model_state=variables,
+        opt_state=settings.optimizer.init(params),
+        strategy_state=settings.strategy.init_state(params),
+        rng=rng,
+    )
+
+
 def make_train_step(
-    mesh: Mesh, collectives: Collectives, settings: StepConfig
+    runtime: Runtime, settings: StepConfig
 ) -> Callable[[TrainState, RehearsalState | None, dict, jax.Array], tuple]:
     """Builds `step(state, rehearsal, batch, task_id) -> (state, rehearsal, metrics)`.
 
-    `rehearsal` is None for strategies without a buffer.
+    `rehearsal` is None for strategies without a buffer. `metrics` holds the global loss and
+    each of its terms.
     """
+    collectives, strategy, buffer = runtime.collectives, settings.strategy, settings.buffer
 
     def per_device(state: TrainState, rehearsal: RehearsalState | None, batch, task_id):
         rng, step_key = jax.random.split(state.rng)
         device_key = jax.random.fold_in(step_key, collectives.device_index())
-        weights = batch["mask"].astype(jnp.float32)
+        weights = batch[MASK].astype(jnp.float32)
         inputs, reps, rep_weight = batch["inputs"], None, jnp.float32(0)
         if rehearsal is not None:
-            rehearsal = jax.tree.map(lambda leaf: leaf[0], rehearsal)
             reps = rehearsal.representatives
-            reps = reps.replace(weights=reps.weights * (task_id >= settings.augment_from_task))
+            reps = dataclasses.replace(
+                reps, weights=reps.weights * (task_id >= settings.augment_from_task)
+            )
             inputs = jnp.concatenate([inputs, reps.data["inputs"]])
             rep_weight = reps.weights.sum()
         totals = Totals(*collectives.sum((weights.sum(), rep_weight)))
         num_new = weights.shape[0]
+        model_inputs = normalise(inputs, settings.max_value)
+
+        def evaluate(variables, x):
+            return settings.model.apply(variables, x)
 
         def loss_fn(params):
-            logits = state.apply_fn({"params": params}, normalise(inputs, settings.max_value))
-            rows = Batch(logits[:num_new], batch["labels"], weights, logits[num_new:], reps)
-            return settings.strategy.loss(rows, totals, settings.loss_weights), logits[:num_new]
+            variables = {"params": params, **state.model_state}
+            logits = settings.model.apply(variables, model_inputs, train=True)
+            outputs = StepOutputs(
+                logits=logits[:num_new],
+                labels=batch["labels"],
+                weights=weights,
+                rep_logits=logits[num_new:],
+                reps=reps,
+                totals=totals,
+                inputs=model_inputs,
+                apply=evaluate,
+                collectives=collectives,
+            )
+            loss, terms = strategy.loss(outputs, state.strategy_state)
+            return loss, (terms, strategy.fields_to_store(outputs))
 
         grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
-        (loss, logits), grads = grad_fn(collectives.per_device(state.params))
-        grads, loss = collectives.sum((grads, loss))
-        state = state.apply_gradients(grads=grads).replace(rng=rng)
+        (loss, (terms, stored)), grads = grad_fn(collectives.per_device(state.params))
+        grads, loss, terms = collectives.sum((grads, loss, terms))
+        updates, opt_state = settings.optimizer.update(grads, state.opt_state, state.params)
+        state = state.replace(
+            step=state.step + 1,
+            params=optax.apply_updates(state.params, updates),
+            opt_state=opt_state,
+            rng=rng,
+        )
         if rehearsal is not None:
-            samples = {**batch, "logits": jax.lax.stop_gradient(logits)}
-            rehearsal = _rehearse(
-                rehearsal, samples, task_id, device_key, step_key, collectives, settings
-            )
-            rehearsal = jax.tree.map(lambda leaf: leaf[None], rehearsal)
-        return state, rehearsal, {"loss": loss}
+            candidates = {**batch, TASK_ID: task_id, **stored}
+            rehearsal = _rehearse(buffer, rehearsal, candidates, device_key, step_key, collectives)
+        return state, rehearsal, {"loss": loss, **terms}
 
     specs = (P(), P(AXIS), P(AXIS), P())
-    step = distributed.per_device(per_device, mesh, specs, (P(), P(AXIS), P()))
+    step = runtime.per_device(per_device, specs, (P(), P(AXIS), P()))
     out_shardings = None
-    if settings.buffer_on_host:
-        buffer_sharding = buffer_lib.buffer_shardings(mesh, "pinned_host")
-        rehearsal_shardings = RehearsalState(buffer_sharding, distributed.sharded(mesh))
-        out_shardings = (distributed.replicated(mesh), rehearsal_shardings, None)
+    if buffer is not None and buffer.on_host:
+        rehearsal_shardings = RehearsalState(buffer.shardings(runtime.sharded), runtime.sharded)
+        out_shardings = (runtime.replicated, rehearsal_shardings, None)
     return jax.jit(step, donate_argnums=(0, 1), keep_unused=True, out_shardings=out_shardings)
 
 
 def _rehearse(
+    buffer: RehearsalBuffer,
     rehearsal: RehearsalState,
-    samples: dict[str, jax.Array],
-    task_id: jax.Array,
+    candidates: dict[str, jax.Array],
     device_key: jax.Array,
     shared_key: jax.Array,
-    collectives: Collectives,
-    settings: StepConfig,
+    collectives,
 ) -> RehearsalState:
     """Inserts this step's candidates, then draws the next step's representatives.
 
@@ -128,41 +163,17 @@ def _rehearse(
     buffer while overwriting it would force a copy of the whole buffer every step.
     """
     insert_key, sample_key = jax.random.split(device_key)
-    buffer = buffer_lib.insert(
-        rehearsal.buffer,
-        {name: samples[name] for name in rehearsal.buffer.data},
-        samples["labels"],
-        samples["mask"],
-        task_id,
-        insert_key,
-        settings.num_candidates,
-        settings.policy,
-        on_host=settings.buffer_on_host,
-    )
-    representatives = buffer_lib.sample_global(
-        buffer,
-        sample_key,
-        shared_key,
-        settings.num_representatives,
-        collectives,
-        on_host=settings.buffer_on_host,
-    )
-    return RehearsalState(buffer, representatives)
+    state = buffer.insert(rehearsal.buffer, candidates, insert_key)
+    return RehearsalState(state, buffer.sample(state, sample_key, shared_key, collectives))
 
 
-def make_predict(mesh: Mesh, apply_fn: Callable[..., Any], max_value: float):
-    """Builds `predict(params, inputs) -> predicted class`, sharded over the batch."""
+def make_predict(runtime: Runtime, model: nn.Module, max_value: float, top_k: int):
+    """Builds `predict(state, inputs) -> (predicted class [B], top_k classes [B, top_k])`,
+    sharded over the batch."""
 
-    def per_device(params, inputs):
-        return apply_fn({"params": params}, normalise(inputs, max_value)).argmax(-1)
+    def per_device(state: TrainState, inputs):
+        variables = {"params": state.params, **state.model_state}
+        logits = model.apply(variables, normalise(inputs, max_value))
+        return logits.argmax(-1), jax.lax.top_k(logits, top_k)[1]
 
-    return jax.jit(distributed.per_device(per_device, mesh, (P(), P(AXIS)), P(AXIS)))
-
-
-def create_train_state(
-    model, optimizer: optax.GradientTransformation, sample_input: jax.Array, key: jax.Array
-) -> TrainState:
-    """Fresh parameters and optimizer state."""
-    init_key, rng = jax.random.split(key)
-    params = model.init(init_key, sample_input)["params"]
-    return TrainState.create(apply_fn=model.apply, params=params, tx=optimizer, rng=rng)
+    return jax.jit(runtime.per_device(per_device, (P(), P(AXIS)), P(AXIS)))

@@ -1,29 +1,35 @@
-"""Continual-learning strategies by name: what each trains on and how it rehearses.
+"""Continual-learning strategies by name: what each trains on, stores and optimises.
 
-A strategy's loss sees the logits of one forward pass over [batch ‖ representatives]. Each
-term is a sum over this device's rows divided by a total over all devices (`totals`), so
-that summing the per-device losses gives the loss of the global batch.
+A strategy is a frozen dataclass whose fields are its hyperparameters (declared with
+`components.argument`: a default, a one-line meaning and a lower bound). Its class
+attributes and methods declare the rest:
+
+- `uses_buffer`, `reinitialise_each_task`, `trains_on_seen_tasks`: what the task loop does;
+- `stored_fields`: tensors the buffer keeps with each sample besides its input, and
+  `fields_to_store`: their values at insertion (DER: the sample's logits);
+- `init_state` / `begin_task`: the strategy's own state (a frozen teacher, a gradient
+  memory), kept in the train state, replicated, and handed to `loss` at every step;
+- `loss`: the loss of one device's rows, and the named terms it is made of.
+
+A loss sees the logits of one forward pass over [batch ‖ representatives]. Each term is a
+sum over this device's rows divided by a total over all devices (`Totals`), so that summing
+the per-device losses gives the loss of the global batch. Adding a strategy is a subclass
+here plus its entry in `STRATEGIES`; its hyperparameters appear in the config as
+`strategy.<name>.<field>`.
 """
 
 import dataclasses
 from collections.abc import Callable
+from typing import Any, ClassVar
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 
 from cljax.buffer import Representatives
-
-
-@dataclasses.dataclass(frozen=True)
-class Batch:
-    """This device's rows of a training batch and of the representatives, with logits."""
-
-    logits: jax.Array
-    labels: jax.Array
-    weights: jax.Array
-    rep_logits: jax.Array
-    reps: Representatives
+from cljax.collectives import Collectives
+from cljax.components import argument
 
 
 @dataclasses.dataclass(frozen=True)
@@ -35,95 +41,147 @@ class Totals:
 
 
 @dataclasses.dataclass(frozen=True)
-class LossWeights:
-    """DER's alpha (logit matching) and DER++'s beta (replayed labels)."""
+class StepOutputs:
+    """This device's rows of a training step, as a strategy's loss sees them.
 
-    alpha: float = 0.1
-    beta: float = 0.5
+    `logits` and `rep_logits` come from one forward pass over [batch ‖ representatives] with
+    the parameters being differentiated; `reps` is None for strategies without a buffer.
+    `apply(variables, inputs)` runs the model in evaluation mode (for a teacher's logits)
+    on `inputs`, the model's input rows of this step.
+    """
+
+    logits: jax.Array
+    labels: jax.Array
+    weights: jax.Array
+    rep_logits: jax.Array
+    reps: Representatives | None
+    totals: Totals
+    inputs: jax.Array
+    apply: Callable[[Any, jax.Array], jax.Array]
+    collectives: Collectives
 
 
-def _cross_entropy(logits, labels, weights) -> jax.Array:
+LossTerms = dict[str, jax.Array]
+
+
+def cross_entropy(logits: jax.Array, labels: jax.Array, weights: jax.Array) -> jax.Array:
+    """Weighted sum of the rows' softmax cross-entropies."""
     return (optax.softmax_cross_entropy_with_integer_labels(logits, labels) * weights).sum()
 
 
-def _safe(total: jax.Array) -> jax.Array:
+def safe(total: jax.Array) -> jax.Array:
+    """A denominator that is never zero."""
     return jnp.maximum(total, 1e-12)
 
 
-def fine_tune_loss(rows: Batch, totals: Totals, _: LossWeights) -> jax.Array:
-    """Cross-entropy on the new samples only."""
-    return _cross_entropy(rows.logits, rows.labels, rows.weights) / _safe(totals.batch)
+@dataclasses.dataclass(frozen=True)
+class Strategy:
+    """Incremental fine-tuning: cross-entropy on the new task only (the lower bound)."""
+
+    name: ClassVar[str] = "incremental"
+    description: ClassVar[str] = "fine-tune on the new task only (lower bound)"
+    uses_buffer: ClassVar[bool] = False
+    reinitialise_each_task: ClassVar[bool] = False
+    trains_on_seen_tasks: ClassVar[bool] = False
+
+    def stored_fields(self, num_classes: int) -> dict[str, jax.ShapeDtypeStruct]:
+        """Tensors stored with each sample besides its input."""
+        return {}
+
+    def fields_to_store(self, outputs: StepOutputs) -> dict[str, jax.Array]:
+        """Values of `stored_fields` for this step's batch rows."""
+        return {}
+
+    def init_state(self, params) -> Any:
+        """The strategy's own state for fresh parameters (replicated on every device)."""
+        return ()
+
+    def begin_task(self, state: Any, params, task: int) -> Any:
+        """The strategy's state at the start of `task`, given the current parameters."""
+        return state
+
+    def loss(self, outputs: StepOutputs, state: Any) -> tuple[jax.Array, LossTerms]:
+        """This device's part of the loss, and its named terms."""
+        new = cross_entropy(outputs.logits, outputs.labels, outputs.weights)
+        loss = new / safe(outputs.totals.batch)
+        return loss, {"new_ce": loss}
 
 
-def replay_loss(rows: Batch, totals: Totals, _: LossWeights) -> jax.Array:
-    """ER: cross-entropy over the concatenation [batch ‖ representatives]."""
-    replayed = _cross_entropy(rows.rep_logits, rows.reps.labels, rows.reps.weights)
-    new = _cross_entropy(rows.logits, rows.labels, rows.weights)
-    return (new + replayed) / _safe(totals.batch + totals.reps)
+@dataclasses.dataclass(frozen=True)
+class FromScratch(Strategy):
+    """Re-initialise, then train on the union of all tasks so far (the upper bound)."""
+
+    name: ClassVar[str] = "from_scratch"
+    description: ClassVar[str] = (
+        "re-initialise, then train on the union of all tasks so far (upper bound)"
+    )
+    reinitialise_each_task: ClassVar[bool] = True
+    trains_on_seen_tasks: ClassVar[bool] = True
 
 
-def _logit_matching(rows: Batch, totals: Totals) -> jax.Array:
-    squared = ((rows.rep_logits - rows.reps.data["logits"]) ** 2).mean(axis=-1)
-    return (squared * rows.reps.weights).sum() / _safe(totals.reps)
+@dataclasses.dataclass(frozen=True)
+class ER(Strategy):
+    """Experience replay: cross-entropy over the concatenation [batch ‖ representatives]."""
+
+    name: ClassVar[str] = "er"
+    description: ClassVar[str] = (
+        "experience replay: r representatives from the global buffer in every batch"
+    )
+    uses_buffer: ClassVar[bool] = True
+
+    def loss(self, outputs: StepOutputs, state: Any) -> tuple[jax.Array, LossTerms]:
+        reps, totals = outputs.reps, outputs.totals
+        replayed = cross_entropy(outputs.rep_logits, reps.labels, reps.weights)
+        new = cross_entropy(outputs.logits, outputs.labels, outputs.weights)
+        total = safe(totals.batch + totals.reps)
+        return (new + replayed) / total, {"new_ce": new / total, "replay_ce": replayed / total}
 
 
-def der_loss(rows: Batch, totals: Totals, weights: LossWeights) -> jax.Array:
-    """DER: CE(batch) + alpha * MSE(f(x_buf), z_buf), z_buf the logits stored at insertion."""
-    return fine_tune_loss(rows, totals, weights) + weights.alpha * _logit_matching(rows, totals)
+@dataclasses.dataclass(frozen=True)
+class DER(Strategy):
+    """Dark experience replay: CE(batch) + alpha * MSE(f(x_buf), z_buf), z_buf the logits
+    stored with each sample at insertion."""
+
+    name: ClassVar[str] = "der"
+    description: ClassVar[str] = (
+        "dark experience replay: match the logits stored with each representative"
+    )
+    uses_buffer: ClassVar[bool] = True
+    alpha: float = argument(0.1, "weight of the logit-matching term", minimum=0)
+
+    def stored_fields(self, num_classes: int) -> dict[str, jax.ShapeDtypeStruct]:
+        return {"logits": jax.ShapeDtypeStruct((num_classes,), np.dtype(np.float32))}
+
+    def fields_to_store(self, outputs: StepOutputs) -> dict[str, jax.Array]:
+        return {"logits": jax.lax.stop_gradient(outputs.logits).astype(jnp.float32)}
+
+    def loss(self, outputs: StepOutputs, state: Any) -> tuple[jax.Array, LossTerms]:
+        reps, totals = outputs.reps, outputs.totals
+        new = cross_entropy(outputs.logits, outputs.labels, outputs.weights) / safe(totals.batch)
+        squared = ((outputs.rep_logits - reps.data["logits"]) ** 2).mean(axis=-1)
+        matching = (squared * reps.weights).sum() / safe(totals.reps)
+        return new + self.alpha * matching, {"new_ce": new, "logit_mse": matching}
 
 
-def derpp_loss(rows: Batch, totals: Totals, weights: LossWeights) -> jax.Array:
+@dataclasses.dataclass(frozen=True)
+class DERpp(DER):
     """DER++: DER + beta * CE(f(x_buf'), y_buf').
 
     x_buf and x_buf' are one draw: the same r representatives serve both terms (the DER
     paper draws twice; one draw halves the replay traffic).
     """
-    replayed = _cross_entropy(rows.rep_logits, rows.reps.labels, rows.reps.weights)
-    return der_loss(rows, totals, weights) + weights.beta * replayed / _safe(totals.reps)
+
+    name: ClassVar[str] = "derpp"
+    description: ClassVar[str] = "DER++: DER plus cross-entropy on the representatives' labels"
+    beta: float = argument(0.5, "weight of the replayed labels' cross-entropy", minimum=0)
+
+    def loss(self, outputs: StepOutputs, state: Any) -> tuple[jax.Array, LossTerms]:
+        reps, total = outputs.reps, safe(outputs.totals.reps)
+        replayed = cross_entropy(outputs.rep_logits, reps.labels, reps.weights)
+        der, terms = super().loss(outputs, state)
+        return der + self.beta * replayed / total, {**terms, "replay_ce": replayed / total}
 
 
-@dataclasses.dataclass(frozen=True)
-class Strategy:
-    """How a strategy differs from plain fine-tuning on the current task."""
-
-    name: str
-    description: str
-    loss: Callable[[Batch, Totals, LossWeights], jax.Array] = fine_tune_loss
-    uses_buffer: bool = False
-    stores_logits: bool = False
-    reinitialise_each_task: bool = False
-    trains_on_seen_tasks: bool = False
-
-
-STRATEGIES = {
-    strategy.name: strategy
-    for strategy in (
-        Strategy("incremental", "fine-tune on the new task only (lower bound)"),
-        Strategy(
-            "from_scratch",
-            "re-initialise, then train on the union of all tasks so far (upper bound)",
-            reinitialise_each_task=True,
-            trains_on_seen_tasks=True,
-        ),
-        Strategy(
-            "er",
-            "experience replay: r representatives from the global buffer in every batch",
-            loss=replay_loss,
-            uses_buffer=True,
-        ),
-        Strategy(
-            "der",
-            "dark experience replay: match the logits stored with each representative",
-            loss=der_loss,
-            uses_buffer=True,
-            stores_logits=True,
-        ),
-        Strategy(
-            "derpp",
-            "DER++: DER plus cross-entropy on the representatives' labels",
-            loss=derpp_loss,
-            uses_buffer=True,
-            stores_logits=True,
-        ),
-    )
+STRATEGIES: dict[str, type[Strategy]] = {
+    cls.name: cls for cls in (Strategy, FromScratch, ER, DER, DERpp)
 }

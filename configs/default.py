@@ -1,7 +1,7 @@
 """Default experiment: ER on class-incremental digits (5 tasks x 2 classes), MLP.
 
 Commands (from the repo root), and the final average accuracy to expect (mean of seeds
-0, 1, 2 on 4 simulated CPU devices, memory 200 samples in total):
+0, 1, 2 on 4 simulated CPU devices, memory 200 samples in total; measured by cljax):
     python -m cljax.train                                           # er:           0.926
     python -m cljax.train --config=configs/default.py:derpp         # derpp:        0.941
     python -m cljax.train --config=configs/default.py:der           # der:          0.823
@@ -12,6 +12,10 @@ Seed 0 alone (the default) gives er 0.920.
 
 import ml_collections
 from ml_collections.config_dict import placeholder
+
+from cljax import components
+from cljax.models import MODELS
+from cljax.strategies import STRATEGIES
 
 
 def get_config(strategy: str = "er") -> ml_collections.ConfigDict:
@@ -34,10 +38,8 @@ def get_config(strategy: str = "er") -> ml_collections.ConfigDict:
     config.scenario.initial_increment = placeholder(int)
     config.scenario.increment = placeholder(int)
 
-    config.strategy = ml_collections.ConfigDict()
+    config.strategy = components.default_config(STRATEGIES)
     config.strategy.name = strategy
-    config.strategy.alpha = 0.1
-    config.strategy.beta = 0.5
 
     config.buffer = ml_collections.ConfigDict()
     config.buffer.budget_per_class = 5
@@ -48,9 +50,8 @@ def get_config(strategy: str = "er") -> ml_collections.ConfigDict:
     config.buffer.augment_from_task = 0
     config.buffer.memory_kind = "device"
 
-    config.model = ml_collections.ConfigDict()
+    config.model = components.default_config(MODELS)
     config.model.name = "mlp"
-    config.model.hidden_sizes = (256, 256)
 
     config.distributed = ml_collections.ConfigDict()
     config.distributed.backend = "jax"

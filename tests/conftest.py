@@ -20,7 +20,7 @@ jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
 
 import pytest  # noqa: E402
 
-from cljax import distributed  # noqa: E402
+from cljax import runtime as runtime_lib  # noqa: E402
 from cljax.data import sources  # noqa: E402
 
 
@@ -36,6 +36,12 @@ def digits(data_dir) -> sources.Dataset:
 
 
 @pytest.fixture(scope="session")
-def mesh():
+def runtime() -> runtime_lib.Runtime:
+    """The 8 simulated devices of this process, as a run sees them."""
     assert jax.device_count() == NUM_DEVICES
-    return distributed.make_mesh()
+    return runtime_lib.JaxRuntime(timeout_s=600)
+
+
+@pytest.fixture(scope="session")
+def mesh(runtime):
+    return runtime.mesh

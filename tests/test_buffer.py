@@ -5,18 +5,19 @@ task id is caught. Statistical tests use fixed seeds and reject at p < 1e-4.
 """
 
 import functools
+import subprocess
+import sys
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from jax.sharding import Mesh
+from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 from scipy import stats
 
 from cljax import buffer as buffer_lib
-from cljax.collectives import JaxCollectives, received_bytes
-from cljax.distributed import AXIS
+from cljax.collectives import AXIS, JaxCollectives, SingleDevice, received_bytes
 
 ID, LABEL, TASK = 0, 1, 2
 P_VALUE_FLOOR = 1e-4
@@ -27,17 +28,23 @@ def id_batch(ids: np.ndarray, labels: np.ndarray, task: int) -> np.ndarray:
     return np.stack([ids, labels, np.full_like(ids, task)], axis=-1).astype(np.int32)
 
 
-SPEC = {"inputs": ((3,), np.dtype(np.int32))}
+EXAMPLE = {"inputs": jax.ShapeDtypeStruct((3,), np.dtype(np.int32))}
 
 
-def empty_buffer(num_classes: int, budget: int, spec=SPEC) -> buffer_lib.BufferState:
-    return buffer_lib.init_buffer(num_classes, budget, spec)
+def make_buffer(num_classes: int, budget: int, num_candidates: int = 1, num_reps: int = 1, **kw):
+    return buffer_lib.rehearsal_buffer(num_classes, budget, num_candidates, num_reps, **kw)
 
 
-@functools.partial(jax.jit, static_argnames=("num_candidates", "policy"))
-def insert(buffer, inputs, mask, task, key, num_candidates, policy="reservoir"):
-    return buffer_lib.insert(
-        buffer, {"inputs": inputs}, inputs[:, LABEL], mask, task, key, num_candidates, policy
+@functools.partial(jax.jit, static_argnames=("buffer",))
+def insert(buffer, state, inputs, mask, task, key):
+    batch = {"inputs": inputs, "labels": inputs[:, LABEL], "mask": mask, "task_id": task}
+    return buffer.insert(state, batch, key)
+
+
+def per_device_view(state, num_devices: int):
+    """A global buffer state with a leading device axis: [D, C, ...] from [D * C, ...]."""
+    return jax.tree.map(
+        lambda leaf: np.asarray(leaf).reshape(num_devices, -1, *leaf.shape[1:]), state
     )
 
 
@@ -60,45 +67,48 @@ class TestInsert:
             yield step, id_batch(ids, labels, task=step % 3), mask
 
     def test_counts_stay_within_budget_and_equal_min_seen_budget(self):
-        buffer = empty_buffer(self.num_classes, self.budget)
+        buffer = make_buffer(self.num_classes, self.budget, num_candidates=6)
+        state = buffer.init(EXAMPLE)
         key = jax.random.key(0)
         candidates_so_far = 0
         for step, inputs, mask in self.stream(seed=1, steps=40):
-            buffer = insert(buffer, inputs, mask, step % 3, jax.random.fold_in(key, step), 6)
+            state = insert(buffer, state, inputs, mask, step % 3, jax.random.fold_in(key, step))
             candidates_so_far += min(6, mask.sum())
-            counts, seen = np.asarray(buffer.counts), np.asarray(buffer.seen)
+            counts, seen = np.asarray(state.counts), np.asarray(state.seen)
             assert (counts <= self.budget).all()
             np.testing.assert_array_equal(counts, np.minimum(seen, self.budget))
             assert seen.sum() == candidates_so_far
 
     def test_free_slots_fill_before_any_replacement(self):
         """With every valid row a candidate, a class seen <= N times keeps all it saw."""
-        buffer = empty_buffer(self.num_classes, self.budget)
+        buffer = make_buffer(self.num_classes, self.budget, num_candidates=self.batch)
+        state = buffer.init(EXAMPLE)
         seen_ids = {c: [] for c in range(self.num_classes)}
         for step, inputs, mask in self.stream(seed=2, steps=12):
-            buffer = insert(buffer, inputs, mask, 0, jax.random.key(step), self.batch)
+            state = insert(buffer, state, inputs, mask, 0, jax.random.key(step))
             for row in inputs[mask]:
                 seen_ids[row[LABEL]].append(row[ID])
-            stored = np.asarray(buffer.data["inputs"])[..., ID]
+            stored = np.asarray(state.data["inputs"])[..., ID]
             for c in range(self.num_classes):
-                kept = set(stored[c, : buffer.counts[c]].tolist())
+                kept = set(stored[c, : state.counts[c]].tolist())
                 if len(seen_ids[c]) <= self.budget:
                     assert kept == set(seen_ids[c])
                 else:
                     assert kept <= set(seen_ids[c]) and len(kept) == self.budget
 
     def test_stored_samples_stay_aligned_and_masked_rows_never_enter(self):
-        buffer = empty_buffer(self.num_classes, self.budget)
+        buffer = make_buffer(self.num_classes, self.budget, num_candidates=5)
+        state = buffer.init(EXAMPLE)
         valid_ids = set()
         for step, inputs, mask in self.stream(seed=3, steps=30):
-            buffer = insert(buffer, inputs, mask, step % 3, jax.random.key(step), 5)
+            state = insert(buffer, state, inputs, mask, step % 3, jax.random.key(step))
             valid_ids |= set(inputs[mask, ID].tolist())
-        filled = filled_slots(buffer)
-        stored = np.asarray(buffer.data["inputs"])[filled]
+        filled = filled_slots(state)
+        stored = np.asarray(state.data["inputs"])[filled]
         assert set(stored[:, ID].tolist()) <= valid_ids
         assert len(set(stored[:, ID].tolist())) == len(stored)
-        np.testing.assert_array_equal(stored[:, LABEL], np.asarray(buffer.labels)[filled])
-        np.testing.assert_array_equal(stored[:, TASK], np.asarray(buffer.task_ids)[filled])
+        np.testing.assert_array_equal(stored[:, LABEL], np.asarray(state.labels)[filled])
+        np.testing.assert_array_equal(stored[:, TASK], np.asarray(state.task_ids)[filled])
         class_of_slot = np.broadcast_to(np.arange(self.num_classes)[:, None], filled.shape)
         np.testing.assert_array_equal(stored[:, LABEL], class_of_slot[filled])
 
@@ -106,22 +116,16 @@ class TestInsert:
 def retention_counts(policy: str, trials: int, budget: int, length: int, per_step: int):
     """How often each position of a one-class stream is still stored at its end."""
 
+    buffer = make_buffer(1, budget, num_candidates=per_step, policy=policy)
+
     def one_trial(key):
-        buffer = empty_buffer(1, budget)
+        state = buffer.init(EXAMPLE)
         for step in range(length // per_step):
             ids = jnp.arange(per_step) + step * per_step
             inputs = jnp.stack([ids, jnp.zeros_like(ids), jnp.zeros_like(ids)], -1)
-            buffer = buffer_lib.insert(
-                buffer,
-                {"inputs": inputs},
-                inputs[:, LABEL],
-                jnp.ones(per_step, bool),
-                0,
-                jax.random.fold_in(key, step),
-                per_step,
-                policy,
-            )
-        return buffer.data["inputs"][0, :, ID]
+            batch = {"inputs": inputs, "labels": inputs[:, LABEL]}
+            state = buffer.insert(state, batch, jax.random.fold_in(key, step))
+        return state.data["inputs"][0, :, ID]
 
     kept = jax.jit(jax.vmap(one_trial))(jax.random.split(jax.random.key(7), trials))
     return np.bincount(np.asarray(kept).ravel(), minlength=length)
@@ -152,40 +156,39 @@ def global_buffer(mesh, fills_per_device: list[int], num_classes: int, budget: i
     labels = ids % num_classes
     mask = np.arange(width)[None, :] < np.asarray(fills_per_device)[:, None]
     inputs = id_batch(ids.ravel(), labels.ravel(), task=0)
+    buffer = make_buffer(num_classes, budget, num_candidates=width)
 
-    def per_device(buffer, inputs, mask):
-        buffer = jax.tree.map(lambda leaf: leaf[0], buffer)
-        buffer = buffer_lib.insert(
-            buffer, {"inputs": inputs}, inputs[:, LABEL], mask, 0, jax.random.key(0), width
-        )
-        return jax.tree.map(lambda leaf: leaf[None], buffer)
+    def per_device(state, inputs, mask):
+        batch = {"inputs": inputs, "labels": inputs[:, LABEL], "mask": mask}
+        return buffer.insert(state, batch, jax.random.key(0))
 
-    buffer = buffer_lib.init_sharded(mesh, empty_buffer, num_classes, budget)
+    state = buffer.init_sharded(EXAMPLE, NamedSharding(mesh, P(AXIS)))
     shard = jax.shard_map(per_device, mesh=mesh, in_specs=P(AXIS), out_specs=P(AXIS))
-    return jax.jit(shard)(buffer, inputs, mask.ravel())
+    return jax.jit(shard)(state, inputs, mask.ravel())
 
 
-def draw_rounds(mesh, buffer, num: int, rounds: int) -> buffer_lib.Representatives:
-    """`rounds` independent calls of sample_global; leaves [rounds, D * num, ...]."""
+def draw_rounds(mesh, state, num: int, rounds: int) -> buffer_lib.Representatives:
+    """`rounds` independent calls of `sample`; leaves [rounds, D * num, ...]."""
+    budget = state.labels.shape[-1]
+    buffer = make_buffer(state.labels.shape[0] // mesh.devices.size, budget, num_reps=num)
 
-    def per_device(buffer, key):
-        buffer = jax.tree.map(lambda leaf: leaf[0], buffer)
+    def per_device(state, key):
         device_key = jax.random.fold_in(key, jax.lax.axis_index(AXIS))
-        return buffer_lib.sample_global(buffer, device_key, key, num, JaxCollectives())
+        return buffer.sample(state, device_key, key, JaxCollectives())
 
     shard = jax.shard_map(per_device, mesh=mesh, in_specs=(P(AXIS), P()), out_specs=P(AXIS))
     keys = jax.random.split(jax.random.key(11), rounds)
-    return jax.jit(jax.vmap(shard, in_axes=(None, 0)))(buffer, keys)
+    return jax.jit(jax.vmap(shard, in_axes=(None, 0)))(state, keys)
 
 
 def submesh(num_devices: int) -> Mesh:
     return Mesh(np.asarray(jax.devices()[:num_devices]), (AXIS,))
 
 
-def filled_ids(buffer) -> set[int]:
-    budget = buffer.labels.shape[-1]
-    filled = np.asarray(buffer.counts)[..., None] > np.arange(budget)
-    return set(np.asarray(buffer.data["inputs"])[filled][:, ID].tolist())
+def filled_ids(state) -> set[int]:
+    budget = state.labels.shape[-1]
+    filled = np.asarray(state.counts)[..., None] > np.arange(budget)
+    return set(np.asarray(state.data["inputs"])[filled][:, ID].tolist())
 
 
 def owners_of(reps, width: int) -> np.ndarray:
@@ -273,43 +276,45 @@ def test_sharded_insertion_equals_a_single_device_loop(mesh):
     ]
     masks = [rng.random(num_devices * batch) > 0.3 for _ in range(steps)]
 
-    def per_device(buffer, inputs, mask, key):
-        buffer = jax.tree.map(lambda leaf: leaf[0], buffer)
+    buffer = make_buffer(3, 2, num_candidates=4)
+
+    def per_device(state, inputs, mask, key):
         key = jax.random.fold_in(key, jax.lax.axis_index(AXIS))
-        buffer = buffer_lib.insert(buffer, {"inputs": inputs}, inputs[:, LABEL], mask, 0, key, 4)
-        return jax.tree.map(lambda leaf: leaf[None], buffer)
+        return buffer.insert(
+            state, {"inputs": inputs, "labels": inputs[:, LABEL], "mask": mask}, key
+        )
 
     shard = jax.jit(
         jax.shard_map(
             per_device, mesh=mesh, in_specs=(P(AXIS), P(AXIS), P(AXIS), P()), out_specs=P(AXIS)
         )
     )
-    sharded_buffer = buffer_lib.init_sharded(mesh, empty_buffer, 3, 2)
+    sharded_state = buffer.init_sharded(EXAMPLE, NamedSharding(mesh, P(AXIS)))
     for step in range(steps):
-        sharded_buffer = shard(sharded_buffer, batches[step], masks[step], jax.random.key(step))
+        sharded_state = shard(sharded_state, batches[step], masks[step], jax.random.key(step))
 
+    by_device = per_device_view(sharded_state, num_devices)
     for device in range(num_devices):
-        alone = empty_buffer(3, 2)
+        alone = buffer.init(EXAMPLE)
         rows = slice(device * batch, (device + 1) * batch)
         for step in range(steps):
             key = jax.random.fold_in(jax.random.key(step), device)
-            alone = insert(alone, batches[step][rows], masks[step][rows], 0, key, 4)
+            alone = insert(buffer, alone, batches[step][rows], masks[step][rows], 0, key)
         jax.tree.map(
-            lambda a, b, d=device: np.testing.assert_array_equal(np.asarray(a)[d], b),
-            sharded_buffer,
-            alone,
+            lambda a, b, d=device: np.testing.assert_array_equal(a[d], b), by_device, alone
         )
 
 
 def test_every_stored_tensor_stays_with_its_sample():
     """Inputs, an extra multi-dimensional target, logits, label and task id all move together."""
-    spec = {
-        "inputs": ((3,), np.dtype(np.int32)),
-        "target": ((2, 2), np.dtype(np.float16)),
-        "logits": ((3,), np.dtype(np.float32)),
+    example = {
+        "inputs": np.zeros(3, np.int32),
+        "target": np.zeros((2, 2), np.float16),
+        "logits": jax.ShapeDtypeStruct((3,), np.dtype(np.float32)),
     }
-    buffer = empty_buffer(3, 4, spec)
-    assert buffer.data["target"].dtype == jnp.float16
+    buffer = make_buffer(3, 4, num_candidates=5)
+    state = buffer.init(example)
+    assert state.data["target"].dtype == jnp.float16
     rng = np.random.default_rng(5)
     for step in range(20):
         ids = np.arange(8) + 8 * step
@@ -319,32 +324,102 @@ def test_every_stored_tensor_stays_with_its_sample():
             "target": np.broadcast_to(ids[:, None, None] / 4, (8, 2, 2)).astype(np.float16),
             "logits": (ids[:, None] * np.arange(1, 4)).astype(np.float32),
         }
-        buffer = buffer_lib.insert(
-            buffer, samples, inputs[:, LABEL], np.ones(8, bool), step, jax.random.key(step), 5
-        )
-    filled = filled_slots(buffer)
-    ids = np.asarray(buffer.data["inputs"])[filled][:, ID]
-    np.testing.assert_array_equal(np.asarray(buffer.data["target"])[filled][:, 1, 1], ids / 4)
-    np.testing.assert_array_equal(np.asarray(buffer.data["logits"])[filled][:, 2], ids * 3)
-    np.testing.assert_array_equal(np.asarray(buffer.task_ids)[filled], ids // 8)
+        batch = {**samples, "labels": inputs[:, LABEL], "task_id": step}
+        state = buffer.insert(state, batch, jax.random.key(step))
+    filled = filled_slots(state)
+    ids = np.asarray(state.data["inputs"])[filled][:, ID]
+    np.testing.assert_array_equal(np.asarray(state.data["target"])[filled][:, 1, 1], ids / 4)
+    np.testing.assert_array_equal(np.asarray(state.data["logits"])[filled][:, 2], ids * 3)
+    np.testing.assert_array_equal(np.asarray(state.task_ids)[filled], ids // 8)
 
 
 @pytest.mark.parametrize("num", [4, 7, 64])
 def test_bytes_received_per_step_stay_within_ten_percent_of_r_records(num):
     """Measured from the collectives in the traced program, for 1 to 8 devices."""
-    spec = {"inputs": ((8, 8, 1), np.dtype(np.uint8)), "logits": ((10,), np.dtype(np.float32))}
-    record = buffer_lib.record_bytes(spec)
+    example = {
+        "inputs": jax.ShapeDtypeStruct((8, 8, 1), np.dtype(np.uint8)),
+        "logits": jax.ShapeDtypeStruct((10,), np.dtype(np.float32)),
+    }
+    record = buffer_lib.record_bytes(example)
     for num_devices in (1, 2, 4, 8):
-        received = sampling_received_bytes(submesh(num_devices), spec, num)
+        received = sampling_received_bytes(submesh(num_devices), example, num)
         assert num * record <= received <= 1.1 * num * record
 
 
-def sampling_received_bytes(mesh, spec, num: int) -> int:
-    buffer = buffer_lib.init_sharded(mesh, buffer_lib.init_buffer, 10, 1000, spec)
+def sampling_received_bytes(mesh, example, num: int) -> int:
+    buffer = make_buffer(10, 1000, num_reps=num)
+    state = buffer.init_sharded(example, NamedSharding(mesh, P(AXIS)))
 
-    def per_device(buffer, key):
-        buffer = jax.tree.map(lambda leaf: leaf[0], buffer)
-        return buffer_lib.sample_global(buffer, key, key, num, JaxCollectives())
+    def per_device(state, key):
+        return buffer.sample(state, key, key, JaxCollectives())
 
     shard = jax.shard_map(per_device, mesh=mesh, in_specs=(P(AXIS), P()), out_specs=P(AXIS))
-    return received_bytes(jax.make_jaxpr(shard)(buffer, jax.random.key(0)).jaxpr)
+    return received_bytes(jax.make_jaxpr(shard)(state, jax.random.key(0)).jaxpr)
+
+
+class TestLibrary:
+    """The buffer on its own: no mesh, no trainer, no launcher code."""
+
+    def test_one_device_without_a_mesh_draws_what_shard_map_on_one_device_draws(self):
+        buffer = make_buffer(3, 4, num_candidates=6, num_reps=5)
+        state = buffer.init(EXAMPLE)
+        for step in range(4):
+            ids = np.arange(8) + 8 * step
+            inputs = id_batch(ids, ids % 3, task=step)
+            state = insert(buffer, state, inputs, np.ones(8, bool), step, jax.random.key(step))
+        key, shared = jax.random.key(1), jax.random.key(2)
+        alone = jax.jit(buffer.sample)(state, key, shared)
+        one = submesh(1)
+        shard = jax.shard_map(
+            lambda s, k, sk: buffer.sample(s, k, sk, JaxCollectives()),
+            mesh=one,
+            in_specs=(P(AXIS), P(), P()),
+            out_specs=P(AXIS),
+        )
+        placed = jax.device_put(state, NamedSharding(one, P(AXIS)))
+        jax.tree.map(np.testing.assert_array_equal, alone, jax.jit(shard)(placed, key, shared))
+        assert (np.asarray(alone.weights) == 1).all()
+        assert set(np.asarray(alone.data["inputs"])[:, ID].tolist()) <= set(range(32))
+
+    def test_single_device_collectives_is_the_default(self):
+        buffer = make_buffer(2, 3, num_candidates=2, num_reps=4)
+        state = buffer.init(EXAMPLE)
+        batch = {"inputs": id_batch(np.arange(4), np.arange(4) % 2, 0), "labels": np.arange(4) % 2}
+        state = buffer.insert(state, batch, jax.random.key(0))
+        key = jax.random.key(3)
+        jax.tree.map(
+            np.testing.assert_array_equal,
+            buffer.sample(state, key, key),
+            buffer.sample(state, key, key, SingleDevice()),
+        )
+
+    @pytest.mark.parametrize(
+        ("kwargs", "field"),
+        [
+            ({"budget_per_class": 0}, "budget_per_class"),
+            ({"num_candidates": 1.5}, "num_candidates"),
+            ({"policy": "fifo"}, "policy"),
+            ({"memory_kind": "disk"}, "memory_kind"),
+        ],
+    )
+    def test_factory_names_the_bad_setting(self, kwargs, field):
+        settings = {"num_classes": 2, "budget_per_class": 3, "num_candidates": 1}
+        with pytest.raises(ValueError, match=rf"^{field}="):
+            buffer_lib.rehearsal_buffer(**{**settings, "num_representatives": 1, **kwargs})
+
+    def test_more_candidates_than_batch_rows_is_refused(self):
+        buffer = make_buffer(2, 3, num_candidates=5)
+        batch = {"inputs": np.zeros((4, 3), np.int32), "labels": np.zeros(4, np.int32)}
+        with pytest.raises(ValueError, match="num_candidates=5 exceeds the 4 rows"):
+            buffer.insert(buffer.init(EXAMPLE), batch, jax.random.key(0))
+
+    def test_importing_the_buffer_pulls_in_no_launcher_code(self):
+        code = (
+            "import sys, cljax.buffer\n"
+            "bad = [m for m in ('cljax.runtime', 'cljax.trainer', 'ml_collections', 'flax')"
+            " if m in sys.modules]\n"
+            "print(bad)\n"
+        )
+        result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+        assert result.returncode == 0, result.stderr
+        assert result.stdout.strip() == "[]"

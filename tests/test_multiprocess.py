@@ -150,7 +150,7 @@ def test_a_process_that_cannot_reach_the_others_stops_within_the_timeout(tmp_pat
 def test_watchdog_stops_a_process_that_makes_no_progress_once_armed(tmp_path):
     code = (
         "import time\n"
-        "from cljax.distributed import Watchdog\n"
+        "from cljax.runtime import Watchdog\n"
         "with Watchdog(timeout_s=1) as watchdog:\n"
         "    time.sleep(2.5)\n"
         "    print('not armed yet', flush=True)\n"

@@ -9,41 +9,42 @@ import optax
 import pytest
 
 from cljax import buffer as buffer_lib
-from cljax import distributed, steps
-from cljax.collectives import JaxCollectives
+from cljax import steps, strategies
 from cljax.models.mlp import MLP
-from cljax.strategies import STRATEGIES
 
 NUM_CLASSES, BUDGET, BATCH, CANDIDATES, REPS = 4, 3, 4, 2, 8
 MAX_VALUE = 1000.0
-SPEC = {"inputs": ((3,), np.dtype(np.int32))}
+EXAMPLE = {"inputs": jax.ShapeDtypeStruct((3,), np.dtype(np.int32))}
 
 
-def make_setup(mesh, budget: int = BUDGET, augment_from_task: int = 0, memory_kind: str = "device"):
+def make_setup(
+    runtime,
+    budget: int = BUDGET,
+    augment_from_task: int = 0,
+    memory_kind: str = "device",
+    strategy: strategies.Strategy = strategies.ER(),  # noqa: B008 (frozen)
+):
+    """Model, replicated train state, sharded rehearsal state and the jitted step."""
     model = MLP(num_classes=NUM_CLASSES, hidden_sizes=(16,))
-    state = steps.create_train_state(model, optax.sgd(0.1), jnp.zeros((1, 3)), jax.random.key(0))
-    state = jax.device_put(state, distributed.replicated(mesh))
-    rehearsal = steps.RehearsalState(
-        buffer=buffer_lib.init_sharded(
-            mesh,
-            buffer_lib.init_buffer,
-            NUM_CLASSES,
-            budget,
-            SPEC,
-            shardings=buffer_lib.buffer_shardings(mesh, memory_kind),
-        ),
-        representatives=buffer_lib.init_sharded(mesh, buffer_lib.init_representatives, REPS, SPEC),
+    example = {**EXAMPLE, **strategy.stored_fields(NUM_CLASSES)}
+    buffer = buffer_lib.rehearsal_buffer(
+        NUM_CLASSES, budget, CANDIDATES, REPS, memory_kind=memory_kind
     )
     settings = steps.StepConfig(
-        MAX_VALUE,
-        STRATEGIES["er"],
-        CANDIDATES,
-        REPS,
-        "reservoir",
+        model=model,
+        optimizer=optax.sgd(0.1),
+        strategy=strategy,
+        max_value=MAX_VALUE,
+        buffer=buffer,
         augment_from_task=augment_from_task,
-        buffer_memory_kind=memory_kind,
     )
-    return model, state, rehearsal, steps.make_train_step(mesh, JaxCollectives(), settings)
+    state = steps.create_train_state(settings, jnp.zeros((1, 3)), jax.random.key(0))
+    state = jax.device_put(state, runtime.replicated)
+    rehearsal = steps.RehearsalState(
+        buffer.init_sharded(example, runtime.sharded),
+        buffer.empty_representatives_sharded(example, runtime.sharded),
+    )
+    return model, state, rehearsal, steps.make_train_step(runtime, settings)
 
 
 def host_batch(step: int, num_devices: int) -> dict[str, np.ndarray]:
@@ -57,14 +58,14 @@ def host_batch(step: int, num_devices: int) -> dict[str, np.ndarray]:
     return {"inputs": inputs, "labels": labels.astype(np.int32), "mask": mask}
 
 
-def test_step_equals_single_device_gradient_step_on_global_batch(mesh):
-    model, state, rehearsal, train_step = make_setup(mesh)
+def test_step_equals_single_device_gradient_step_on_global_batch(runtime):
+    model, state, rehearsal, train_step = make_setup(runtime)
     for step in range(3):
-        batch = host_batch(step, mesh.devices.size)
+        batch = host_batch(step, runtime.num_devices)
         state, rehearsal, _ = train_step(state, rehearsal, batch, jnp.int32(0))
     reps = jax.device_get(rehearsal.representatives)
     params = jax.device_get(state.params)
-    batch = host_batch(3, mesh.devices.size)
+    batch = host_batch(3, runtime.num_devices)
     inputs = np.concatenate([batch["inputs"], reps.data["inputs"].reshape(-1, 3)])
     labels = np.concatenate([batch["labels"], reps.labels.ravel()])
     weights = np.concatenate([batch["mask"].astype(np.float32), reps.weights.ravel()])
@@ -85,10 +86,10 @@ def test_step_equals_single_device_gradient_step_on_global_batch(mesh):
     np.testing.assert_allclose(metrics["loss"], global_loss(params), rtol=1e-5)
 
 
-def test_representatives_used_with_a_batch_never_include_that_batch(mesh):
-    _, state, rehearsal, train_step = make_setup(mesh)
+def test_representatives_used_with_a_batch_never_include_that_batch(runtime):
+    _, state, rehearsal, train_step = make_setup(runtime)
     for step in range(12):
-        batch = host_batch(step, mesh.devices.size)
+        batch = host_batch(step, runtime.num_devices)
         used = jax.device_get(rehearsal.representatives)
         used_ids = used.data["inputs"][..., 0][used.weights > 0]
         assert not set(used_ids.tolist()) & set(batch["inputs"][:, 0].tolist())
@@ -97,21 +98,21 @@ def test_representatives_used_with_a_batch_never_include_that_batch(mesh):
         state, rehearsal, _ = train_step(state, rehearsal, batch, jnp.int32(0))
 
 
-def test_train_and_rehearsal_state_are_donated(mesh):
-    _, state, rehearsal, train_step = make_setup(mesh)
+def test_train_and_rehearsal_state_are_donated(runtime):
+    _, state, rehearsal, train_step = make_setup(runtime)
     old_leaves = jax.tree.leaves((state.params, rehearsal))
-    train_step(state, rehearsal, host_batch(0, mesh.devices.size), jnp.int32(0))
+    train_step(state, rehearsal, host_batch(0, runtime.num_devices), jnp.int32(0))
     assert all(leaf.is_deleted() for leaf in old_leaves)
 
 
 @pytest.mark.parametrize("seed", [0, 1])
-def test_same_seed_gives_bit_identical_states(mesh, seed):
+def test_same_seed_gives_bit_identical_states(runtime, seed):
     def run():
-        _, state, rehearsal, train_step = make_setup(mesh)
+        _, state, rehearsal, train_step = make_setup(runtime)
         state = state.replace(rng=jax.device_put(jax.random.key(seed), state.rng.sharding))
         for step in range(5):
             state, rehearsal, _ = train_step(
-                state, rehearsal, host_batch(step, mesh.devices.size), jnp.int32(0)
+                state, rehearsal, host_batch(step, runtime.num_devices), jnp.int32(0)
             )
         return jax.device_get((state.params, rehearsal))
 
@@ -119,11 +120,11 @@ def test_same_seed_gives_bit_identical_states(mesh, seed):
     jax.tree.map(np.testing.assert_array_equal, first, second)
 
 
-def test_compiled_step_updates_the_buffer_without_copying_it(mesh):
+def test_compiled_step_updates_the_buffer_without_copying_it(runtime):
     """No copy in the compiled step is as large as any per-slot field of the buffer."""
     budget = 5000
-    _, state, rehearsal, train_step = make_setup(mesh, budget=budget)
-    batch = host_batch(0, mesh.devices.size)
+    _, state, rehearsal, train_step = make_setup(runtime, budget=budget)
+    batch = host_batch(0, runtime.num_devices)
     hlo = train_step.lower(state, rehearsal, batch, jnp.int32(0)).compile().as_text()
     buffer_elements = NUM_CLASSES * budget
     copies = [line for line in hlo.splitlines() if " copy(" in line]
@@ -136,15 +137,15 @@ def test_compiled_step_updates_the_buffer_without_copying_it(mesh):
     assert max(sizes) < buffer_elements
 
 
-def test_representatives_are_ignored_before_augment_from_task(mesh):
-    model, state, rehearsal, train_step = make_setup(mesh, augment_from_task=1)
+def test_representatives_are_ignored_before_augment_from_task(runtime):
+    model, state, rehearsal, train_step = make_setup(runtime, augment_from_task=1)
     for step in range(3):
         state, rehearsal, _ = train_step(
-            state, rehearsal, host_batch(step, mesh.devices.size), jnp.int32(0)
+            state, rehearsal, host_batch(step, runtime.num_devices), jnp.int32(0)
         )
     assert rehearsal.representatives.weights.sum() > 0
     params = jax.device_get(state.params)
-    batch = host_batch(3, mesh.devices.size)
+    batch = host_batch(3, runtime.num_devices)
     _, _, metrics = train_step(state, rehearsal, batch, jnp.int32(0))
     logits = model.apply({"params": params}, batch["inputs"] / MAX_VALUE)
     ce = optax.softmax_cross_entropy_with_integer_labels(logits, batch["labels"])
@@ -152,13 +153,13 @@ def test_representatives_are_ignored_before_augment_from_task(mesh):
     np.testing.assert_allclose(metrics["loss"], expected, rtol=1e-5)
 
 
-def test_buffer_in_pinned_host_memory_stays_there_and_changes_nothing_else(mesh):
+def test_buffer_in_pinned_host_memory_stays_there_and_changes_nothing_else(runtime):
     def run(memory_kind: str):
-        _, state, rehearsal, train_step = make_setup(mesh, memory_kind=memory_kind)
+        _, state, rehearsal, train_step = make_setup(runtime, memory_kind=memory_kind)
         for step in range(6):
             old = rehearsal.buffer.data["inputs"]
             state, rehearsal, _ = train_step(
-                state, rehearsal, host_batch(step, mesh.devices.size), jnp.int32(0)
+                state, rehearsal, host_batch(step, runtime.num_devices), jnp.int32(0)
             )
             assert old.is_deleted()
         return state.params, rehearsal

@@ -74,9 +74,8 @@ def test_tfds_image_dataset_trains_end_to_end_with_augmentation(tmp_path):
     config.dataset.name = "cifar10"
     config.dataset.data_dir = str(tmp_path / "tfds")
     config.model.name = "cnn"
-    config.model.channels = (8,)
-    config.model.dense_size = 16
-    del config.model.hidden_sizes
+    config.model.cnn.channels = (8,)
+    config.model.cnn.dense_size = 16
     config.scenario.num_tasks = 2
     config.epochs_per_task = 1
     config.batch_size = 2

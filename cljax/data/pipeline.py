@@ -1,4 +1,4 @@
-"""Deterministic batches for one task, and a prefetch thread that places them on the mesh.
+"""Deterministic batches for one task, and a prefetch thread that prepares them ahead.
 
 The order of samples is a pure function of (seed, task, epoch). The last batch of an
 epoch is padded and masked, so every sample is seen once per epoch and every batch has the
@@ -17,12 +17,9 @@ import threading
 import time
 from collections.abc import Iterator
 
-import jax
 import numpy as np
-from jax.sharding import Mesh
 
 from cljax.data.sources import Split
-from cljax.distributed import sharded
 
 Batch = dict[str, np.ndarray]
 CROP_PADDING = 4
@@ -103,17 +100,6 @@ def crop_and_flip(images: np.ndarray, rng: np.random.Generator) -> np.ndarray:
         crop = padded[i, tops[i] : tops[i] + height, lefts[i] : lefts[i] + width]
         out[i] = crop[:, ::-1] if flips[i] else crop
     return out
-
-
-def to_global(local_batch: Batch, mesh: Mesh) -> dict[str, jax.Array]:
-    """Places this process's rows of a global batch on the mesh as global arrays."""
-    processes = jax.process_count()
-    return {
-        key: jax.make_array_from_process_local_data(
-            sharded(mesh), value, (len(value) * processes, *value.shape[1:])
-        )
-        for key, value in local_batch.items()
-    }
 
 
 class _End:

@@ -1,15 +1,21 @@
-"""Models by name. Each takes a float batch (B, *input_shape) and returns logits."""
+"""Models by name, each with its own documented arguments (`model.<name>.<argument>`).
+
+Every model maps a float batch (B, *input_shape) to logits, as `model(x, train=..., mask=...)`:
+`train` selects batch statistics over running averages in models with BatchNorm, and `mask`
+marks the rows (new samples and representatives) those statistics are computed over.
+"""
 
 import flax.linen as nn
 import ml_collections
 
+from cljax import components
 from cljax.models.cnn import SmallCNN
 from cljax.models.mlp import MLP
 
-MODELS = {"mlp": MLP, "cnn": SmallCNN}
+MODELS: dict[str, type[nn.Module]] = {"mlp": MLP, "cnn": SmallCNN}
 
 
 def create_model(config: ml_collections.ConfigDict, num_classes: int) -> nn.Module:
-    """Builds `config.name` with the remaining fields of `config` as its arguments."""
-    kwargs = {key: value for key, value in config.items() if key != "name"}
-    return MODELS[config.name](num_classes=num_classes, **kwargs)
+    """Model `config.name` with its arguments `config[config.name]`."""
+    cls = MODELS[config.name]
+    return components.build("model", config.name, cls, config[config.name], num_classes=num_classes)

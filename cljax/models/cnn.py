@@ -5,16 +5,18 @@ from collections.abc import Sequence
 import flax.linen as nn
 import jax
 
+from cljax.components import argument
+
 
 class SmallCNN(nn.Module):
     """3x3 conv blocks with ReLU and 2x2 max-pooling, then one dense layer."""
 
     num_classes: int
-    channels: Sequence[int] = (32, 64)
-    dense_size: int = 128
+    channels: Sequence[int] = argument((32, 64), "output channels of the 3x3 conv blocks")
+    dense_size: int = argument(128, "width of the dense layer before the classifier", minimum=1)
 
     @nn.compact
-    def __call__(self, x: jax.Array) -> jax.Array:
+    def __call__(self, x: jax.Array, *, train: bool = False, mask: jax.Array | None = None):
         for width in self.channels:
             x = nn.relu(nn.Conv(width, (3, 3))(x))
             x = nn.max_pool(x, (2, 2), strides=(2, 2), padding="SAME")
