@@ -11,15 +11,10 @@ import argparse
 import contextlib
 import io
 import json
-import os
 import statistics
-import sys
 import tempfile
 
 import jax
-
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, REPO)
 
 BARS = {
     "er": (">=", 0.88),
@@ -38,13 +33,12 @@ def main() -> None:
     args = parser.parse_args()
     jax.config.update("jax_num_cpu_devices", args.num_cpu_devices)
 
-    from cljax import trainer
-    from configs import default
+    from cljax import configuration, trainer
 
     for strategy in args.strategies:
         accuracies = []
         for seed in args.seeds:
-            config = default.get_config(strategy)
+            config = configuration.load_config(f"default:{strategy}")
             config.num_cpu_devices, config.seed = args.num_cpu_devices, seed
             with contextlib.redirect_stdout(io.StringIO()):
                 result = trainer.train_and_evaluate(config, tempfile.mkdtemp())

@@ -3,9 +3,10 @@
 Every error is one line that names the field and says how to fix it.
 """
 
+import ast
+import difflib
 import importlib.util
 import math
-import os
 import pathlib
 
 import jax
@@ -175,10 +176,82 @@ def load_config(spec: str = "default") -> ml_collections.ConfigDict:
     """The config of `spec`: `NAME[:ARG]` for `configs/NAME.py` of this clone (from any
     directory), or `PATH.py[:ARG]` for any config file; ARG goes to its `get_config`."""
     name, _, argument = spec.partition(":")
-    path = pathlib.Path(name)
-    if not path.suffix:
-        path = CONFIG_DIR / f"{name}.py"
-    module_spec = importlib.util.spec_from_file_location(path.stem, os.fspath(path))
+    path = pathlib.Path(name) if name.endswith(".py") else CONFIG_DIR / f"{name}.py"
+    if not path.is_file():
+        known = sorted(p.stem for p in CONFIG_DIR.glob("*.py"))
+        close = difflib.get_close_matches(path.stem, known, n=3)
+        hint = f"did you mean {', '.join(close)}? " if close else ""
+        raise ConfigError(
+            f"config={spec!r}: no config file {path}; {hint}give --config=NAME[:ARG] with NAME"
+            f" one of {known}, or --config=PATH.py[:ARG]"
+        )
+    module_spec = importlib.util.spec_from_file_location(f"cljax_config_{path.stem}", path)
     module = importlib.util.module_from_spec(module_spec)
     module_spec.loader.exec_module(module)
     return module.get_config(argument) if argument else module.get_config()
+
+
+def apply_overrides(config: ml_collections.ConfigDict, overrides: dict[str, str]) -> None:
+    """Sets each `FIELD=VALUE` (dotted field, value as written on the command line), parsed
+    as the field's type; an unknown field or a value of the wrong type is a `ConfigError`."""
+    for field, text in overrides.items():
+        *parents, leaf = field.split(".")
+        node = config
+        for depth, part in enumerate(parents):
+            child = node.get(part) if isinstance(node, ml_collections.ConfigDict) else None
+            if not isinstance(child, ml_collections.ConfigDict):
+                _unknown_field(config, ".".join(parents[: depth + 1]))
+            node = child
+        if leaf not in node:
+            _unknown_field(config, field)
+        if isinstance(node[leaf], ml_collections.ConfigDict):
+            example = next(iter(flat_fields(node[leaf], f"{field}.")))
+            raise ConfigError(
+                f"--config.{field} is a group of fields; set one of them, e.g."
+                f" --config.{example}=VALUE"
+            )
+        try:
+            node[leaf] = _parse_value(text, node.get_type(leaf))
+        except (TypeError, ValueError, SyntaxError) as error:
+            type_name = getattr(node.get_type(leaf), "__name__", node.get_type(leaf))
+            raise ConfigError(
+                f"{field}={text!r} is not a valid {type_name} ({error}); set --config.{field}"
+                f" to a value of type {type_name}"
+            ) from None
+
+
+def _parse_value(text: str, field_type: type):
+    """`text` as a value of `field_type` (tuples and lists as Python literals)."""
+    if field_type is bool:
+        lowered = text.lower()
+        if lowered not in ("true", "false", "1", "0"):
+            raise ValueError("expected true or false")
+        return lowered in ("true", "1")
+    if field_type in (tuple, list):
+        value = ast.literal_eval(text)
+        value = value if isinstance(value, tuple | list) else (value,)
+        return field_type(value)
+    if field_type is str:
+        return text
+    if text.lower() == "none":
+        return None
+    return field_type(text)
+
+
+def flat_fields(config: ml_collections.ConfigDict, prefix: str = "") -> dict[str, object]:
+    """Every leaf field of `config` by its dotted name."""
+    fields = {}
+    for key, value in config.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, ml_collections.ConfigDict):
+            fields.update(flat_fields(value, f"{name}."))
+        else:
+            fields[name] = value
+    return fields
+
+
+def _unknown_field(config: ml_collections.ConfigDict, field: str):
+    known = list(flat_fields(config))
+    close = difflib.get_close_matches(field, known, n=3, cutoff=0.5)
+    hint = f"did you mean {', '.join(close)}?" if close else "see --helpconfig for every field"
+    raise ConfigError(f"--config.{field} is not a config field; {hint}")

@@ -38,6 +38,11 @@ class TrainState:
     strategy_state: Any
     rng: jax.Array
 
+    @property
+    def variables(self) -> dict:
+        """The model's variables, as `model.apply` takes them."""
+        return {"params": self.params, **self.model_state}
+
 
 @flax.struct.dataclass
 class RehearsalState:
@@ -59,6 +64,14 @@ class StepConfig:
     augment_from_task: int = 0
 
 
+def step_keys(rng: jax.Array, device_index: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """Three independent keys from the state's key: the next state's, this device's own
+    (its index folded into a parent that serves nothing else), and one shared by all
+    devices (the buffer's shared shift)."""
+    next_rng, device_parent, shared_key = jax.random.split(rng, 3)
+    return next_rng, jax.random.fold_in(device_parent, device_index), shared_key
+
+
 def normalise(inputs: jax.Array, max_value: float) -> jax.Array:
     """Stored inputs (e.g. uint8) to float32 in [0, 1]."""
     return inputs.astype(jnp.float32) / max_value
@@ -68,13 +81,13 @@ def create_train_state(settings: StepConfig, sample_input: jax.Array, key: jax.A
     """Fresh parameters, optimizer state and strategy state."""
     init_key, rng = jax.random.split(key)
     variables = settings.model.init(init_key, sample_input)
-    params = variables.pop("params")
+    model_state = {name: value for name, value in variables.items() if name != "params"}
     return TrainState(
         step=jnp.zeros((), jnp.int32),
-        params=params,
-        model_state=variables,
-        opt_state=settings.optimizer.init(params),
-        strategy_state=settings.strategy.init_state(params),
+        params=variables["params"],
+        model_state=model_state,
+        opt_state=settings.optimizer.init(variables["params"]),
+        strategy_state=settings.strategy.init_state(variables),
         rng=rng,
     )
 
@@ -90,8 +103,7 @@ def make_train_step(
     collectives, strategy, buffer = runtime.collectives, settings.strategy, settings.buffer
 
     def per_device(state: TrainState, rehearsal: RehearsalState | None, batch, task_id):
-        rng, step_key = jax.random.split(state.rng)
-        device_key = jax.random.fold_in(step_key, collectives.device_index())
+        rng, device_key, shared_key = step_keys(state.rng, collectives.device_index())
         weights = batch[MASK].astype(jnp.float32)
         inputs, reps, rep_weight = batch["inputs"], None, jnp.float32(0)
         if rehearsal is not None:
@@ -109,7 +121,7 @@ def make_train_step(
             return settings.model.apply(variables, x)
 
         def loss_fn(params):
-            variables = {"params": params, **state.model_state}
+            variables = {**state.variables, "params": params}
             logits = settings.model.apply(variables, model_inputs, train=True)
             outputs = StepOutputs(
                 logits=logits[:num_new],
@@ -137,7 +149,9 @@ def make_train_step(
         )
         if rehearsal is not None:
             candidates = {**batch, TASK_ID: task_id, **stored}
-            rehearsal = _rehearse(buffer, rehearsal, candidates, device_key, step_key, collectives)
+            rehearsal = _rehearse(
+                buffer, rehearsal, candidates, device_key, shared_key, collectives
+            )
         return state, rehearsal, {"loss": loss, **terms}
 
     specs = (P(), P(AXIS), P(AXIS), P())
@@ -172,8 +186,7 @@ def make_predict(runtime: Runtime, model: nn.Module, max_value: float, top_k: in
     sharded over the batch."""
 
     def per_device(state: TrainState, inputs):
-        variables = {"params": state.params, **state.model_state}
-        logits = model.apply(variables, normalise(inputs, max_value))
+        logits = model.apply(state.variables, normalise(inputs, max_value))
         return logits.argmax(-1), jax.lax.top_k(logits, top_k)[1]
 
     return jax.jit(runtime.per_device(per_device, (P(), P(AXIS)), P(AXIS)))

@@ -8,7 +8,8 @@ attributes and methods declare the rest:
 - `stored_fields`: tensors the buffer keeps with each sample besides its input, and
   `fields_to_store`: their values at insertion (DER: the sample's logits);
 - `init_state` / `begin_task`: the strategy's own state (a frozen teacher, a gradient
-  memory), kept in the train state, replicated, and handed to `loss` at every step;
+  memory), built from the model's variables, kept in the train state, replicated, and
+  handed to `loss` at every step;
 - `loss`: the loss of one device's rows, and the named terms it is made of.
 
 A loss sees the logits of one forward pass over [batch ‖ representatives]. Each term is a
@@ -79,7 +80,6 @@ class Strategy:
     """Incremental fine-tuning: cross-entropy on the new task only (the lower bound)."""
 
     name: ClassVar[str] = "incremental"
-    description: ClassVar[str] = "fine-tune on the new task only (lower bound)"
     uses_buffer: ClassVar[bool] = False
     reinitialise_each_task: ClassVar[bool] = False
     trains_on_seen_tasks: ClassVar[bool] = False
@@ -92,16 +92,20 @@ class Strategy:
         """Values of `stored_fields` for this step's batch rows."""
         return {}
 
-    def init_state(self, params) -> Any:
-        """The strategy's own state for fresh parameters (replicated on every device)."""
+    def init_state(self, variables) -> Any:
+        """The strategy's own state for a fresh model (`{"params": ..., **model_state}`),
+        replicated on every device."""
         return ()
 
-    def begin_task(self, state: Any, params, task: int) -> Any:
-        """The strategy's state at the start of `task`, given the current parameters."""
+    def begin_task(self, state: Any, variables, task: int) -> Any:
+        """The strategy's state at the start of `task`, given the model's variables. Arrays
+        kept from `variables` must be copies (`jnp.copy`): the step donates both."""
         return state
 
     def loss(self, outputs: StepOutputs, state: Any) -> tuple[jax.Array, LossTerms]:
-        """This device's part of the loss, and its named terms."""
+        """This device's part of the loss, and its named terms: the step sums both over
+        devices, so a term that is not a sum over this device's rows divided by a global total
+        (a regulariser on the parameters, say) must be divided by `num_devices()`."""
         new = cross_entropy(outputs.logits, outputs.labels, outputs.weights)
         loss = new / safe(outputs.totals.batch)
         return loss, {"new_ce": loss}
@@ -112,9 +116,6 @@ class FromScratch(Strategy):
     """Re-initialise, then train on the union of all tasks so far (the upper bound)."""
 
     name: ClassVar[str] = "from_scratch"
-    description: ClassVar[str] = (
-        "re-initialise, then train on the union of all tasks so far (upper bound)"
-    )
     reinitialise_each_task: ClassVar[bool] = True
     trains_on_seen_tasks: ClassVar[bool] = True
 
@@ -124,9 +125,6 @@ class ER(Strategy):
     """Experience replay: cross-entropy over the concatenation [batch ‖ representatives]."""
 
     name: ClassVar[str] = "er"
-    description: ClassVar[str] = (
-        "experience replay: r representatives from the global buffer in every batch"
-    )
     uses_buffer: ClassVar[bool] = True
 
     def loss(self, outputs: StepOutputs, state: Any) -> tuple[jax.Array, LossTerms]:
@@ -143,9 +141,6 @@ class DER(Strategy):
     stored with each sample at insertion."""
 
     name: ClassVar[str] = "der"
-    description: ClassVar[str] = (
-        "dark experience replay: match the logits stored with each representative"
-    )
     uses_buffer: ClassVar[bool] = True
     alpha: float = argument(0.1, "weight of the logit-matching term", minimum=0)
 
@@ -172,7 +167,6 @@ class DERpp(DER):
     """
 
     name: ClassVar[str] = "derpp"
-    description: ClassVar[str] = "DER++: DER plus cross-entropy on the representatives' labels"
     beta: float = argument(0.5, "weight of the replayed labels' cross-entropy", minimum=0)
 
     def loss(self, outputs: StepOutputs, state: Any) -> tuple[jax.Array, LossTerms]:

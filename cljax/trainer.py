@@ -43,7 +43,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     )
     run = _build(config, runtime, dataset)
     scenario = make_scenario(config, dataset)
-    log = _Logger(runtime, config.distributed.log_dir)
+    log = run.log
 
     acc = np.zeros((scenario.num_tasks, scenario.num_tasks))
     state, rehearsal = None, run.init_rehearsal()
@@ -53,7 +53,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
             if state is None or run.strategy.reinitialise_each_task:
                 state = run.init_state(jax.random.fold_in(jax.random.key(config.seed), task))
             state = state.replace(
-                strategy_state=run.strategy.begin_task(state.strategy_state, state.params, task)
+                strategy_state=run.strategy.begin_task(state.strategy_state, state.variables, task)
             )
             train_rows = (
                 scenario.train_rows_up_to(task)
@@ -122,6 +122,7 @@ class _Run:
     train_step: Callable
     predict: Callable
     resolved_config: dict
+    log: "_Logger"
 
     @property
     def global_batch_size(self) -> int:
@@ -179,6 +180,7 @@ def _build(config: ml_collections.ConfigDict, runtime, dataset: sources.Dataset)
         train_step=steps.make_train_step(runtime, settings),
         predict=steps.make_predict(runtime, settings.model, dataset.max_value, top_k=1),
         resolved_config=resolved,
+        log=_Logger(runtime, config.distributed.log_dir),
     )
 
 
@@ -249,12 +251,17 @@ def _train_task(run: _Run, watchdog, state, rehearsal, rows: np.ndarray, task: i
         leave=False,
     )
     prefetcher = pipeline.Prefetcher(batches, config.dataset.prefetch_depth)
+    first_step_start = time.perf_counter() if task == 0 else None
     with progress, prefetcher:
         for step, host_batch in enumerate(prefetcher, start=1):
             batch = runtime.place(host_batch)
             state, rehearsal, step_metrics = run.train_step(state, rehearsal, batch, task_id)
             progress.update()
             watchdog.progress()
+            if step == 1 and first_step_start is not None:
+                jax.block_until_ready(step_metrics)
+                seconds = time.perf_counter() - first_step_start
+                run.log(f"first train step done in {seconds:.1f}s (compilation included)")
             if step % steps_per_epoch == 0:
                 progress.set_postfix(loss=f"{float(step_metrics['loss']):.3f}")
     jax.block_until_ready((state, rehearsal))

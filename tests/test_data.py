@@ -238,3 +238,24 @@ def test_closing_early_stops_the_thread():
     assert not any(
         t.name == prefetcher._thread.name and t.is_alive() for t in threading.enumerate()
     )
+
+
+def test_training_batches_of_natural_images_are_augmented_crops_and_flips():
+    images = np.random.default_rng(1).integers(1, 255, (40, 12, 12, 3), dtype=np.uint8)
+    split = sources.ArraySplit(images, np.zeros(40, np.int32))
+
+    def batches(augment: bool):
+        rows = np.arange(40)
+        return list(
+            pipeline.task_batches(split, rows, 8, seed=0, task=0, epochs=1, augment=augment)
+        )
+
+    plain, augmented = batches(False), batches(True)
+    changed = 0
+    for original, batch in zip(plain, augmented, strict=True):
+        np.testing.assert_array_equal(original["labels"], batch["labels"])
+        for before, after in zip(original["inputs"], batch["inputs"], strict=True):
+            changed += not np.array_equal(before, after)
+            kept = after[after.any(axis=-1)]
+            assert {tuple(p) for p in kept} <= {tuple(p) for p in before.reshape(-1, 3)}
+    assert changed > 30

@@ -109,6 +109,7 @@ def start_process(rank: int, port: int, timeout_s: int, workdir, env) -> subproc
             "--config.num_cpu_devices=2",
             "--config.epochs_per_task=100000",
             f"--config.distributed.timeout_s={timeout_s}",
+            f"--config.distributed.log_dir={workdir}/logs",
             f"--config.distributed.coordinator_address=127.0.0.1:{port}",
             "--config.distributed.num_processes=2",
             f"--config.distributed.process_id={rank}",
@@ -121,13 +122,23 @@ def start_process(rank: int, port: int, timeout_s: int, workdir, env) -> subproc
     )
 
 
+def wait_for_line(path, text: str, timeout_s: float) -> None:
+    """Polls `path` until a line holds `text`."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if path.exists() and text in path.read_text():
+            return
+        time.sleep(0.2)
+    raise AssertionError(f"no line with {text!r} in {path} after {timeout_s} s")
+
+
 def test_survivor_of_a_killed_process_stops_with_a_clear_error_within_the_timeout(
     tmp_path, data_dir
 ):
     env, timeout_s = environment(data_dir), 15
     port = int(env["CLJAX_PORT"])
     survivor, victim = (start_process(r, port, timeout_s, tmp_path / "run", env) for r in (0, 1))
-    time.sleep(20)
+    wait_for_line(tmp_path / "run" / "logs" / "process_1.log", "first train step done", 120)
     assert survivor.poll() is None and victim.poll() is None, "both should still be training"
     victim.send_signal(signal.SIGKILL)
     killed_at = time.monotonic()

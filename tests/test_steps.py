@@ -1,6 +1,8 @@
 """The fused train step: exact data-parallel gradients, staleness 1, and donation."""
 
+import dataclasses
 import re
+from typing import ClassVar
 
 import jax
 import jax.numpy as jnp
@@ -9,7 +11,9 @@ import optax
 import pytest
 
 from cljax import buffer as buffer_lib
+from cljax import runtime as runtime_lib
 from cljax import steps, strategies
+from cljax.collectives import JaxCollectives
 from cljax.models.mlp import MLP
 
 NUM_CLASSES, BUDGET, BATCH, CANDIDATES, REPS = 4, 3, 4, 2, 8
@@ -23,6 +27,7 @@ def make_setup(
     augment_from_task: int = 0,
     memory_kind: str = "device",
     strategy: strategies.Strategy = strategies.ER(),  # noqa: B008 (frozen)
+    learning_rate: float = 0.1,
 ):
     """Model, replicated train state, sharded rehearsal state and the jitted step."""
     model = MLP(num_classes=NUM_CLASSES, hidden_sizes=(16,))
@@ -32,7 +37,7 @@ def make_setup(
     )
     settings = steps.StepConfig(
         model=model,
-        optimizer=optax.sgd(0.1),
+        optimizer=optax.sgd(learning_rate),
         strategy=strategy,
         max_value=MAX_VALUE,
         buffer=buffer,
@@ -58,11 +63,17 @@ def host_batch(step: int, num_devices: int) -> dict[str, np.ndarray]:
     return {"inputs": inputs, "labels": labels.astype(np.int32), "mask": mask}
 
 
+def run_steps(train_step, state, rehearsal, num_devices: int, steps: int):
+    """`steps` train steps of task 0 on `host_batch(0..steps-1)`."""
+    for step in range(steps):
+        batch = host_batch(step, num_devices)
+        state, rehearsal, _ = train_step(state, rehearsal, batch, jnp.int32(0))
+    return state, rehearsal
+
+
 def test_step_equals_single_device_gradient_step_on_global_batch(runtime):
     model, state, rehearsal, train_step = make_setup(runtime)
-    for step in range(3):
-        batch = host_batch(step, runtime.num_devices)
-        state, rehearsal, _ = train_step(state, rehearsal, batch, jnp.int32(0))
+    state, rehearsal = run_steps(train_step, state, rehearsal, runtime.num_devices, 3)
     reps = jax.device_get(rehearsal.representatives)
     params = jax.device_get(state.params)
     batch = host_batch(3, runtime.num_devices)
@@ -110,10 +121,7 @@ def test_same_seed_gives_bit_identical_states(runtime, seed):
     def run():
         _, state, rehearsal, train_step = make_setup(runtime)
         state = state.replace(rng=jax.device_put(jax.random.key(seed), state.rng.sharding))
-        for step in range(5):
-            state, rehearsal, _ = train_step(
-                state, rehearsal, host_batch(step, runtime.num_devices), jnp.int32(0)
-            )
+        state, rehearsal = run_steps(train_step, state, rehearsal, runtime.num_devices, 5)
         return jax.device_get((state.params, rehearsal))
 
     first, second = run(), run()
@@ -139,10 +147,7 @@ def test_compiled_step_updates_the_buffer_without_copying_it(runtime):
 
 def test_representatives_are_ignored_before_augment_from_task(runtime):
     model, state, rehearsal, train_step = make_setup(runtime, augment_from_task=1)
-    for step in range(3):
-        state, rehearsal, _ = train_step(
-            state, rehearsal, host_batch(step, runtime.num_devices), jnp.int32(0)
-        )
+    state, rehearsal = run_steps(train_step, state, rehearsal, runtime.num_devices, 3)
     assert rehearsal.representatives.weights.sum() > 0
     params = jax.device_get(state.params)
     batch = host_batch(3, runtime.num_devices)
@@ -171,3 +176,124 @@ def test_buffer_in_pinned_host_memory_stays_there_and_changes_nothing_else(runti
     }
     assert on_host[1].representatives.weights.sharding.memory_kind == "device"
     jax.tree.map(np.testing.assert_array_equal, jax.device_get(on_device), jax.device_get(on_host))
+
+
+def test_step_keys_are_independent_and_only_the_device_key_differs_between_devices():
+    rng = jax.random.key(3)
+    keys = [steps.step_keys(rng, jnp.int32(device)) for device in range(4)]
+    data = [[jax.random.key_data(key) for key in triple] for triple in keys]
+    for next_rng, _, shared in data[1:]:
+        np.testing.assert_array_equal(next_rng, data[0][0])
+        np.testing.assert_array_equal(shared, data[0][2])
+    device_keys = {bytes(np.asarray(triple[1])) for triple in data}
+    assert len(device_keys) == 4
+    shared_key = keys[0][2]
+    for device, (_, device_key, _) in enumerate(keys):
+        folded = jax.random.key_data(jax.random.fold_in(shared_key, device))
+        assert not np.array_equal(folded, jax.random.key_data(device_key))
+        assert not np.array_equal(jax.random.key_data(shared_key), jax.random.key_data(device_key))
+
+
+class AgreementCheckingCollectives(JaxCollectives):
+    """Records whether every device passed the same shift to `receive_shifted`."""
+
+    def __init__(self, record: list):
+        super().__init__()
+        self.record = record
+
+    def receive_shifted(self, tree, shift):
+        agreed = jax.lax.pmax(shift, self.axis_name) == jax.lax.pmin(shift, self.axis_name)
+        jax.debug.callback(lambda ok: self.record.append(bool(ok)), agreed)
+        return super().receive_shifted(tree, jax.lax.pmin(shift, self.axis_name))
+
+
+def test_every_device_draws_the_same_shared_shift_in_the_step():
+    record = []
+    runtime = runtime_lib.JaxRuntime(timeout_s=600)
+    runtime.collectives = AgreementCheckingCollectives(record)
+    _, state, rehearsal, train_step = make_setup(runtime)
+    state, rehearsal = run_steps(train_step, state, rehearsal, runtime.num_devices, 3)
+    jax.block_until_ready(rehearsal)
+    assert len(record) == 3 * runtime.num_devices and all(record)
+
+
+def filled_rows(rehearsal) -> dict[str, np.ndarray]:
+    """Every filled slot of the global buffer, as rows."""
+    buffer = jax.device_get(rehearsal.buffer)
+    filled = np.asarray(buffer.counts)[:, None] > np.arange(buffer.labels.shape[1])
+    return {name: np.asarray(value)[filled] for name, value in buffer.data.items()}
+
+
+def test_der_stores_each_sample_with_the_logits_of_its_forward_pass():
+    model, state, rehearsal, train_step = make_setup(runtime_lib.JaxRuntime(600), strategy=DER)
+    params = jax.device_get(state.params)
+    batch = host_batch(0, 8)
+    rows = filled_rows(train_step(state, rehearsal, batch, jnp.int32(0))[1])
+    assert len(rows["inputs"]) > 0
+    expected = model.apply({"params": params}, rows["inputs"] / MAX_VALUE)
+    np.testing.assert_allclose(rows["logits"], expected, rtol=1e-5, atol=1e-6)
+    assert np.abs(rows["logits"]).max() > 1e-3
+
+
+DER = strategies.DER(alpha=0.3)
+DERPP = strategies.DERpp(alpha=0.3, beta=0.7)
+
+
+@pytest.mark.parametrize("strategy", [DER, DERPP], ids=["der", "derpp"])
+def test_der_and_derpp_losses_equal_their_definitions(runtime, strategy):
+    """CE(batch) + alpha MSE(f(x_buf), z_buf) [+ beta CE(f(x_buf), y_buf)], weighted."""
+    model, state, rehearsal, train_step = make_setup(runtime, strategy=strategy, learning_rate=3.0)
+    state, rehearsal = run_steps(train_step, state, rehearsal, runtime.num_devices, 6)
+    reps = jax.device_get(rehearsal.representatives)
+    params = jax.device_get(state.params)
+    batch = host_batch(6, runtime.num_devices)
+    _, _, metrics = train_step(state, rehearsal, batch, jnp.int32(0))
+
+    def logits(inputs):
+        return model.apply({"params": params}, np.asarray(inputs).reshape(-1, 3) / MAX_VALUE)
+
+    mask = batch["mask"].astype(np.float32)
+    ce = optax.softmax_cross_entropy_with_integer_labels(logits(batch["inputs"]), batch["labels"])
+    new_ce = (ce * mask).sum() / mask.sum()
+    rep_logits = logits(reps.data["inputs"])
+    weights = reps.weights.ravel()
+    squared = ((rep_logits - reps.data["logits"].reshape(rep_logits.shape)) ** 2).mean(-1)
+    mse = (squared * weights).sum() / weights.sum()
+    replay = optax.softmax_cross_entropy_with_integer_labels(rep_logits, reps.labels.ravel())
+    replay_ce = (replay * weights).sum() / weights.sum()
+    expected = new_ce + strategy.alpha * mse
+    if isinstance(strategy, strategies.DERpp):
+        expected += strategy.beta * replay_ce
+        np.testing.assert_allclose(metrics["replay_ce"], replay_ce, rtol=1e-5)
+    # The logit term is 100x the tolerance below: zeroing it fails the test.
+    assert weights.sum() > 0 and strategy.alpha * mse > 1e-3 * expected
+    np.testing.assert_allclose(metrics["logit_mse"], mse, rtol=1e-5)
+    np.testing.assert_allclose(metrics["new_ce"], new_ce, rtol=1e-5)
+    np.testing.assert_allclose(metrics["loss"], expected, rtol=1e-5)
+
+
+@dataclasses.dataclass(frozen=True)
+class OffsetLoss(strategies.Strategy):
+    """Fine-tuning plus a constant kept in the strategy's own state."""
+
+    name: ClassVar[str] = "offset"
+
+    def init_state(self, variables):
+        return jnp.float32(2.5)
+
+    def loss(self, outputs, state):
+        loss, terms = super().loss(outputs, state)
+        return loss + state, {**terms, "offset": state}
+
+
+def test_a_strategys_own_state_reaches_its_loss_through_the_step(runtime):
+    model, state, _, train_step = make_setup(runtime, strategy=OffsetLoss())
+    params = jax.device_get(state.params)
+    batch = host_batch(0, runtime.num_devices)
+    state, _, metrics = train_step(state, None, batch, jnp.int32(0))
+    logits = model.apply({"params": params}, batch["inputs"] / MAX_VALUE)
+    ce = optax.softmax_cross_entropy_with_integer_labels(logits, batch["labels"])
+    expected = (ce * batch["mask"]).sum() / batch["mask"].sum()
+    # Each device adds the replicated offset to its part of the loss: D times in the sum.
+    np.testing.assert_allclose(metrics["loss"], expected + 2.5 * runtime.num_devices, rtol=1e-5)
+    assert float(state.strategy_state) == 2.5

@@ -7,12 +7,11 @@ import pytest
 import tensorflow_datasets as tfds
 
 from cljax import configuration, trainer
-from configs import default
 
 
 def digits_config(data_dir: str, strategy: str):
     """The default experiment on 8 devices: per-device batch 2 keeps the global batch of 8."""
-    config = default.get_config()
+    config = configuration.load_config()
     config.num_cpu_devices = 8
     config.dataset.data_dir = data_dir
     config.strategy.name = strategy
@@ -24,12 +23,18 @@ def digits_config(data_dir: str, strategy: str):
 
 
 @pytest.fixture(scope="module")
-def results(data_dir, tmp_path_factory):
+def workdirs(tmp_path_factory) -> dict:
     return {
-        strategy: trainer.train_and_evaluate(
-            digits_config(data_dir, strategy), str(tmp_path_factory.mktemp(strategy))
-        )
+        strategy: tmp_path_factory.mktemp(strategy)
         for strategy in ("incremental", "er", "derpp", "from_scratch")
+    }
+
+
+@pytest.fixture(scope="module")
+def results(data_dir, workdirs):
+    return {
+        strategy: trainer.train_and_evaluate(digits_config(data_dir, strategy), str(workdir))
+        for strategy, workdir in workdirs.items()
     }
 
 
@@ -53,23 +58,21 @@ def test_incremental_forgets_earlier_tasks_almost_entirely(results):
     assert acc[-1, :-1].max() < 0.2
 
 
-def test_written_metrics_equal_returned_metrics(results, tmp_path_factory):
+def test_written_metrics_equal_returned_metrics(results, workdirs):
     for name, run in results.items():
-        workdir = tmp_path_factory.getbasetemp() / f"{name}0"
-        written = json.loads((workdir / "metrics.json").read_text())
+        written = json.loads((workdirs[name] / "metrics.json").read_text())
         assert written["accuracy_matrix"] == run["accuracy_matrix"]
         assert written["num_devices"] == 8
 
 
-def test_rerunning_into_a_finished_workdir_is_refused(results, data_dir, tmp_path_factory):
-    workdir = tmp_path_factory.getbasetemp() / "er0"
+def test_rerunning_into_a_finished_workdir_is_refused(results, data_dir, workdirs):
     with pytest.raises(configuration.ConfigError, match=r"already holds metrics\.json"):
-        trainer.train_and_evaluate(digits_config(data_dir, "er"), str(workdir))
+        trainer.train_and_evaluate(digits_config(data_dir, "er"), str(workdirs["er"]))
 
 
 def test_tfds_image_dataset_trains_end_to_end_with_augmentation(tmp_path):
     """A (mocked) cifar10 read lazily from its TFDS data source, augmented, through a CNN."""
-    config = default.get_config("er")
+    config = configuration.load_config("default:er")
     config.num_cpu_devices = 8
     config.dataset.name = "cifar10"
     config.dataset.data_dir = str(tmp_path / "tfds")
