@@ -8,13 +8,15 @@ from these declarations, so a new component needs no config code of its own.
 """
 
 import dataclasses
+import math
 from collections.abc import Mapping
 
 import ml_collections
 
 
 def argument(default, doc: str, minimum: float | None = None):
-    """A config argument of a component: its default, one-line meaning and lower bound."""
+    """A config argument of a component: its default, one-line meaning and lower bound (of
+    each item, for a sequence)."""
     return dataclasses.field(default=default, metadata={"doc": doc, "minimum": minimum})
 
 
@@ -45,10 +47,23 @@ def check(kind: str, name: str, cls: type, values: Mapping) -> None:
                 f" {sorted(known) or 'none'}"
             )
         minimum = known[key].metadata["minimum"]
-        if minimum is not None and not (isinstance(value, int | float) and value >= minimum):
+        if minimum is not None and not _at_least(value, minimum):
+            what = "numbers" if isinstance(value, tuple | list) else "a number"
             raise ArgumentError(
-                f"{field_name}={value!r} must be a number >= {minimum}; set --config.{field_name}"
+                f"{field_name}={value!r} must be {what} >= {minimum}; set --config.{field_name}"
             )
+
+
+def _at_least(value, minimum: float) -> bool:
+    """`value` (or, for a sequence, each of its items) is a finite number >= `minimum`."""
+    items = value if isinstance(value, tuple | list) else (value,)
+    return all(
+        isinstance(item, int | float)
+        and not isinstance(item, bool)
+        and math.isfinite(item)
+        and item >= minimum
+        for item in items
+    )
 
 
 def build(kind: str, name: str, cls: type, values: Mapping, **supplied):

@@ -16,15 +16,58 @@ from cljax import components
 from cljax.buffer import MEMORY_KINDS, POLICIES
 from cljax.data.scenarios import SCENARIOS, class_groups
 from cljax.data.sources import BUILTIN_BUILDERS
+from cljax.messages import ConfigError
 from cljax.models import MODELS
 from cljax.runtime import BACKENDS
 from cljax.strategies import STRATEGIES
 
 CONFIG_DIR = pathlib.Path(__file__).resolve().parents[1] / "configs"
+MAX_CPU_DEVICES = 512
 
-
-class ConfigError(ValueError):
-    """A config field that cannot work, with the fix in the message."""
+# One line per config field; model.<name>.* and strategy.<name>.* come from the components.
+FIELD_DOCS = {
+    "seed": "seeds parameters, data order and every buffer decision (>= 0)",
+    "num_cpu_devices": "simulated CPU devices of the whole run, split evenly over its"
+    " processes (ignored on GPU)",
+    "batch_size": "b: new samples per device per step",
+    "eval_batch_size": "global batch of the evaluation pass",
+    "epochs_per_task": "epochs over each task's training data",
+    "learning_rate": "Adam learning rate",
+    "dataset.name": f"built-in {sorted(BUILTIN_BUILDERS)} (no download) or any TFDS"
+    " image-classification dataset prepared as array_record (mnist, cifar10, imagenet2012, ...)",
+    "dataset.data_dir": "TFDS data dir (None: $TFDS_DATA_DIR, else ~/tensorflow_datasets)",
+    "dataset.image_size": "resize (shorter side) and centre-crop TFDS images to this size;"
+    " needed for datasets of varying image size (imagenet2012)",
+    "dataset.augment": "random crop + horizontal flip of training images (None: on for RGB images)",
+    "dataset.prefetch_depth": "batches the prefetch thread prepares ahead",
+    "scenario.name": f"one of {list(SCENARIOS)}",
+    "scenario.num_tasks": "tasks (1 for joint)",
+    "scenario.class_order_seed": "shuffle the class order with this seed (None: classes in order)",
+    "scenario.initial_increment": "classes in the first task (None: an equal split)",
+    "scenario.increment": "classes in each later task (None: an equal split)",
+    "strategy.name": f"one of {sorted(STRATEGIES)}; strategy.<name>.* are its hyperparameters",
+    "buffer.budget_per_class": "N: slots per class per device",
+    "buffer.rehearsal_ratio": "if set, N = floor(train_size * ratio / 100 / num_classes /"
+    " num_devices), as in the paper (takes precedence over budget_per_class)",
+    "buffer.num_candidates": "c: samples of each device's batch offered to its buffer per step",
+    "buffer.num_representatives": "r: samples from the global buffer added to each device's"
+    " batch per step",
+    "buffer.policy": f"one of {list(POLICIES)}",
+    "buffer.augment_from_task": "first task whose batches get representatives (the buffer"
+    " fills from task 0)",
+    "buffer.memory_kind": "where the buffer's slots live: device, or pinned_host (host"
+    " memory; only the r drawn records move to the device)",
+    "model.name": f"one of {sorted(MODELS)}; model.<name>.* are its arguments",
+    "distributed.backend": "jax (jax.distributed) or mpi (mpirun + mpi4jax, one device per"
+    " process)",
+    "distributed.coordinator_address": "host:port of process 0 for an explicit"
+    " jax.distributed set-up (with num_processes and process_id; None: detected)",
+    "distributed.num_processes": "processes of an explicit jax.distributed set-up",
+    "distributed.process_id": "this process's index in an explicit jax.distributed set-up",
+    "distributed.timeout_s": "how long a process waits for the others (start-up, progress)"
+    " before stopping with an error",
+    "distributed.log_dir": "every process appends its log lines to process_<i>.log there",
+}
 
 
 def _require(condition: bool, message: str) -> None:
@@ -41,9 +84,17 @@ def _one_of(field: str, value, choices) -> None:
 
 def _positive(field: str, value, minimum: int = 1) -> None:
     _require(
-        isinstance(value, int | float) and value >= minimum,
-        f"{field}={value!r} must be a number >= {minimum}; set --config.{field}",
+        isinstance(value, int | float)
+        and not isinstance(value, bool)
+        and math.isfinite(value)
+        and value >= minimum,
+        f"{field}={value!r} must be a finite number >= {minimum}; set --config.{field}",
     )
+
+
+def _optional_positive(field: str, value, minimum: int = 1) -> None:
+    if value is not None:
+        _positive(field, value, minimum)
 
 
 def _lookup(config: ml_collections.ConfigDict, field: str):
@@ -83,7 +134,17 @@ def validate(config: ml_collections.ConfigDict) -> None:
         "dataset.prefetch_depth",
     ):
         _positive(field, _lookup(config, field))
+    _require(
+        config.num_cpu_devices <= MAX_CPU_DEVICES,
+        f"num_cpu_devices={config.num_cpu_devices} is more than the {MAX_CPU_DEVICES} simulated"
+        " devices a CPU run can usefully have; set --config.num_cpu_devices lower",
+    )
     _positive("learning_rate", config.learning_rate, minimum=0)
+    _positive("seed", config.seed, minimum=0)
+    _optional_positive("scenario.class_order_seed", config.scenario.class_order_seed, 0)
+    _optional_positive("scenario.initial_increment", config.scenario.initial_increment)
+    _optional_positive("scenario.increment", config.scenario.increment)
+    _optional_positive("dataset.image_size", config.dataset.image_size)
     _validate_distributed(config.distributed)
     if STRATEGIES[config.strategy.name].uses_buffer:
         _validate_buffer(config)
@@ -102,6 +163,19 @@ def _validate_distributed(distributed: ml_collections.ConfigDict) -> None:
         "distributed.coordinator_address, num_processes and process_id go together; set all"
         " three (--config.distributed.FIELD) or none (automatic detection)",
     )
+    if distributed.coordinator_address is not None:
+        host, _, port = distributed.coordinator_address.rpartition(":")
+        _require(
+            bool(host) and port.isdigit() and 0 < int(port) < 65536,
+            f"distributed.coordinator_address={distributed.coordinator_address!r} is not"
+            " HOST:PORT; set --config.distributed.coordinator_address, e.g. 10.0.0.1:12355",
+        )
+        _positive("distributed.num_processes", distributed.num_processes)
+        _require(
+            0 <= distributed.process_id < distributed.num_processes,
+            f"distributed.process_id={distributed.process_id} is not in [0,"
+            f" num_processes={distributed.num_processes}); set --config.distributed.process_id",
+        )
 
 
 def _validate_buffer(config: ml_collections.ConfigDict) -> None:
@@ -109,6 +183,12 @@ def _validate_buffer(config: ml_collections.ConfigDict) -> None:
     _positive("buffer.num_representatives", buffer.num_representatives)
     _positive("buffer.num_candidates", buffer.num_candidates)
     _positive("buffer.augment_from_task", buffer.augment_from_task, minimum=0)
+    _require(
+        buffer.augment_from_task < config.scenario.num_tasks,
+        f"buffer.augment_from_task={buffer.augment_from_task} is past the last task (tasks"
+        f" 0..{config.scenario.num_tasks - 1}): no batch would ever get representatives; set"
+        " --config.buffer.augment_from_task below scenario.num_tasks",
+    )
     _require(
         buffer.num_candidates <= config.batch_size,
         f"buffer.num_candidates={buffer.num_candidates} exceeds batch_size={config.batch_size};"
@@ -135,9 +215,20 @@ def validate_memory_kind(memory_kind: str, available: list[str]) -> None:
 
 
 def validate_for_data(
-    config: ml_collections.ConfigDict, num_classes: int, train_size: int, num_devices: int
+    config: ml_collections.ConfigDict,
+    num_classes: int,
+    train_size: int,
+    num_devices: int,
+    resizable: bool = False,
 ) -> None:
-    """Checks what depends on the dataset and the number of data-parallel devices."""
+    """Checks what depends on the dataset (`resizable`: its images can be resized) and the
+    number of data-parallel devices."""
+    _require(
+        config.dataset.image_size is None or resizable,
+        f"dataset.image_size={config.dataset.image_size} does not apply to"
+        f" {config.dataset.name}, whose inputs have a fixed shape; unset"
+        " --config.dataset.image_size",
+    )
     scenario = config.scenario
     if scenario.name == "class_incremental":
         sizes = class_groups(
@@ -147,7 +238,7 @@ def validate_for_data(
             sum(sizes) == num_classes and min(sizes) >= 1,
             f"scenario.num_tasks={scenario.num_tasks} with initial_increment="
             f"{scenario.initial_increment} and increment={scenario.increment} gives tasks of"
-            f" {sizes} classes, not the {num_classes} classes of {config.dataset.name}; set"
+            f" {_short(sizes)} classes, not the {num_classes} classes of {config.dataset.name}; set"
             " --config.scenario.num_tasks (or initial_increment/increment) to cover them exactly",
         )
     if STRATEGIES[config.strategy.name].uses_buffer:
@@ -157,6 +248,44 @@ def validate_for_data(
             f"buffer.rehearsal_ratio={config.buffer.rehearsal_ratio} gives less than one slot"
             f" per class on each of {num_devices} devices; raise --config.buffer.rehearsal_ratio",
         )
+        total = budget * num_classes * num_devices
+        _require(
+            config.buffer.num_representatives <= total,
+            f"buffer.num_representatives={config.buffer.num_representatives} exceeds the"
+            f" {total} slots of the whole buffer ({budget} per class x {num_classes} classes x"
+            f" {num_devices} devices): every draw would repeat samples; lower"
+            " --config.buffer.num_representatives or raise buffer.budget_per_class",
+        )
+
+
+def validate_buffer_memory(
+    config: ml_collections.ConfigDict, buffer_bytes: int, available_bytes: int, where: str
+) -> None:
+    """The buffer of one device (`buffer_bytes`) must fit in the memory it lives in."""
+    _require(
+        buffer_bytes <= available_bytes,
+        f"the buffer needs {buffer_bytes / 2**30:.1f} GiB per device (buffer.budget_per_class="
+        f"{config.buffer.budget_per_class}, rehearsal_ratio={config.buffer.rehearsal_ratio}),"
+        f" more than the {available_bytes / 2**30:.1f} GiB of {where}; lower"
+        " --config.buffer.budget_per_class or --config.buffer.rehearsal_ratio",
+    )
+
+
+def validate_scenario(
+    config: ml_collections.ConfigDict, scenario, train_size: int, test_size: int
+) -> None:
+    """Every task must have training and test samples (else its accuracy is undefined)."""
+    for task in range(scenario.num_tasks):
+        for split, rows, size in (
+            ("training", scenario.train_rows[task], train_size),
+            ("test", scenario.test_rows[task], test_size),
+        ):
+            _require(
+                len(rows) > 0,
+                f"scenario.num_tasks={config.scenario.num_tasks} leaves task {task} without"
+                f" {split} samples ({config.dataset.name} has {size}); lower"
+                " --config.scenario.num_tasks",
+            )
 
 
 def budget_per_class(
@@ -214,9 +343,11 @@ def apply_overrides(config: ml_collections.ConfigDict, overrides: dict[str, str]
             node[leaf] = _parse_value(text, node.get_type(leaf))
         except (TypeError, ValueError, SyntaxError) as error:
             type_name = getattr(node.get_type(leaf), "__name__", node.get_type(leaf))
+            example = f", written like {_show(node[leaf])!r}" if node[leaf] is not None else ""
+            reason = f" ({error})" if type_name not in ("tuple", "list") else ""
             raise ConfigError(
-                f"{field}={text!r} is not a valid {type_name} ({error}); set --config.{field}"
-                f" to a value of type {type_name}"
+                f"{field}={text!r} is not a valid {type_name}{reason}; set --config.{field} to"
+                f" a value of type {type_name}{example}"
             ) from None
 
 
@@ -255,3 +386,36 @@ def _unknown_field(config: ml_collections.ConfigDict, field: str):
     close = difflib.get_close_matches(field, known, n=3, cutoff=0.5)
     hint = f"did you mean {', '.join(close)}?" if close else "see --helpconfig for every field"
     raise ConfigError(f"--config.{field} is not a config field; {hint}")
+
+
+def field_docs(config: ml_collections.ConfigDict) -> dict[str, str]:
+    """The one-line meaning of every field of `config` (empty where none is written)."""
+    docs = dict(FIELD_DOCS)
+    for kind, registry in (("model", MODELS), ("strategy", STRATEGIES)):
+        for name, cls in registry.items():
+            for field in components.arguments(cls):
+                docs[f"{kind}.{name}.{field.name}"] = field.metadata["doc"]
+    return {field: docs.get(field, "") for field in flat_fields(config)}
+
+
+def fields_table(config: ml_collections.ConfigDict, markdown: bool = False) -> str:
+    """Every field of `config` with its value and meaning: the `--helpconfig` text, or the
+    README's table."""
+    values = flat_fields(config)
+    docs = field_docs(config)
+    if markdown:
+        rows = [f"| `{f}` | `{_show(v)}` | {docs[f]} |" for f, v in values.items()]
+        return "\n".join(["| field | default | meaning |", "| --- | --- | --- |", *rows])
+    width = max(len(f"{f}={_show(v)}") for f, v in values.items())
+    return "\n".join(f"{f + '=' + _show(v):<{width}}  {docs[f]}" for f, v in values.items())
+
+
+def _short(values: list, shown: int = 8) -> str:
+    """A list as text, cut after `shown` items."""
+    if len(values) <= shown:
+        return str(values)
+    return f"[{', '.join(map(str, values[:shown]))}, ... ({len(values)} in all)]"
+
+
+def _show(value) -> str:
+    return str(tuple(value)) if isinstance(value, list) else str(value)

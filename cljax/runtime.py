@@ -12,6 +12,7 @@ only place in cljax that knows which communication backend runs:
 """
 
 import abc
+import contextlib
 import logging
 import os
 import sys
@@ -22,11 +23,16 @@ from collections.abc import Callable
 import jax
 import ml_collections
 import numpy as np
+
+# The coordination service's client (key-value store) has no public handle; multihost_utils
+# reaches it the same way.
+from jax._src import distributed as jax_distributed
 from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from cljax.collectives import AXIS, Collectives, JaxCollectives, MpiCollectives
+from cljax.messages import EXIT_LOST_PROCESS, ConfigError, warn
 
 # Environment variables that give the number of processes of a job, by launcher, and the
 # JAX cluster detection to use for it.
@@ -37,6 +43,8 @@ _CLUSTER_SIZE_VARIABLES = {
     "PALS_NRANKS": "mpi4py",
 }
 _CPU_COLLECTIVE_TIMEOUT_FLAG = "--xla_cpu_collective_call_terminate_timeout_seconds"
+_BROADCAST_KEY = "cljax/broadcast"
+_ALIVE_PREFIX = "cljax/alive/"
 
 
 class Runtime(abc.ABC):
@@ -98,6 +106,21 @@ class Runtime(abc.ABC):
             for key, value in local.items()
         }
 
+    def memory_kinds(self) -> list[str]:
+        """The kinds of memory this process's devices have (device, pinned_host, ...)."""
+        return [memory.kind for memory in self.mesh.local_devices[0].addressable_memories()]
+
+    def memory_per_device(self, memory_kind: str) -> tuple[int, str]:
+        """Bytes a device can hold in `memory_kind`, and what that memory is: the
+        accelerator's own, or host memory shared by this process's devices."""
+        device = self.mesh.local_devices[0]
+        stats = device.memory_stats() if memory_kind == "device" else None
+        if stats and "bytes_limit" in stats:
+            return int(stats["bytes_limit"]), f"{device.device_kind} memory"
+        host = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+        local = jax.local_device_count()
+        return host // local, f"host memory per device ({local} on this host)"
+
     @abc.abstractmethod
     def gather_rows(self, local_rows: jax.Array) -> np.ndarray:
         """Every process's rows of a batch-sharded array, concatenated in process order."""
@@ -109,6 +132,10 @@ class Runtime(abc.ABC):
     @abc.abstractmethod
     def barrier(self, name: str) -> None:
         """Waits until every process of the job gets here."""
+
+    @abc.abstractmethod
+    def broadcast_text(self, text: str | None) -> str:
+        """Process 0's `text`, on every process."""
 
     def watchdog(self, what: str = "training") -> "Watchdog":
         """A watchdog for this job: armed only when there are other processes to lose."""
@@ -123,10 +150,39 @@ class JaxRuntime(Runtime):
 
     @classmethod
     def start(cls, config: ml_collections.ConfigDict) -> "JaxRuntime":
-        """`config.num_cpu_devices` devices per process on CPU; jax.distributed if needed."""
-        configure_cpu_devices(config.num_cpu_devices, config.distributed.timeout_s)
-        _initialize_jax_distributed(config.distributed)
-        return cls(config.distributed.timeout_s)
+        """On CPU, `config.num_cpu_devices` devices for the whole job, split evenly over its
+        processes; jax.distributed when the job has several processes."""
+        distributed = config.distributed
+        processes = distributed.num_processes or launched_processes()[0]
+        per_process = max(1, config.num_cpu_devices // processes)
+        configure_cpu_devices(per_process, distributed.timeout_s)
+        _initialize_jax_distributed(distributed)
+        if jax.default_backend() == "cpu" and per_process * processes != config.num_cpu_devices:
+            raise ConfigError(
+                f"num_cpu_devices={config.num_cpu_devices} cannot be split evenly over"
+                f" {processes} processes; set --config.num_cpu_devices to a multiple of"
+                f" {processes}"
+            )
+        return cls(distributed.timeout_s)
+
+    def broadcast_text(self, text: str | None) -> str:
+        if self.process_count == 1:
+            return text
+        client = jax_distributed.global_state.client
+        if self.is_main:
+            client.key_value_set(_BROADCAST_KEY, text, allow_overwrite=True)
+            return text
+        return client.blocking_key_value_get(_BROADCAST_KEY, int(self.timeout_s * 1000))
+
+    def watchdog(self, what: str = "training") -> "Watchdog":
+        """With several processes, each watchdog also posts that its process is alive, so
+        that a stalled process can name the one that went silent."""
+        watchdog = super().watchdog(what)
+        if self.process_count > 1:
+            watchdog.liveness = _KeyValueLiveness(
+                jax_distributed.global_state.client, self.process_index, self.process_count
+            )
+        return watchdog
 
     @property
     def process_index(self) -> int:
@@ -167,7 +223,16 @@ class MpiRuntime(Runtime):
     def start(cls, config: ml_collections.ConfigDict) -> "MpiRuntime":
         """One device per process, whatever `num_cpu_devices` says."""
         configure_cpu_devices(1, config.distributed.timeout_s)
-        return cls(config.distributed.timeout_s)
+        runtime = cls(config.distributed.timeout_s)
+        if runtime.process_count == 1 and launched_processes()[0] == 1:
+            warn(
+                "distributed.backend='mpi' outside mpirun: training on this process's one"
+                " device; launch with launch/mpirun.sh N, or use distributed.backend=jax"
+            )
+        return runtime
+
+    def broadcast_text(self, text: str | None) -> str:
+        return self._comm.bcast(text, root=0)
 
     @property
     def process_index(self) -> int:
@@ -249,9 +314,11 @@ def _initialize_jax_distributed(config: ml_collections.ConfigDict) -> None:
     if (not explicit and launched == 1) or jax.distributed.is_initialized():
         return
     jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    # JAX's own heartbeat check stops a process with a long crash dump; it is set to fire
+    # only after the watchdog, which says in one line which process was lost.
     timeouts = {
         "initialization_timeout": config.timeout_s,
-        "heartbeat_timeout_seconds": config.timeout_s,
+        "heartbeat_timeout_seconds": 2 * config.timeout_s + 10,
         "shutdown_timeout_seconds": config.timeout_s,
     }
     print(
@@ -268,17 +335,48 @@ def _initialize_jax_distributed(config: ml_collections.ConfigDict) -> None:
         jax.distributed.initialize(cluster_detection_method=detection, **timeouts)
 
 
+class _KeyValueLiveness:
+    """Each process posts the time every second in the coordination service's key-value
+    store; a process whose post is older than a few seconds has gone silent."""
+
+    STALE_S = 5.0
+
+    def __init__(self, client, process_index: int, process_count: int):
+        self.client = client
+        self.process_index = process_index
+        self.process_count = process_count
+
+    def report_alive(self) -> None:
+        key = f"{_ALIVE_PREFIX}{self.process_index}"
+        self.client.key_value_set(key, repr(time.time()), allow_overwrite=True)
+
+    def silent_processes(self) -> list[int] | None:
+        """Processes whose last post is stale or missing; None if the store is unreachable
+        (process 0, which hosts it, is gone)."""
+        try:
+            posts = dict(self.client.key_value_dir_get(_ALIVE_PREFIX))
+        except Exception:  # any failure here means the coordinator is unreachable
+            return None
+        now = time.time()
+        return [
+            index
+            for index in range(self.process_count)
+            if now - float(posts.get(f"{_ALIVE_PREFIX}{index}", "0")) > self.STALE_S
+        ]
+
+
 class Watchdog:
-    """Stops the process with a clear message when no progress is reported for `timeout_s`.
+    """Stops the process with one clear line when no progress is reported for `timeout_s`.
 
     In a multi-process run, a process that died or cannot be reached leaves the others
-    blocked in a collective; the watchdog turns that hang into an exit with status 3. It
-    arms at the first reported progress, so that compiling the first step (which can take
-    long for a large model) never counts; until then JAX's start-up timeout and heartbeats
-    stand guard. An inactive watchdog (a single process) does nothing.
+    blocked in a collective; the watchdog turns that hang into an exit with status 3 and
+    says which process went silent. It arms at the first reported progress, so that
+    compiling the first step (which can take long for a large model) never counts; until
+    then JAX's start-up timeout and heartbeats stand guard. An inactive watchdog (a single
+    process) does nothing.
     """
 
-    EXIT_STATUS = 3
+    EXIT_STATUS = EXIT_LOST_PROCESS
 
     def __init__(
         self, timeout_s: float, process_index: int = 0, what: str = "training", active=True
@@ -287,6 +385,7 @@ class Watchdog:
         self.process_index = process_index
         self.what = what
         self.active = active
+        self.liveness: _KeyValueLiveness | None = None
         self._last: float | None = None
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._watch, daemon=True)
@@ -296,18 +395,29 @@ class Watchdog:
 
     def _watch(self) -> None:
         while not self._stop.wait(min(1.0, self.timeout_s / 4)):
+            if self.liveness is not None:
+                with contextlib.suppress(Exception):  # the stall check below reports it
+                    self.liveness.report_alive()
             if self._last is None:
                 continue
             idle = time.monotonic() - self._last
             if idle > self.timeout_s:
-                print(
-                    f"cljax: process {self.process_index} made no {self.what} progress for"
-                    f" {idle:.0f} s (distributed.timeout_s={self.timeout_s}): another process"
-                    " probably died or cannot be reached; stopping",
-                    file=sys.stderr,
-                    flush=True,
-                )
+                print(self._lost_message(idle), file=sys.stderr, flush=True)
                 os._exit(self.EXIT_STATUS)
+
+    def _lost_message(self, idle: float) -> str:
+        silent = self.liveness.silent_processes() if self.liveness is not None else []
+        if silent is None:
+            lost = "lost contact with process 0 (the coordinator)"
+        elif silent:
+            lost = f"lost process {', '.join(map(str, silent))}"
+        else:
+            lost = "another process probably died or cannot be reached"
+        return (
+            f"cljax: process {self.process_index} made no {self.what} progress for {idle:.0f} s"
+            f" (distributed.timeout_s={self.timeout_s}): {lost}; check its log"
+            " (distributed.log_dir) and start the job again; stopping"
+        )
 
     def __enter__(self) -> "Watchdog":
         if self.active:

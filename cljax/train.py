@@ -1,19 +1,20 @@
 """Command-line entry: `python -m cljax.train [--config=NAME[:ARG]] [--workdir=DIR]`.
 
 `--config` names `configs/NAME.py` of this clone (or any `PATH.py`), with an optional ARG
-for its `get_config`; `--config.FIELD=VALUE` overrides any field. With no flags, runs the
-default experiment (configs/default.py) into a fresh directory under `runs/`. Bad input
-stops before anything compiles, with one line that names the field and the fix.
+for its `get_config`; `--config.FIELD=VALUE` overrides any field, and `--helpconfig` lists
+them all. With no flags, runs the default experiment (configs/default.py) into a fresh
+directory under `runs/`. Bad input stops before anything compiles, with one line that names
+the field and the fix. Exit statuses: 0 finished, 1 failed, 2 bad input, 3 another process
+lost, 130 interrupted (Ctrl-C).
 """
 
-import datetime
 import os
 import sys
 
 import jax
 from absl import app, flags, logging
 
-from cljax import configuration, trainer
+from cljax import configuration, messages, trainer
 
 COMPILATION_CACHE = os.path.join("~", ".cache", "cljax", "jax")
 OVERRIDE_PREFIX = "--config."
@@ -24,11 +25,9 @@ _CONFIG = flags.DEFINE_string(
 _WORKDIR = flags.DEFINE_string(
     "workdir", None, "Directory for metrics.json; default: a fresh one under runs/."
 )
-
-
-def default_workdir(config) -> str:
-    stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
-    return os.path.join("runs", f"{stamp}-{config.dataset.name}-{config.strategy.name}")
+_HELPCONFIG = flags.DEFINE_bool(
+    "helpconfig", False, "List every field of the config with its value and meaning, and exit."
+)
 
 
 def split_overrides(argv: list[str]) -> tuple[list[str], dict[str, str]]:
@@ -38,7 +37,7 @@ def split_overrides(argv: list[str]) -> tuple[list[str], dict[str, str]]:
         if arg.startswith(OVERRIDE_PREFIX):
             field, equals, value = arg.removeprefix(OVERRIDE_PREFIX).partition("=")
             if not equals:
-                sys.exit(f"cljax: {arg} has no value; write {arg}=VALUE")
+                _stop(f"{arg} has no value; write {arg}=VALUE", messages.EXIT_BAD_INPUT)
             overrides[field] = value
         else:
             rest.append(arg)
@@ -50,12 +49,18 @@ def parse_flags(argv: list[str]) -> list[str]:
     try:
         return flags.FLAGS(argv)
     except flags.Error as error:
-        sys.exit(f"cljax: {error}; see --helpfull for the flags")
+        _stop(f"{error}; see --helpfull for the flags", messages.EXIT_BAD_INPUT)
+
+
+def _stop(message: str, status: int) -> None:
+    print(f"cljax: {message}", file=sys.stderr, flush=True)
+    sys.exit(status)
 
 
 def run(overrides: dict[str, str], argv: list[str]) -> None:
+    """Loads the config, applies the overrides and trains; maps failures to one line."""
     if len(argv) > 1:
-        raise app.UsageError(f"Unexpected arguments: {' '.join(argv[1:])}")
+        _stop(f"unexpected arguments {' '.join(argv[1:])}", messages.EXIT_BAD_INPUT)
     if not flags.FLAGS["verbosity"].present:
         logging.set_verbosity(logging.WARNING)
     if not jax.config.jax_compilation_cache_dir:
@@ -63,10 +68,19 @@ def run(overrides: dict[str, str], argv: list[str]) -> None:
     try:
         config = configuration.load_config(_CONFIG.value)
         configuration.apply_overrides(config, overrides)
+        if _HELPCONFIG.value:
+            print(configuration.fields_table(config))
+            return
         configuration.validate(config)
-        trainer.train_and_evaluate(config, _WORKDIR.value or default_workdir(config))
-    except configuration.ConfigError as error:
-        sys.exit(f"cljax: {error}")
+        trainer.train_and_evaluate(config, _WORKDIR.value)
+    except messages.ConfigError as error:
+        _stop(str(error), messages.EXIT_BAD_INPUT)
+    except trainer.Interrupted as error:
+        _stop(str(error), messages.EXIT_INTERRUPTED)
+    except messages.RunFailed as error:
+        _stop(str(error), messages.EXIT_FAILED)
+    except KeyboardInterrupt:
+        _stop("interrupted before training started", messages.EXIT_INTERRUPTED)
 
 
 def main() -> None:

@@ -1,14 +1,13 @@
 """The continual-learning task loop: `train_and_evaluate(config, workdir)`.
 
-Read top to bottom: check the config, start the runtime and load the data, build the model,
-strategy, buffer and jitted steps, then for each task train for `epochs_per_task` epochs and
-evaluate on every task's test split. Returns the metrics it writes to
-`<workdir>/metrics.json`.
+Read top to bottom: check the config, start the runtime, open the workdir and load the
+data, build the model, strategy, buffer and jitted steps, then for each task train for
+`epochs_per_task` epochs and evaluate on every task's test split. Returns the metrics it
+writes to `<workdir>/metrics.json`, which always says how the run stands (`status`).
 """
 
 import dataclasses
-import json
-import os
+import math
 import time
 from collections.abc import Callable
 
@@ -22,90 +21,135 @@ from tqdm import tqdm
 from cljax import buffer as buffer_lib
 from cljax import components, configuration, metrics, steps
 from cljax import runtime as runtime_lib
+from cljax import workdir as workdir_lib
 from cljax.data import pipeline, scenarios, sources
+from cljax.messages import ConfigError, RunFailed
 from cljax.models import create_model
 from cljax.strategies import STRATEGIES, Strategy
 
 
-def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
-    """Trains on every task in turn and evaluates after each; returns the metrics."""
+class Interrupted(RunFailed):
+    """Ctrl-C: the run stopped between steps; metrics.json says what finished."""
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | None = None) -> dict:
+    """Trains on every task in turn and evaluates after each; returns the metrics.
+
+    Without `workdir`, the run gets a new directory under `runs/`.
+    """
     wall_start = time.perf_counter()
     configuration.validate(config)
-    _check_workdir(workdir)
     runtime = runtime_lib.create(config)
-    configuration.validate_memory_kind(
-        config.buffer.memory_kind,
-        [memory.kind for memory in runtime.mesh.devices.flat[0].addressable_memories()],
-    )
-    dataset = _load_dataset(config, runtime)
-    configuration.validate_for_data(
-        config, dataset.num_classes, len(dataset.train), runtime.num_devices
-    )
-    run = _build(config, runtime, dataset)
-    scenario = make_scenario(config, dataset)
-    log = run.log
+    configuration.validate_memory_kind(config.buffer.memory_kind, runtime.memory_kinds())
+    with _open_workdir(config, runtime, workdir) as directory:
+        dataset = _load_dataset(config, runtime)
+        configuration.validate_for_data(
+            config, dataset.num_classes, len(dataset.train), runtime.num_devices, dataset.resizable
+        )
+        scenario = make_scenario(config, dataset)
+        configuration.validate_scenario(config, scenario, len(dataset.train), len(dataset.test))
+        run = _build(config, runtime, dataset, directory)
+        return _run_tasks(run, scenario, wall_start)
 
-    acc = np.zeros((scenario.num_tasks, scenario.num_tasks))
+
+def _run_tasks(run: "_Run", scenario: scenarios.Scenario, wall_start: float) -> dict:
+    """The task loop; whatever happens, metrics.json ends up saying how the run stands."""
+    report = _Report(run, scenario.num_tasks, wall_start)
     state, rehearsal = None, run.init_rehearsal()
-    timings = []
-    with runtime.watchdog() as watchdog:
-        for task in range(scenario.num_tasks):
-            if state is None or run.strategy.reinitialise_each_task:
-                state = run.init_state(jax.random.fold_in(jax.random.key(config.seed), task))
-            state = state.replace(
-                strategy_state=run.strategy.begin_task(state.strategy_state, state.variables, task)
-            )
-            train_rows = (
-                scenario.train_rows_up_to(task)
-                if run.strategy.trains_on_seen_tasks
-                else scenario.train_rows[task]
-            )
-            task_start = time.perf_counter()
-            state, rehearsal, data_wait = _train_task(
-                run, watchdog, state, rehearsal, train_rows, task, scenario.num_tasks
-            )
-            eval_start = time.perf_counter()
-            predicted = _predict_all(run, state, dataset.test)
-            correct = predicted == dataset.test.labels
-            acc[task] = [correct[rows].mean() for rows in scenario.test_rows]
-            timings.append(
-                _with_max_over_processes(
-                    runtime,
-                    {
-                        "task": task,
-                        "train_s": eval_start - task_start,
-                        "data_wait_s": data_wait,
-                        "eval_s": time.perf_counter() - eval_start,
-                    },
+    try:
+        with run.runtime.watchdog() as watchdog:
+            for task in range(scenario.num_tasks):
+                if state is None or run.strategy.reinitialise_each_task:
+                    key = jax.random.fold_in(jax.random.key(run.config.seed), task)
+                    state = run.init_state(key)
+                state = state.replace(
+                    strategy_state=run.strategy.begin_task(
+                        state.strategy_state, state.variables, task
+                    )
                 )
-            )
-            watchdog.progress()
-            train_time = sum(timing["train_s"] for timing in timings)
-            results = {
-                "accuracy_matrix": acc[: task + 1].tolist(),
-                **metrics.summary(acc[: task + 1]),
-                "train_time_s": train_time,
-                "data_wait_s": sum(timing["data_wait_s"] for timing in timings),
-                "wall_time_s": time.perf_counter() - wall_start,
-                "num_devices": runtime.num_devices,
-                "completed_tasks": task + 1,
-                "task_timings": timings,
-                "config": run.resolved_config,
-            }
-            if runtime.is_main:
-                _write_json(workdir, "metrics.json", results)
-            log(
-                f"task {task + 1}/{scenario.num_tasks}: accuracy on seen tasks "
-                f"{acc[task, : task + 1].mean():.4f}, train time {train_time:.1f}s"
-            )
-
-    log(metrics.format_matrix(acc))
-    log(
+                train_rows = (
+                    scenario.train_rows_up_to(task)
+                    if run.strategy.trains_on_seen_tasks
+                    else scenario.train_rows[task]
+                )
+                task_start = time.perf_counter()
+                state, rehearsal, data_wait = _train_task(
+                    run, watchdog, state, rehearsal, train_rows, task, scenario.num_tasks
+                )
+                eval_start = time.perf_counter()
+                correct = _predict_all(run, state, run.dataset.test) == run.dataset.test.labels
+                accuracies = [correct[rows].mean() for rows in scenario.test_rows]
+                timing = {
+                    "task": task,
+                    "train_s": eval_start - task_start,
+                    "data_wait_s": data_wait,
+                    "eval_s": time.perf_counter() - eval_start,
+                }
+                report.task_done(task, accuracies, timing)
+                watchdog.progress()
+    except KeyboardInterrupt:
+        report.write("interrupted")
+        raise Interrupted(
+            f"interrupted; {report.path} holds the {report.completed} finished task(s)"
+        ) from None
+    except BaseException as error:
+        report.write("failed", error=str(error) or repr(error))
+        raise
+    report.write("finished")
+    run.log(metrics.format_matrix(report.acc))
+    results = report.results("finished")
+    run.log(
         f"final_average_accuracy={results['final_average_accuracy']:.4f} "
         f"average_forgetting={results['average_forgetting']:.4f} "
-        f"train_time_s={train_time:.1f} metrics: {os.path.join(workdir, 'metrics.json')}"
+        f"train_time_s={results['train_time_s']:.1f} metrics: {report.path}"
     )
     return results
+
+
+class _Report:
+    """The run's results so far, written to metrics.json by process 0 after every task."""
+
+    def __init__(self, run: "_Run", num_tasks: int, wall_start: float):
+        self.run = run
+        self.acc = np.zeros((0, num_tasks))
+        self.timings: list[dict] = []
+        self.wall_start = wall_start
+        self.path = run.directory.file(workdir_lib.METRICS_NAME)
+
+    @property
+    def completed(self) -> int:
+        return len(self.acc)
+
+    def task_done(self, task: int, accuracies: list[float], timing: dict) -> None:
+        self.acc = np.vstack([self.acc, accuracies])
+        self.timings.append(_with_max_over_processes(self.run.runtime, timing))
+        self.write("running")
+        train_time = sum(t["train_s"] for t in self.timings)
+        self.run.log(
+            f"task {task + 1}/{self.acc.shape[1]}: accuracy on seen tasks "
+            f"{np.mean(accuracies[: task + 1]):.4f}, train time {train_time:.1f}s"
+        )
+
+    def results(self, status: str, error: str | None = None) -> dict:
+        acc = self.acc
+        results = {
+            "status": status,
+            **({"error": error} if error else {}),
+            "accuracy_matrix": acc.tolist(),
+            **(metrics.summary(acc) if self.completed else {}),
+            "train_time_s": sum(t["train_s"] for t in self.timings),
+            "data_wait_s": sum(t["data_wait_s"] for t in self.timings),
+            "wall_time_s": time.perf_counter() - self.wall_start,
+            "num_devices": self.run.runtime.num_devices,
+            "completed_tasks": self.completed,
+            "task_timings": self.timings,
+            "config": self.run.resolved_config,
+        }
+        return results
+
+    def write(self, status: str, error: str | None = None) -> None:
+        if self.run.runtime.is_main:
+            self.run.directory.write_json(workdir_lib.METRICS_NAME, self.results(status, error))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -114,6 +158,7 @@ class _Run:
 
     config: ml_collections.ConfigDict
     runtime: runtime_lib.Runtime
+    directory: workdir_lib.Workdir
     dataset: sources.Dataset
     strategy: Strategy
     settings: steps.StepConfig
@@ -129,7 +174,26 @@ class _Run:
         return self.config.batch_size * self.runtime.num_devices
 
 
-def _build(config: ml_collections.ConfigDict, runtime, dataset: sources.Dataset) -> _Run:
+def _open_workdir(config, runtime: runtime_lib.Runtime, path: str | None) -> workdir_lib.Workdir:
+    """The run's directory (a new one under runs/ if `path` is None), agreed by all
+    processes; it is opened (checked and locked) on entering the returned context."""
+    created = path is None
+    if created:
+        default = (
+            workdir_lib.default_path(config.dataset.name, config.strategy.name)
+            if runtime.is_main
+            else None
+        )
+        path = runtime.broadcast_text(default)
+    return workdir_lib.Workdir(path, is_main=runtime.is_main, created=created)
+
+
+def _build(
+    config: ml_collections.ConfigDict,
+    runtime: runtime_lib.Runtime,
+    dataset: sources.Dataset,
+    directory: workdir_lib.Workdir,
+) -> _Run:
     """Model, strategy, buffer and the jitted steps for this run."""
     strategy = build_strategy(config.strategy)
     resolved = _resolved_config(config, dataset, runtime.num_devices)
@@ -142,6 +206,17 @@ def _build(config: ml_collections.ConfigDict, runtime, dataset: sources.Dataset)
             num_representatives=config.buffer.num_representatives,
             policy=config.buffer.policy,
             memory_kind=config.buffer.memory_kind,
+        )
+    example = {
+        "inputs": jax.ShapeDtypeStruct(dataset.input_shape, dataset.input_dtype),
+        **strategy.stored_fields(dataset.num_classes),
+    }
+    if buffer is not None:
+        slots = buffer.num_classes * buffer.budget_per_class
+        configuration.validate_buffer_memory(
+            config,
+            slots * buffer_lib.record_bytes(example),
+            *runtime.memory_per_device(buffer.memory_kind),
         )
     settings = steps.StepConfig(
         model=create_model(config.model, dataset.num_classes),
@@ -156,10 +231,6 @@ def _build(config: ml_collections.ConfigDict, runtime, dataset: sources.Dataset)
         lambda key: steps.create_train_state(settings, sample, key),
         out_shardings=runtime.replicated,
     )
-    example = {
-        "inputs": jax.ShapeDtypeStruct(dataset.input_shape, dataset.input_dtype),
-        **strategy.stored_fields(dataset.num_classes),
-    }
 
     def init_rehearsal() -> steps.RehearsalState | None:
         if buffer is None:
@@ -172,6 +243,7 @@ def _build(config: ml_collections.ConfigDict, runtime, dataset: sources.Dataset)
     return _Run(
         config=config,
         runtime=runtime,
+        directory=directory,
         dataset=dataset,
         strategy=strategy,
         settings=settings,
@@ -193,13 +265,13 @@ def build_strategy(config: ml_collections.ConfigDict) -> Strategy:
 
 def _load_dataset(config: ml_collections.ConfigDict, runtime) -> sources.Dataset:
     """The dataset of `config.dataset`; process 0 builds a missing built-in one first."""
-    if runtime.is_main:
-        sources.build_if_builtin(config.dataset.name, config.dataset.data_dir)
-    runtime.barrier("cljax-dataset-built")
     try:
+        if runtime.is_main:
+            sources.build_if_builtin(config.dataset.name, config.dataset.data_dir)
+        runtime.barrier("cljax-dataset-built")
         return sources.load(config.dataset.name, config.dataset.data_dir, config.dataset.image_size)
-    except sources.DatasetNotPrepared as error:
-        raise configuration.ConfigError(str(error)) from error
+    except sources.DatasetError as error:
+        raise ConfigError(str(error)) from error
 
 
 class _Logger:
@@ -209,8 +281,8 @@ class _Logger:
         self.is_main = runtime.is_main
         self.path = None
         if log_dir:
-            os.makedirs(log_dir, exist_ok=True)
-            self.path = os.path.join(log_dir, f"process_{runtime.process_index}.log")
+            workdir_lib.ensure_writable(log_dir, "distributed.log_dir")
+            self.path = f"{log_dir}/process_{runtime.process_index}.log"
 
     def __call__(self, message: str) -> None:
         if self.is_main:
@@ -228,7 +300,11 @@ def _with_max_over_processes(runtime: runtime_lib.Runtime, timing: dict) -> dict
 
 
 def _train_task(run: _Run, watchdog, state, rehearsal, rows: np.ndarray, task: int, tasks: int):
-    """Runs `epochs_per_task` epochs over `rows`; returns the states and the data wait."""
+    """Runs `epochs_per_task` epochs over `rows`; returns the states and the data wait.
+
+    Each step's loss is checked once the next step is queued (so the check never stalls
+    the device): a non-finite loss stops the run, naming where it happened.
+    """
     config, runtime = run.config, run.runtime
     task_id = jnp.int32(task)
     steps_per_epoch = pipeline.steps_per_epoch(len(rows), run.global_batch_size)
@@ -252,20 +328,41 @@ def _train_task(run: _Run, watchdog, state, rehearsal, rows: np.ndarray, task: i
     )
     prefetcher = pipeline.Prefetcher(batches, config.dataset.prefetch_depth)
     first_step_start = time.perf_counter() if task == 0 else None
+    unchecked = None
     with progress, prefetcher:
-        for step, host_batch in enumerate(prefetcher, start=1):
+        for index, host_batch in enumerate(prefetcher):
             batch = runtime.place(host_batch)
             state, rehearsal, step_metrics = run.train_step(state, rehearsal, batch, task_id)
+            if unchecked is not None:
+                _check_finite(run, *unchecked, task, tasks, steps_per_epoch)
+            unchecked = (step_metrics, index)
             progress.update()
             watchdog.progress()
-            if step == 1 and first_step_start is not None:
+            if index == 0 and first_step_start is not None:
                 jax.block_until_ready(step_metrics)
                 seconds = time.perf_counter() - first_step_start
                 run.log(f"first train step done in {seconds:.1f}s (compilation included)")
-            if step % steps_per_epoch == 0:
+            if (index + 1) % steps_per_epoch == 0:
                 progress.set_postfix(loss=f"{float(step_metrics['loss']):.3f}")
+        if unchecked is not None:
+            _check_finite(run, *unchecked, task, tasks, steps_per_epoch)
     jax.block_until_ready((state, rehearsal))
     return state, rehearsal, prefetcher.wait_s
+
+
+def _check_finite(
+    run: _Run, step_metrics: dict, index: int, task: int, tasks: int, steps_per_epoch: int
+) -> None:
+    """Raises `RunFailed` if the loss of the step at `index` (within the task) is not finite."""
+    loss = float(step_metrics["loss"])
+    if math.isfinite(loss):
+        return
+    epoch, step = divmod(index, steps_per_epoch)
+    raise RunFailed(
+        f"the loss became {loss} at task {task + 1}/{tasks}, epoch {epoch + 1}/"
+        f"{run.config.epochs_per_task}, step {step + 1}/{steps_per_epoch}; lower"
+        f" --config.learning_rate (now {run.config.learning_rate:g}) or check the data"
+    )
 
 
 def make_scenario(config: ml_collections.ConfigDict, dataset) -> scenarios.Scenario:
@@ -318,20 +415,3 @@ def _resolved_config(config, dataset, num_devices: int) -> dict:
         resolved["buffer"]["budget_per_class"] * dataset.num_classes * num_devices
     )
     return resolved
-
-
-def _check_workdir(workdir: str) -> None:
-    """Refuses to overwrite the results of an earlier run."""
-    if os.path.exists(os.path.join(workdir, "metrics.json")):
-        raise configuration.ConfigError(
-            f"workdir={workdir} already holds metrics.json; pass a new --workdir or remove it"
-        )
-
-
-def _write_json(workdir: str, name: str, content: dict) -> None:
-    """Writes atomically: a temporary file, then a rename."""
-    os.makedirs(workdir, exist_ok=True)
-    path = os.path.join(workdir, name)
-    with open(path + ".tmp", "w") as file:
-        json.dump(content, file, indent=2)
-    os.replace(path + ".tmp", path)

@@ -15,6 +15,8 @@ import time
 import numpy as np
 import pytest
 
+from tests.helpers import wait_for_line
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BIN = os.path.dirname(sys.executable)
 # r = 3 leaves r mod D rows for the shifted permutes on 2 and 4 devices.
@@ -68,6 +70,7 @@ def single_process(tmp_path, env, devices: int) -> np.ndarray:
 
 
 def test_two_processes_of_two_devices_equal_one_process_of_four(tmp_path, data_dir):
+    """launch/local.sh 2 with no device flag splits the default 4 devices over 2 processes."""
     env = environment(data_dir)
     workdir = tmp_path / "jax2x2"
     run(
@@ -76,7 +79,6 @@ def test_two_processes_of_two_devices_equal_one_process_of_four(tmp_path, data_d
             "launch/local.sh",
             "2",
             f"--workdir={workdir}",
-            "--config.num_cpu_devices=2",
             *SHORT_RUN,
         ],
         env,
@@ -106,7 +108,7 @@ def start_process(rank: int, port: int, timeout_s: int, workdir, env) -> subproc
             "-m",
             "cljax.train",
             f"--workdir={workdir}",
-            "--config.num_cpu_devices=2",
+            "--config.num_cpu_devices=4",
             "--config.epochs_per_task=100000",
             f"--config.distributed.timeout_s={timeout_s}",
             f"--config.distributed.log_dir={workdir}/logs",
@@ -122,16 +124,6 @@ def start_process(rank: int, port: int, timeout_s: int, workdir, env) -> subproc
     )
 
 
-def wait_for_line(path, text: str, timeout_s: float) -> None:
-    """Polls `path` until a line holds `text`."""
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if path.exists() and text in path.read_text():
-            return
-        time.sleep(0.2)
-    raise AssertionError(f"no line with {text!r} in {path} after {timeout_s} s")
-
-
 def test_survivor_of_a_killed_process_stops_with_a_clear_error_within_the_timeout(
     tmp_path, data_dir
 ):
@@ -143,9 +135,12 @@ def test_survivor_of_a_killed_process_stops_with_a_clear_error_within_the_timeou
     victim.send_signal(signal.SIGKILL)
     killed_at = time.monotonic()
     _, stderr = survivor.communicate(timeout=timeout_s + 60)
-    assert survivor.returncode != 0
+    assert survivor.returncode == 3
     assert time.monotonic() - killed_at < timeout_s + 60
-    assert "another task died" in stderr or "another process probably died" in stderr
+    lines = stderr.strip().splitlines()
+    assert lines[-1].startswith("cljax: process 0 made no training progress")
+    assert "lost process 1;" in lines[-1]
+    assert len(lines) <= 2 and "Fatal Python error" not in stderr
 
 
 def test_a_process_that_cannot_reach_the_others_stops_within_the_timeout(tmp_path, data_dir):
@@ -176,3 +171,38 @@ def test_watchdog_stops_a_process_that_makes_no_progress_once_armed(tmp_path):
     assert "not armed yet" in result.stdout
     assert "made no training progress" in result.stderr
     assert time.monotonic() - start < 20
+
+
+def test_two_local_jobs_started_together_pick_their_own_ports(tmp_path, data_dir):
+    env = environment(data_dir)
+    del env["CLJAX_PORT"]
+    flags = ["--config.scenario.name=joint", "--config.scenario.num_tasks=1"]
+    jobs = [
+        subprocess.Popen(
+            ["bash", "launch/local.sh", "2", f"--workdir={tmp_path}/job{i}", *flags],
+            cwd=REPO,
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for i in range(2)
+    ]
+    for job in jobs:
+        _, stderr = job.communicate(timeout=400)
+        assert job.returncode == 0, stderr[-3000:]
+    assert accuracy(tmp_path / "job0").shape == accuracy(tmp_path / "job1").shape == (1, 1)
+
+
+def test_the_local_launcher_names_a_port_in_use(data_dir):
+    env = environment(data_dir)
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        env["CLJAX_PORT"] = str(taken.getsockname()[1])
+        result = subprocess.run(
+            ["bash", "launch/local.sh", "2"], cwd=REPO, env=env, capture_output=True, text=True
+        )
+    assert result.returncode == 2
+    assert result.stderr.startswith(f"launch/local.sh: port {env['CLJAX_PORT']} (CLJAX_PORT)")
+    assert result.stderr.count("\n") == 1

@@ -8,12 +8,15 @@ TFDS datasets are read batch by batch, and only their labels are read up front.
 """
 
 import dataclasses
+import difflib
+import json
 import os
 from collections.abc import Sequence
 from typing import Protocol
 
 import numpy as np
 import tensorflow_datasets as tfds
+from array_record.python import array_record_module
 from PIL import Image
 
 from cljax.data.digits import Digits
@@ -23,8 +26,16 @@ BUILTIN_BUILDERS = {"digits": Digits, "mnist1d": Mnist1d}
 DEFAULT_DATA_DIR = os.path.join("~", "tensorflow_datasets")
 
 
-class DatasetNotPrepared(ValueError):
+class DatasetError(ValueError):
+    """A dataset that cannot be read; the message names it (or its file) and the fix."""
+
+
+class DatasetNotPrepared(DatasetError):
     """A TFDS dataset that is missing from the data dir, or not in array_record format."""
+
+
+class DatasetDamaged(DatasetError):
+    """A prepared dataset whose files are missing, truncated or corrupted."""
 
 
 class Split(Protocol):
@@ -96,6 +107,7 @@ class Dataset:
     input_dtype: np.dtype
     max_value: float
     natural_images: bool = False
+    resizable: bool = False
 
 
 def resolve_data_dir(data_dir: str | None) -> str:
@@ -127,10 +139,51 @@ def build_if_builtin(name: str, data_dir: str | None = None) -> None:
 def _prepared_builtin(name: str, data_dir: str) -> tfds.core.DatasetBuilder:
     """The builder of built-in dataset `name`, built into `data_dir` if it was not there."""
     builder = BUILTIN_BUILDERS[name](data_dir=data_dir, file_format="array_record")
-    if not builder.is_prepared():
+    if not os.path.exists(builder.data_dir):
         print(f"Building dataset {name} into {builder.data_dir}", flush=True)
-        builder.download_and_prepare()
+        tfds.disable_progress_bar()
+        try:
+            builder.download_and_prepare()
+        except OSError as error:
+            raise DatasetError(
+                f"dataset.data_dir={data_dir}: cannot build {name} there ({error.strerror});"
+                " set --config.dataset.data_dir to a directory you can write to"
+            ) from None
+    fix = f"remove {builder.data_dir} and run again: it is rebuilt"
+    verify_files(name, str(builder.data_dir), fix)
     return builder
+
+
+def verify_files(name: str, dataset_dir: str, fix: str) -> None:
+    """Checks a prepared dataset's files against its dataset_info.json (every shard present,
+    readable, with the record count written there); `fix` says how to repair it."""
+    info_path = os.path.join(dataset_dir, "dataset_info.json")
+    try:
+        with open(info_path) as file:
+            info = json.load(file)
+    except (OSError, ValueError) as error:
+        raise DatasetDamaged(
+            f"dataset {name}: {info_path} cannot be read ({error.__class__.__name__}): the"
+            f" dataset was not prepared completely; {fix}"
+        ) from None
+    for split in info.get("splits", []):
+        lengths = [int(length) for length in split["shardLengths"]]
+        for shard, length in enumerate(lengths):
+            path = os.path.join(
+                dataset_dir,
+                f"{name}-{split['name']}.array_record-{shard:05d}-of-{len(lengths):05d}",
+            )
+            try:
+                found = array_record_module.ArrayRecordReader(path).num_records()
+            except (OSError, RuntimeError, ValueError) as error:
+                raise DatasetDamaged(
+                    f"dataset file {path} is damaged or missing ({error}); {fix}"
+                ) from None
+            if found != length:
+                raise DatasetDamaged(
+                    f"dataset file {path} holds {found} records, not the {length} of"
+                    f" dataset_info.json; {fix}"
+                )
 
 
 def _load_builtin(name: str, data_dir: str) -> Dataset:
@@ -157,12 +210,22 @@ def _load_builtin(name: str, data_dir: str) -> Dataset:
 
 def _load_tfds(name: str, data_dir: str, image_size: int | None) -> Dataset:
     try:
+        builder = tfds.builder(name, data_dir=data_dir)
+        if os.path.isdir(builder.data_dir):
+            fix = f"remove {builder.data_dir} and run: {prepare_command(name, data_dir)}"
+            verify_files(name, str(builder.data_dir), fix)
         train, test = (
             _source_split(name, split, data_dir, image_size) for split in ("train", "test")
         )
-        builder = tfds.builder(name, data_dir=data_dir)
+    except tfds.core.registered.DatasetNotFoundError:
+        known = sorted({*BUILTIN_BUILDERS, *tfds.list_builders(with_community_datasets=False)})
+        close = difflib.get_close_matches(name, known, n=3)
+        hint = f"did you mean {', '.join(close)}? " if close else ""
+        raise DatasetNotPrepared(
+            f"dataset.name={name!r} is neither a built-in dataset {sorted(BUILTIN_BUILDERS)} nor"
+            f" a TFDS dataset; {hint}set --config.dataset.name"
+        ) from None
     except (
-        tfds.core.registered.DatasetNotFoundError,
         FileNotFoundError,
         AssertionError,
         NotImplementedError,
@@ -192,6 +255,7 @@ def _load_tfds(name: str, data_dir: str, image_size: int | None) -> Dataset:
         input_dtype=dtype,
         max_value=float(np.iinfo(dtype).max) if dtype.kind == "u" else 1.0,
         natural_images=image.shape[-1] == 3,
+        resizable=True,
     )
 
 

@@ -12,7 +12,9 @@ class SmallCNN(nn.Module):
     """3x3 conv blocks with ReLU and 2x2 max-pooling, then one dense layer."""
 
     num_classes: int
-    channels: Sequence[int] = argument((32, 64), "output channels of the 3x3 conv blocks")
+    channels: Sequence[int] = argument(
+        (32, 64), "output channels of the 3x3 conv blocks", minimum=1
+    )
     dense_size: int = argument(128, "width of the dense layer before the classifier", minimum=1)
 
     @nn.compact

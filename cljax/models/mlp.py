@@ -12,7 +12,7 @@ class MLP(nn.Module):
     """ReLU MLP; the baseline model of continual-learning benchmarks on small inputs."""
 
     num_classes: int
-    hidden_sizes: Sequence[int] = argument((256, 256), "widths of the hidden layers")
+    hidden_sizes: Sequence[int] = argument((256, 256), "widths of the hidden layers", minimum=1)
 
     @nn.compact
     def __call__(self, x: jax.Array, *, train: bool = False, mask: jax.Array | None = None):

@@ -1,0 +1,23 @@
+"""Helpers shared by tests that run cljax in other processes."""
+
+import os
+import pathlib
+import time
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+
+
+def subprocess_env(**extra: str) -> dict[str, str]:
+    """This environment for a child process, without the test session's XLA_FLAGS."""
+    env = {key: value for key, value in os.environ.items() if key != "XLA_FLAGS"}
+    return {**env, **extra}
+
+
+def wait_for_line(path: pathlib.Path, text: str, timeout_s: float = 120) -> None:
+    """Polls `path` until a line holds `text`."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if path.exists() and text in path.read_text():
+            return
+        time.sleep(0.2)
+    raise AssertionError(f"no line with {text!r} in {path} after {timeout_s} s")
