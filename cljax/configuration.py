@@ -8,11 +8,12 @@ import difflib
 import importlib.util
 import math
 import pathlib
+import sys
 
 import jax
 import ml_collections
 
-from cljax import components
+from cljax import augment, components, optim
 from cljax.buffer import MEMORY_KINDS, POLICIES
 from cljax.data.scenarios import SCENARIOS, class_groups
 from cljax.data.sources import BUILTIN_BUILDERS
@@ -22,6 +23,7 @@ from cljax.runtime import BACKENDS
 from cljax.strategies import STRATEGIES
 
 CONFIG_DIR = pathlib.Path(__file__).resolve().parents[1] / "configs"
+DTYPES = ("float32", "bfloat16")
 MAX_CPU_DEVICES = 512
 
 # One line per config field; model.<name>.* and strategy.<name>.* come from the components.
@@ -32,13 +34,38 @@ FIELD_DOCS = {
     "batch_size": "b: new samples per device per step",
     "eval_batch_size": "global batch of the evaluation pass",
     "epochs_per_task": "epochs over each task's training data",
-    "learning_rate": "Adam learning rate",
+    "dtype": f"computation dtype, one of {list(DTYPES)} (parameters, optimizer state and"
+    " BatchNorm statistics stay float32; the buffer keeps the stored dtype)",
+    "label_smoothing": "weight s of the uniform distribution mixed into the targets of every"
+    " cross-entropy (0: none)",
+    "optimizer.name": f"one of {list(optim.OPTIMIZERS)}",
+    "optimizer.learning_rate": "learning rate of one device (scaled by lr_scaling)",
+    "optimizer.momentum": "SGD momentum",
+    "optimizer.nesterov": "SGD with Nesterov momentum",
+    "optimizer.weight_decay": "L2 weight decay (SGD: coupled, as PyTorch's; Adam: AdamW's)",
+    "optimizer.decay_norm_and_bias": "decay BatchNorm scales and biases too (PyTorch's"
+    " default; the paper's runs do)",
+    "optimizer.lr_scaling": "scale the learning rate with the D data-parallel devices:"
+    " none, linear (x D) or paper (x min(D, 64))",
+    "optimizer.warmup_epochs": "epochs of linear warm-up from learning_rate to the scaled rate",
+    "optimizer.schedule": f"after warm-up, one of {list(optim.SCHEDULES)}",
+    "optimizer.decay_epochs": "step schedule: epochs at which the rate becomes a fraction of"
+    " the peak",
+    "optimizer.decay_factors": "step schedule: those fractions of the peak (not cumulative)",
+    "optimizer.schedule_scope": "task: the schedule restarts at every task (the paper's);"
+    " stream: it runs once over all tasks",
+    "optimizer.reset_each_task": "reset the optimizer state (momentum) at every task (the paper's)",
     "dataset.name": f"built-in {sorted(BUILTIN_BUILDERS)} (no download) or any TFDS"
     " image-classification dataset prepared as array_record (mnist, cifar10, imagenet2012, ...)",
     "dataset.data_dir": "TFDS data dir (None: $TFDS_DATA_DIR, else ~/tensorflow_datasets)",
-    "dataset.image_size": "resize (shorter side) and centre-crop TFDS images to this size;"
-    " needed for datasets of varying image size (imagenet2012)",
-    "dataset.augment": "random crop + horizontal flip of training images (None: on for RGB images)",
+    "dataset.image_size": "resize (shorter side) and crop images to this size; needed for"
+    " datasets of varying image size (imagenet2012)",
+    "dataset.augment": f"one of {list(augment.MODES)}: crop_flip (pad-4 crop and flip on the"
+    " device), inception (random resized crop of new samples on the host, of replayed ones on"
+    " the device); auto: none for non-RGB inputs, crop_flip up to 64 pixels, inception above",
+    "dataset.mean": "per-channel mean of inputs scaled to [0, 1] (None: the dataset's)",
+    "dataset.std": "per-channel standard deviation of inputs scaled to [0, 1] (None: the"
+    " dataset's)",
     "dataset.prefetch_depth": "batches the prefetch thread prepares ahead",
     "scenario.name": f"one of {list(SCENARIOS)}",
     "scenario.num_tasks": "tasks (1 for joint)",
@@ -139,7 +166,14 @@ def validate(config: ml_collections.ConfigDict) -> None:
         f"num_cpu_devices={config.num_cpu_devices} is more than the {MAX_CPU_DEVICES} simulated"
         " devices a CPU run can usefully have; set --config.num_cpu_devices lower",
     )
-    _positive("learning_rate", config.learning_rate, minimum=0)
+    _one_of("dtype", config.dtype, DTYPES)
+    _require(
+        isinstance(config.label_smoothing, int | float) and 0 <= config.label_smoothing < 1,
+        f"label_smoothing={config.label_smoothing!r} must be in [0, 1); set"
+        " --config.label_smoothing",
+    )
+    _one_of("dataset.augment", config.dataset.augment, augment.MODES)
+    _validate_optimizer(config.optimizer)
     _positive("seed", config.seed, minimum=0)
     _optional_positive("scenario.class_order_seed", config.scenario.class_order_seed, 0)
     _optional_positive("scenario.initial_increment", config.scenario.initial_increment)
@@ -148,6 +182,36 @@ def validate(config: ml_collections.ConfigDict) -> None:
     _validate_distributed(config.distributed)
     if STRATEGIES[config.strategy.name].uses_buffer:
         _validate_buffer(config)
+
+
+def _validate_optimizer(optimizer: ml_collections.ConfigDict) -> None:
+    _one_of("optimizer.name", optimizer.name, optim.OPTIMIZERS)
+    _positive("optimizer.learning_rate", optimizer.learning_rate, minimum=0)
+    _require(
+        isinstance(optimizer.momentum, int | float) and 0 <= optimizer.momentum < 1,
+        f"optimizer.momentum={optimizer.momentum!r} must be in [0, 1); set"
+        " --config.optimizer.momentum",
+    )
+    _positive("optimizer.weight_decay", optimizer.weight_decay, minimum=0)
+    _one_of("optimizer.lr_scaling", optimizer.lr_scaling, optim.SCALING_RULES)
+    _positive("optimizer.warmup_epochs", optimizer.warmup_epochs, minimum=0)
+    _one_of("optimizer.schedule", optimizer.schedule, optim.SCHEDULES)
+    _one_of("optimizer.schedule_scope", optimizer.schedule_scope, optim.SCOPES)
+    epochs, factors = tuple(optimizer.decay_epochs), tuple(optimizer.decay_factors)
+    _require(
+        len(epochs) == len(factors)
+        and list(epochs) == sorted(epochs)
+        and all(isinstance(v, int | float) and v >= 0 for v in (*epochs, *factors)),
+        f"optimizer.decay_epochs={epochs} and decay_factors={factors} must be sequences of"
+        " the same length, the epochs increasing, all >= 0; set"
+        " --config.optimizer.decay_epochs and --config.optimizer.decay_factors",
+    )
+    _require(
+        optimizer.schedule != "step" or len(epochs) > 0,
+        "optimizer.schedule='step' needs optimizer.decay_epochs and decay_factors; set them,"
+        " e.g. --config.optimizer.decay_epochs='(21,26,28)'"
+        " --config.optimizer.decay_factors='(0.5,0.05,0.01)'",
+    )
 
 
 def _validate_distributed(distributed: ml_collections.ConfigDict) -> None:
@@ -220,9 +284,22 @@ def validate_for_data(
     train_size: int,
     num_devices: int,
     resizable: bool = False,
+    channels: int = 1,
 ) -> None:
-    """Checks what depends on the dataset (`resizable`: its images can be resized) and the
-    number of data-parallel devices."""
+    """Checks what depends on the dataset (`resizable`: its images can be resized;
+    `channels` per input) and the number of data-parallel devices."""
+    for field in ("dataset.mean", "dataset.std"):
+        value = _lookup(config, field)
+        _require(
+            value is None
+            or (
+                len(value) == channels
+                and all(isinstance(v, int | float) and math.isfinite(v) for v in value)
+                and (field == "dataset.mean" or min(value) > 0)
+            ),
+            f"{field}={value!r} must hold {channels} finite numbers (positive for std), one"
+            f" per channel of {config.dataset.name}; set --config.{field} or leave it unset",
+        )
     _require(
         config.dataset.image_size is None or resizable,
         f"dataset.image_size={config.dataset.image_size} does not apply to"
@@ -314,6 +391,8 @@ def load_config(spec: str = "default") -> ml_collections.ConfigDict:
             f"config={spec!r}: no config file {path}; {hint}give --config=NAME[:ARG] with NAME"
             f" one of {known}, or --config=PATH.py[:ARG]"
         )
+    if str(CONFIG_DIR.parent) not in sys.path:
+        sys.path.append(str(CONFIG_DIR.parent))  # configs import each other as `configs.NAME`
     module_spec = importlib.util.spec_from_file_location(f"cljax_config_{path.stem}", path)
     module = importlib.util.module_from_spec(module_spec)
     module_spec.loader.exec_module(module)

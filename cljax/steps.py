@@ -1,11 +1,16 @@
 """The fused, jitted train step and the sharded prediction step.
 
-One call of the train step, per device: computes the strategy's loss from one forward pass
-over [local batch ‖ representatives drawn during the previous step], sums gradients across
-devices, inserts candidates from the local batch into the local buffer, then draws the next
-step's representatives from the global buffer. The buffer work does not depend on the
-gradients, so XLA is free to overlap it with them. Train state and rehearsal state are
-donated: the buffer is updated in place.
+One call of the train step, per device: augments [local batch ‖ representatives drawn
+during the previous step] on the device, computes the strategy's loss from one forward pass
+over them (BatchNorm statistics over every device's rows), sums gradients across devices,
+updates the parameters with the learning rate the host passed, inserts candidates from the
+local batch into the local buffer, then draws the next step's representatives from the
+global buffer. The buffer work does not depend on the gradients, so XLA is free to overlap
+it with them. Train state and rehearsal state are donated: the buffer is updated in place.
+
+A batch holds `inputs`, `labels` and `mask` (False: padding), and, where the input pipeline
+augments new samples itself (`inception`), `candidate_rows` (the c rows of each device's
+batch it offers the buffer) and `candidate_inputs` (their un-augmented views, stored instead).
 """
 
 import dataclasses
@@ -19,7 +24,8 @@ import jax.numpy as jnp
 import optax
 from jax.sharding import PartitionSpec as P
 
-from cljax.buffer import MASK, TASK_ID, BufferState, RehearsalBuffer, Representatives
+from cljax import augment, optim
+from cljax.buffer import LABELS, MASK, TASK_ID, BufferState, RehearsalBuffer, Representatives
 from cljax.collectives import AXIS
 from cljax.runtime import Runtime
 from cljax.strategies import StepOutputs, Strategy, Totals
@@ -28,8 +34,8 @@ from cljax.strategies import StepOutputs, Strategy, Totals
 @flax.struct.dataclass
 class TrainState:
     """Everything a step changes, replicated: parameters, the model's other variables
-    (e.g. BatchNorm statistics), optimizer and strategy state, and the PRNG key that drives
-    every random choice of a step."""
+    (BatchNorm statistics), optimizer and strategy state, and the PRNG key that drives every
+    random choice of a step."""
 
     step: jax.Array
     params: Any
@@ -54,14 +60,29 @@ class RehearsalState:
 
 @dataclasses.dataclass(frozen=True)
 class StepConfig:
-    """What the train step is built from."""
+    """What the train and prediction steps are built from.
+
+    `max_value`, `mean` and `std` normalise the stored inputs (per channel); `dtype` is the
+    model's computation dtype; `augmentation` is one of `augment.MODES` (resolved: not
+    `auto`).
+    """
 
     model: nn.Module
     optimizer: optax.GradientTransformation
     strategy: Strategy
     max_value: float
+    mean: tuple[float, ...] = (0.0,)
+    std: tuple[float, ...] = (1.0,)
+    dtype: Any = jnp.float32
+    augmentation: str = "none"
+    label_smoothing: float = 0.0
     buffer: RehearsalBuffer | None = None
     augment_from_task: int = 0
+
+    def normalise(self, inputs: jax.Array) -> jax.Array:
+        return augment.normalise(
+            inputs, self.max_value, jnp.asarray(self.mean), jnp.asarray(self.std), self.dtype
+        )
 
 
 def step_keys(rng: jax.Array, device_index: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
@@ -72,15 +93,10 @@ def step_keys(rng: jax.Array, device_index: jax.Array) -> tuple[jax.Array, jax.A
     return next_rng, jax.random.fold_in(device_parent, device_index), shared_key
 
 
-def normalise(inputs: jax.Array, max_value: float) -> jax.Array:
-    """Stored inputs (e.g. uint8) to float32 in [0, 1]."""
-    return inputs.astype(jnp.float32) / max_value
-
-
 def create_train_state(settings: StepConfig, sample_input: jax.Array, key: jax.Array) -> TrainState:
-    """Fresh parameters, optimizer state and strategy state."""
+    """Fresh parameters (from `key`), optimizer state and strategy state."""
     init_key, rng = jax.random.split(key)
-    variables = settings.model.init(init_key, sample_input)
+    variables = settings.model.init(init_key, settings.normalise(sample_input))
     model_state = {name: value for name, value in variables.items() if name != "params"}
     return TrainState(
         step=jnp.zeros((), jnp.int32),
@@ -92,40 +108,50 @@ def create_train_state(settings: StepConfig, sample_input: jax.Array, key: jax.A
     )
 
 
-def make_train_step(
-    runtime: Runtime, settings: StepConfig
-) -> Callable[[TrainState, RehearsalState | None, dict, jax.Array], tuple]:
-    """Builds `step(state, rehearsal, batch, task_id) -> (state, rehearsal, metrics)`.
+def make_train_step(runtime: Runtime, settings: StepConfig) -> Callable[..., tuple]:
+    """Builds `step(state, rehearsal, batch, task_id, learning_rate) -> (state, rehearsal,
+    metrics)`.
 
-    `rehearsal` is None for strategies without a buffer. `metrics` holds the global loss and
-    each of its terms.
+    `rehearsal` is None for strategies without a buffer. `metrics` holds the global loss,
+    each of its terms, and the weight of the representatives used.
     """
     collectives, strategy, buffer = runtime.collectives, settings.strategy, settings.buffer
 
-    def per_device(state: TrainState, rehearsal: RehearsalState | None, batch, task_id):
+    def per_device(state: TrainState, rehearsal, batch, task_id, learning_rate):
         rng, device_key, shared_key = step_keys(state.rng, collectives.device_index())
+        # The first two keys are those of split(device_key): buffer draws predate the others.
+        insert_key, sample_key, augment_key, dropout_key = jax.random.split(device_key, 4)
         weights = batch[MASK].astype(jnp.float32)
-        inputs, reps, rep_weight = batch["inputs"], None, jnp.float32(0)
+        reps, replayed, rep_weight = None, None, jnp.float32(0)
         if rehearsal is not None:
             reps = rehearsal.representatives
             reps = dataclasses.replace(
                 reps, weights=reps.weights * (task_id >= settings.augment_from_task)
             )
-            inputs = jnp.concatenate([inputs, reps.data["inputs"]])
+            replayed = reps.data["inputs"]
             rep_weight = reps.weights.sum()
         totals = Totals(*collectives.sum((weights.sum(), rep_weight)))
         num_new = weights.shape[0]
-        model_inputs = normalise(inputs, settings.max_value)
+        rows = augment.augment(settings.augmentation, batch["inputs"], replayed, augment_key)
+        model_inputs = settings.normalise(rows)
+        in_statistics = jnp.concatenate([weights, _rep_weight_rows(reps)]) > 0
 
         def evaluate(variables, x):
             return settings.model.apply(variables, x)
 
         def loss_fn(params):
-            variables = {**state.variables, "params": params}
-            logits = settings.model.apply(variables, model_inputs, train=True)
+            logits, model_state = settings.model.apply(
+                {**state.variables, "params": params},
+                model_inputs,
+                train=True,
+                mask=in_statistics,
+                rngs={"dropout": dropout_key},
+                mutable=list(state.model_state),
+            )
+            logits = logits.astype(jnp.float32)
             outputs = StepOutputs(
                 logits=logits[:num_new],
-                labels=batch["labels"],
+                labels=batch[LABELS],
                 weights=weights,
                 rep_logits=logits[num_new:],
                 reps=reps,
@@ -133,28 +159,34 @@ def make_train_step(
                 inputs=model_inputs,
                 apply=evaluate,
                 collectives=collectives,
+                label_smoothing=settings.label_smoothing,
             )
             loss, terms = strategy.loss(outputs, state.strategy_state)
-            return loss, (terms, strategy.fields_to_store(outputs))
+            return loss, (terms, model_state, strategy.fields_to_store(outputs))
 
         grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
-        (loss, (terms, stored)), grads = grad_fn(collectives.per_device(state.params))
+        (loss, (terms, model_state, stored)), grads = grad_fn(collectives.per_device(state.params))
         grads, loss, terms = collectives.sum((grads, loss, terms))
-        updates, opt_state = settings.optimizer.update(grads, state.opt_state, state.params)
+        opt_state = optim.with_learning_rate(state.opt_state, learning_rate)
+        updates, opt_state = settings.optimizer.update(grads, opt_state, state.params)
         state = state.replace(
             step=state.step + 1,
             params=optax.apply_updates(state.params, updates),
+            model_state=model_state,
             opt_state=opt_state,
             rng=rng,
         )
         if rehearsal is not None:
-            candidates = {**batch, TASK_ID: task_id, **stored}
-            rehearsal = _rehearse(
-                buffer, rehearsal, candidates, device_key, shared_key, collectives
+            # Insert, then draw from the buffer as updated: drawing from the old buffer while
+            # overwriting it would make XLA copy the whole buffer every step.
+            candidates = _candidates(batch, task_id, stored)
+            buffer_state = buffer.insert(rehearsal.buffer, candidates, insert_key)
+            rehearsal = RehearsalState(
+                buffer_state, buffer.sample(buffer_state, sample_key, shared_key, collectives)
             )
-        return state, rehearsal, {"loss": loss, **terms}
+        return state, rehearsal, {"loss": loss, **terms, "rep_weight": totals.reps}
 
-    specs = (P(), P(AXIS), P(AXIS), P())
+    specs = (P(), P(AXIS), P(AXIS), P(), P())
     step = runtime.per_device(per_device, specs, (P(), P(AXIS), P()))
     out_shardings = None
     if buffer is not None and buffer.on_host:
@@ -163,30 +195,37 @@ def make_train_step(
     return jax.jit(step, donate_argnums=(0, 1), keep_unused=True, out_shardings=out_shardings)
 
 
-def _rehearse(
-    buffer: RehearsalBuffer,
-    rehearsal: RehearsalState,
-    candidates: dict[str, jax.Array],
-    device_key: jax.Array,
-    shared_key: jax.Array,
-    collectives,
-) -> RehearsalState:
-    """Inserts this step's candidates, then draws the next step's representatives.
-
-    Drawing from the buffer as updated lets XLA update it in place: drawing from the old
-    buffer while overwriting it would force a copy of the whole buffer every step.
-    """
-    insert_key, sample_key = jax.random.split(device_key)
-    state = buffer.insert(rehearsal.buffer, candidates, insert_key)
-    return RehearsalState(state, buffer.sample(state, sample_key, shared_key, collectives))
+def _rep_weight_rows(reps: Representatives | None) -> jax.Array:
+    """The representatives' weights, or no rows at all without a buffer."""
+    return jnp.zeros(0, jnp.float32) if reps is None else reps.weights
 
 
-def make_predict(runtime: Runtime, model: nn.Module, max_value: float, top_k: int):
+def _candidates(batch: dict, task_id: jax.Array, stored: dict) -> dict[str, jax.Array]:
+    """What this step offers the buffer: the batch rows (and the values the strategy stores
+    for them), or only the rows the input pipeline chose, with their un-augmented views."""
+    if "candidate_rows" not in batch:
+        return {
+            "inputs": batch["inputs"],
+            LABELS: batch[LABELS],
+            MASK: batch[MASK],
+            TASK_ID: task_id,
+            **stored,
+        }
+    rows = batch["candidate_rows"]
+    picked = {
+        name: value[rows]
+        for name, value in {LABELS: batch[LABELS], MASK: batch[MASK], **stored}.items()
+    }
+    return {"inputs": batch["candidate_inputs"], TASK_ID: task_id, **picked}
+
+
+def make_predict(runtime: Runtime, settings: StepConfig, top_k: int):
     """Builds `predict(state, inputs) -> (predicted class [B], top_k classes [B, top_k])`,
-    sharded over the batch."""
+    sharded over the batch; BatchNorm uses its running averages."""
 
     def per_device(state: TrainState, inputs):
-        logits = model.apply(state.variables, normalise(inputs, max_value))
+        logits = settings.model.apply(state.variables, settings.normalise(inputs))
+        logits = logits.astype(jnp.float32)
         return logits.argmax(-1), jax.lax.top_k(logits, top_k)[1]
 
     return jax.jit(runtime.per_device(per_device, (P(), P(AXIS)), P(AXIS)))

@@ -60,14 +60,27 @@ class StepOutputs:
     inputs: jax.Array
     apply: Callable[[Any, jax.Array], jax.Array]
     collectives: Collectives
+    label_smoothing: float = 0.0
+
+    def cross_entropy(self, logits: jax.Array, labels: jax.Array, weights: jax.Array) -> jax.Array:
+        """Weighted sum of the rows' cross-entropies, with the run's label smoothing."""
+        return cross_entropy(logits, labels, weights, self.label_smoothing)
 
 
 LossTerms = dict[str, jax.Array]
 
 
-def cross_entropy(logits: jax.Array, labels: jax.Array, weights: jax.Array) -> jax.Array:
-    """Weighted sum of the rows' softmax cross-entropies."""
-    return (optax.softmax_cross_entropy_with_integer_labels(logits, labels) * weights).sum()
+def cross_entropy(
+    logits: jax.Array, labels: jax.Array, weights: jax.Array, label_smoothing: float = 0.0
+) -> jax.Array:
+    """Weighted sum of the rows' softmax cross-entropies, against labels smoothed by
+    `label_smoothing` (the target puts 1 - s + s/K on the label, s/K elsewhere)."""
+    if label_smoothing == 0:
+        losses = optax.softmax_cross_entropy_with_integer_labels(logits, labels)
+    else:
+        targets = optax.smooth_labels(jax.nn.one_hot(labels, logits.shape[-1]), label_smoothing)
+        losses = optax.softmax_cross_entropy(logits, targets)
+    return (losses * weights).sum()
 
 
 def safe(total: jax.Array) -> jax.Array:
@@ -106,7 +119,7 @@ class Strategy:
         """This device's part of the loss, and its named terms: the step sums both over
         devices, so a term that is not a sum over this device's rows divided by a global total
         (a regulariser on the parameters, say) must be divided by `num_devices()`."""
-        new = cross_entropy(outputs.logits, outputs.labels, outputs.weights)
+        new = outputs.cross_entropy(outputs.logits, outputs.labels, outputs.weights)
         loss = new / safe(outputs.totals.batch)
         return loss, {"new_ce": loss}
 
@@ -129,8 +142,8 @@ class ER(Strategy):
 
     def loss(self, outputs: StepOutputs, state: Any) -> tuple[jax.Array, LossTerms]:
         reps, totals = outputs.reps, outputs.totals
-        replayed = cross_entropy(outputs.rep_logits, reps.labels, reps.weights)
-        new = cross_entropy(outputs.logits, outputs.labels, outputs.weights)
+        replayed = outputs.cross_entropy(outputs.rep_logits, reps.labels, reps.weights)
+        new = outputs.cross_entropy(outputs.logits, outputs.labels, outputs.weights)
         total = safe(totals.batch + totals.reps)
         return (new + replayed) / total, {"new_ce": new / total, "replay_ce": replayed / total}
 
@@ -152,7 +165,9 @@ class DER(Strategy):
 
     def loss(self, outputs: StepOutputs, state: Any) -> tuple[jax.Array, LossTerms]:
         reps, totals = outputs.reps, outputs.totals
-        new = cross_entropy(outputs.logits, outputs.labels, outputs.weights) / safe(totals.batch)
+        new = outputs.cross_entropy(outputs.logits, outputs.labels, outputs.weights) / safe(
+            totals.batch
+        )
         squared = ((outputs.rep_logits - reps.data["logits"]) ** 2).mean(axis=-1)
         matching = (squared * reps.weights).sum() / safe(totals.reps)
         return new + self.alpha * matching, {"new_ce": new, "logit_mse": matching}
@@ -171,7 +186,7 @@ class DERpp(DER):
 
     def loss(self, outputs: StepOutputs, state: Any) -> tuple[jax.Array, LossTerms]:
         reps, total = outputs.reps, safe(outputs.totals.reps)
-        replayed = cross_entropy(outputs.rep_logits, reps.labels, reps.weights)
+        replayed = outputs.cross_entropy(outputs.rep_logits, reps.labels, reps.weights)
         der, terms = super().loss(outputs, state)
         return der + self.beta * replayed / total, {**terms, "replay_ce": replayed / total}
 

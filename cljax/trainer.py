@@ -15,17 +15,18 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
-import optax
 from tqdm import tqdm
 
 from cljax import buffer as buffer_lib
-from cljax import components, configuration, metrics, steps
+from cljax import components, configuration, metrics, optim, steps
 from cljax import runtime as runtime_lib
 from cljax import workdir as workdir_lib
 from cljax.data import pipeline, scenarios, sources
 from cljax.messages import ConfigError, RunFailed
 from cljax.models import create_model
 from cljax.strategies import STRATEGIES, Strategy
+
+TOP_K = 5
 
 
 class Interrupted(RunFailed):
@@ -44,7 +45,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | None = 
     with _open_workdir(config, runtime, workdir) as directory:
         dataset = _load_dataset(config, runtime)
         configuration.validate_for_data(
-            config, dataset.num_classes, len(dataset.train), runtime.num_devices, dataset.resizable
+            config,
+            dataset.num_classes,
+            len(dataset.train),
+            runtime.num_devices,
+            dataset.resizable,
+            dataset.input_shape[-1],
         )
         scenario = make_scenario(config, dataset)
         configuration.validate_scenario(config, scenario, len(dataset.train), len(dataset.test))
@@ -62,6 +68,8 @@ def _run_tasks(run: "_Run", scenario: scenarios.Scenario, wall_start: float) -> 
                 if state is None or run.strategy.reinitialise_each_task:
                     key = jax.random.fold_in(jax.random.key(run.config.seed), task)
                     state = run.init_state(key)
+                elif run.config.optimizer.reset_each_task:
+                    state = run.reset_optimizer(state)
                 state = state.replace(
                     strategy_state=run.strategy.begin_task(
                         state.strategy_state, state.variables, task
@@ -77,8 +85,11 @@ def _run_tasks(run: "_Run", scenario: scenarios.Scenario, wall_start: float) -> 
                     run, watchdog, state, rehearsal, train_rows, task, scenario.num_tasks
                 )
                 eval_start = time.perf_counter()
-                correct = _predict_all(run, state, run.dataset.test) == run.dataset.test.labels
-                accuracies = [correct[rows].mean() for rows in scenario.test_rows]
+                correct = _evaluate(run, state, run.dataset.test)
+                accuracies = {
+                    name: [hits[rows].mean() for rows in scenario.test_rows]
+                    for name, hits in correct.items()
+                }
                 timing = {
                     "task": task,
                     "train_s": eval_start - task_start,
@@ -96,7 +107,8 @@ def _run_tasks(run: "_Run", scenario: scenarios.Scenario, wall_start: float) -> 
         report.write("failed", error=str(error) or repr(error))
         raise
     report.write("finished")
-    run.log(metrics.format_matrix(report.acc))
+    for name, acc in report.matrices.items():
+        run.log(f"{name} accuracy\n{metrics.format_matrix(acc)}")
     results = report.results("finished")
     run.log(
         f"final_average_accuracy={results['final_average_accuracy']:.4f} "
@@ -111,32 +123,43 @@ class _Report:
 
     def __init__(self, run: "_Run", num_tasks: int, wall_start: float):
         self.run = run
-        self.acc = np.zeros((0, num_tasks))
+        self.matrices = {name: np.zeros((0, num_tasks)) for name in run.accuracies}
         self.timings: list[dict] = []
         self.wall_start = wall_start
         self.path = run.directory.file(workdir_lib.METRICS_NAME)
 
     @property
+    def acc(self) -> np.ndarray:
+        """The top-1 accuracy matrix."""
+        return self.matrices["top1"]
+
+    @property
     def completed(self) -> int:
         return len(self.acc)
 
-    def task_done(self, task: int, accuracies: list[float], timing: dict) -> None:
-        self.acc = np.vstack([self.acc, accuracies])
+    def task_done(self, task: int, accuracies: dict[str, list[float]], timing: dict) -> None:
+        for name, row in accuracies.items():
+            self.matrices[name] = np.vstack([self.matrices[name], row])
         self.timings.append(_with_max_over_processes(self.run.runtime, timing))
         self.write("running")
         train_time = sum(t["train_s"] for t in self.timings)
+        seen = ", ".join(
+            f"{name} {np.mean(row[: task + 1]):.4f}" for name, row in accuracies.items()
+        )
         self.run.log(
-            f"task {task + 1}/{self.acc.shape[1]}: accuracy on seen tasks "
-            f"{np.mean(accuracies[: task + 1]):.4f}, train time {train_time:.1f}s"
+            f"task {task + 1}/{self.acc.shape[1]}: accuracy on seen tasks {seen}, train time"
+            f" {train_time:.1f}s"
         )
 
     def results(self, status: str, error: str | None = None) -> dict:
-        acc = self.acc
         results = {
             "status": status,
             **({"error": error} if error else {}),
-            "accuracy_matrix": acc.tolist(),
-            **(metrics.summary(acc) if self.completed else {}),
+            **{
+                key: value
+                for name, acc in self.matrices.items()
+                for key, value in _matrix_results(name, acc).items()
+            },
             "train_time_s": sum(t["train_s"] for t in self.timings),
             "data_wait_s": sum(t["data_wait_s"] for t in self.timings),
             "wall_time_s": time.perf_counter() - self.wall_start,
@@ -163,15 +186,20 @@ class _Run:
     strategy: Strategy
     settings: steps.StepConfig
     init_state: Callable[[jax.Array], steps.TrainState]
+    reset_optimizer: Callable[[steps.TrainState], steps.TrainState]
     init_rehearsal: Callable[[], steps.RehearsalState | None]
     train_step: Callable
     predict: Callable
+    views: pipeline.Views
+    layout: pipeline.Layout
+    schedule: optim.Schedule
+    accuracies: tuple[str, ...]
     resolved_config: dict
     log: "_Logger"
 
     @property
     def global_batch_size(self) -> int:
-        return self.config.batch_size * self.runtime.num_devices
+        return self.layout.global_batch_size
 
 
 def _open_workdir(config, runtime: runtime_lib.Runtime, path: str | None) -> workdir_lib.Workdir:
@@ -218,18 +246,39 @@ def _build(
             slots * buffer_lib.record_bytes(example),
             *runtime.memory_per_device(buffer.memory_kind),
         )
+    dtype = jnp.dtype(config.dtype)
+    views = pipeline.Views(
+        pipeline.resolve_augmentation(config.dataset.augment, dataset), dataset.image_size
+    )
     settings = steps.StepConfig(
-        model=create_model(config.model, dataset.num_classes),
-        optimizer=optax.adam(config.learning_rate),
+        model=create_model(config.model, dataset.num_classes, dtype, runtime.collectives),
+        optimizer=optim.create(config),
         strategy=strategy,
         max_value=dataset.max_value,
+        mean=tuple(config.dataset.mean or dataset.mean),
+        std=tuple(config.dataset.std or dataset.std),
+        dtype=dtype,
+        augmentation=views.augmentation,
+        label_smoothing=config.label_smoothing,
         buffer=buffer,
         augment_from_task=config.buffer.augment_from_task,
     )
-    sample = steps.normalise(dataset.train.read(np.arange(1)), dataset.max_value)
+    sample = pipeline.read_inputs(dataset.train, np.arange(1), views)
     init_state = jax.jit(
         lambda key: steps.create_train_state(settings, sample, key),
         out_shardings=runtime.replicated,
+    )
+    reset_optimizer = jax.jit(
+        lambda state: state.replace(opt_state=settings.optimizer.init(state.params)),
+        out_shardings=runtime.replicated,
+        donate_argnums=0,
+    )
+    layout = pipeline.Layout(
+        global_batch_size=config.batch_size * runtime.num_devices,
+        process_index=runtime.process_index,
+        process_count=runtime.process_count,
+        local_devices=len(runtime.mesh.local_devices),
+        num_candidates=config.buffer.num_candidates if buffer and views.crops_on_host else 0,
     )
 
     def init_rehearsal() -> steps.RehearsalState | None:
@@ -240,6 +289,8 @@ def _build(
             buffer.empty_representatives_sharded(example, runtime.sharded),
         )
 
+    top_k = min(TOP_K, dataset.num_classes)
+    resolved["dataset"].update(augment=views.augmentation, mean=settings.mean, std=settings.std)
     return _Run(
         config=config,
         runtime=runtime,
@@ -248,9 +299,16 @@ def _build(
         strategy=strategy,
         settings=settings,
         init_state=init_state,
+        reset_optimizer=reset_optimizer,
         init_rehearsal=init_rehearsal,
         train_step=steps.make_train_step(runtime, settings),
-        predict=steps.make_predict(runtime, settings.model, dataset.max_value, top_k=1),
+        predict=steps.make_predict(runtime, settings, top_k),
+        views=views,
+        layout=layout,
+        schedule=optim.schedule(
+            config, runtime.num_devices, config.epochs_per_task, config.scenario.num_tasks
+        ),
+        accuracies=("top1", f"top{top_k}") if dataset.num_classes > TOP_K else ("top1",),
         resolved_config=resolved,
         log=_Logger(runtime, config.distributed.log_dir),
     )
@@ -308,17 +366,14 @@ def _train_task(run: _Run, watchdog, state, rehearsal, rows: np.ndarray, task: i
     config, runtime = run.config, run.runtime
     task_id = jnp.int32(task)
     steps_per_epoch = pipeline.steps_per_epoch(len(rows), run.global_batch_size)
-    augment = config.dataset.augment
     batches = pipeline.task_batches(
         run.dataset.train,
         rows,
-        run.global_batch_size,
+        run.layout,
+        run.views,
         seed=config.seed,
         task=task,
         epochs=config.epochs_per_task,
-        augment=run.dataset.natural_images if augment is None else augment,
-        process_index=runtime.process_index,
-        process_count=runtime.process_count,
     )
     progress = tqdm(
         total=config.epochs_per_task * steps_per_epoch,
@@ -332,7 +387,20 @@ def _train_task(run: _Run, watchdog, state, rehearsal, rows: np.ndarray, task: i
     with progress, prefetcher:
         for index, host_batch in enumerate(prefetcher):
             batch = runtime.place(host_batch)
-            state, rehearsal, step_metrics = run.train_step(state, rehearsal, batch, task_id)
+            epoch, step = divmod(index, steps_per_epoch)
+            learning_rate = run.schedule(
+                optim.scope_epoch(
+                    config.optimizer.schedule_scope,
+                    task,
+                    epoch,
+                    step,
+                    steps_per_epoch,
+                    config.epochs_per_task,
+                )
+            )
+            state, rehearsal, step_metrics = run.train_step(
+                state, rehearsal, batch, task_id, jnp.float32(learning_rate)
+            )
             if unchecked is not None:
                 _check_finite(run, *unchecked, task, tasks, steps_per_epoch)
             unchecked = (step_metrics, index)
@@ -361,7 +429,8 @@ def _check_finite(
     raise RunFailed(
         f"the loss became {loss} at task {task + 1}/{tasks}, epoch {epoch + 1}/"
         f"{run.config.epochs_per_task}, step {step + 1}/{steps_per_epoch}; lower"
-        f" --config.learning_rate (now {run.config.learning_rate:g}) or check the data"
+        f" --config.optimizer.learning_rate (now {run.config.optimizer.learning_rate:g}) or"
+        " check the data"
     )
 
 
@@ -384,8 +453,9 @@ def make_scenario(config: ml_collections.ConfigDict, dataset) -> scenarios.Scena
     )
 
 
-def _predict_all(run: _Run, state: steps.TrainState, split) -> np.ndarray:
-    """Predicted classes for every row of `split`, in fixed-size sharded batches.
+def _evaluate(run: _Run, state: steps.TrainState, split) -> dict[str, np.ndarray]:
+    """Per row of `split`, whether the label is the top prediction (`top1`) and among the
+    top k (`top5`), from fixed-size sharded batches.
 
     Each process reads its part of each batch; the predictions of all processes are
     gathered so that every process computes the same accuracies.
@@ -393,16 +463,32 @@ def _predict_all(run: _Run, state: steps.TrainState, split) -> np.ndarray:
     runtime = run.runtime
     num_devices = runtime.num_devices
     batch_size = -(-run.config.eval_batch_size // num_devices) * num_devices
-    predictions = []
+    top1, topk = [], []
     for start in range(0, len(split), batch_size):
         rows = np.arange(start, min(start + batch_size, len(split)))
         mine, _ = pipeline.local_rows(
             rows, batch_size, runtime.process_index, runtime.process_count
         )
-        batch = runtime.place({"inputs": split.read(mine)})["inputs"]
-        top1, _ = run.predict(state, batch)
-        predictions.append(runtime.gather_rows(top1)[: len(rows)])
-    return np.concatenate(predictions)
+        inputs = runtime.place({"inputs": pipeline.read_inputs(split, mine, run.views)})
+        best, ranked = run.predict(state, inputs["inputs"])
+        top1.append(runtime.gather_rows(best)[: len(rows)])
+        topk.append(runtime.gather_rows(ranked)[: len(rows)])
+    labels = split.labels
+    correct = {"top1": np.concatenate(top1) == labels}
+    if len(run.accuracies) > 1:
+        correct[run.accuracies[1]] = (np.concatenate(topk) == labels[:, None]).any(axis=1)
+    return correct
+
+
+def _matrix_results(name: str, acc: np.ndarray) -> dict:
+    """metrics.json's entries for one accuracy matrix: `accuracy_matrix` and its summary
+    for top-1, `top5_accuracy_matrix` and `top5_*` for top-5."""
+    prefix = "" if name == "top1" else f"{name}_"
+    summary = metrics.summary(acc) if len(acc) else {}
+    return {
+        f"{prefix}accuracy_matrix": acc.tolist(),
+        **{f"{prefix}{key}": value for key, value in summary.items()},
+    }
 
 
 def _resolved_config(config, dataset, num_devices: int) -> dict:

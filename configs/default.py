@@ -28,7 +28,9 @@ def get_config(strategy: str = "er") -> ml_collections.ConfigDict:
     config.dataset.name = "digits"
     config.dataset.data_dir = placeholder(str)
     config.dataset.image_size = placeholder(int)
-    config.dataset.augment = placeholder(bool)
+    config.dataset.augment = "auto"
+    config.dataset.mean = placeholder(tuple)
+    config.dataset.std = placeholder(tuple)
     config.dataset.prefetch_depth = 2
 
     config.scenario = ml_collections.ConfigDict()
@@ -61,8 +63,24 @@ def get_config(strategy: str = "er") -> ml_collections.ConfigDict:
     config.distributed.timeout_s = 300
     config.distributed.log_dir = placeholder(str)
 
+    config.optimizer = ml_collections.ConfigDict()
+    config.optimizer.name = "adam"
+    config.optimizer.learning_rate = 1e-3
+    config.optimizer.momentum = 0.9
+    config.optimizer.nesterov = False
+    config.optimizer.weight_decay = 0.0
+    config.optimizer.decay_norm_and_bias = False
+    config.optimizer.lr_scaling = "none"
+    config.optimizer.warmup_epochs = 0.0
+    config.optimizer.schedule = "constant"
+    config.optimizer.decay_epochs = ()
+    config.optimizer.decay_factors = ()
+    config.optimizer.schedule_scope = "task"
+    config.optimizer.reset_each_task = False
+
     config.batch_size = 4
     config.eval_batch_size = 512
     config.epochs_per_task = 5
-    config.learning_rate = 1e-3
+    config.dtype = "float32"
+    config.label_smoothing = 0.0
     return config

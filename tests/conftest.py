@@ -45,3 +45,16 @@ def runtime() -> runtime_lib.Runtime:
 @pytest.fixture(scope="session")
 def mesh(runtime):
     return runtime.mesh
+
+
+@pytest.fixture(scope="session")
+def synthetic_data_dir(tmp_path_factory) -> str:
+    """A TFDS data dir holding synthetic image datasets in array_record with JPEG images:
+    `synthetic_imagenet` (8 classes, sides 24 to 48 pixels, 16 training and 4 test images
+    per class) and `synthetic_cifar` (10 classes of 32x32 images, 8 and 2 per class)."""
+    from cljax.data import synthetic
+
+    data_dir = str(tmp_path_factory.mktemp("synthetic"))
+    synthetic.write_tfds("synthetic_imagenet", data_dir, synthetic.Spec(8, 16, 4, 24, 48))
+    synthetic.write_tfds("synthetic_cifar", data_dir, synthetic.Spec(10, 8, 2, 32, 32))
+    return data_dir

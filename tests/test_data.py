@@ -9,9 +9,9 @@ import time
 
 import numpy as np
 import pytest
-import tensorflow_datasets as tfds
+from scipy import stats
 
-from cljax.data import pipeline, scenarios, sources
+from cljax.data import pipeline, scenarios, sources, transforms
 
 
 def test_digits_split_is_stratified_disjoint_and_complete(digits):
@@ -65,16 +65,23 @@ def test_unknown_dataset_name_is_named_in_the_error(tmp_path):
         sources.load("no_such_set", str(tmp_path))
 
 
-def test_tfds_image_dataset_is_read_lazily_through_the_data_source(tmp_path):
-    with tfds.testing.mock_data(num_examples=24, policy=tfds.testing.MockPolicy.USE_CODE):
-        dataset = sources.load("mnist", str(tmp_path))
-        assert dataset.input_shape == (28, 28, 1) and dataset.num_classes == 10
-        assert dataset.max_value == 255 and not dataset.natural_images
-        assert len(dataset.train) == 24 and dataset.train.labels.shape == (24,)
-        rows = np.array([3, 0, 17])
-        inputs = dataset.train.read(rows)
-        assert inputs.shape == (3, 28, 28, 1) and inputs.dtype == np.uint8
-        np.testing.assert_array_equal(inputs[1], dataset.train.source[0]["image"])
+def test_tfds_image_dataset_is_read_lazily_as_encoded_images(synthetic_data_dir):
+    dataset = sources.load("synthetic_imagenet", synthetic_data_dir, image_size=16)
+    assert dataset.encoded and dataset.natural_images and dataset.num_classes == 8
+    assert dataset.input_shape == (16, 16, 3) and dataset.input_dtype == np.uint8
+    assert len(dataset.train) == 128 and len(dataset.test) == 32
+    assert sorted(np.bincount(dataset.train.labels).tolist()) == [16] * 8
+    encoded = dataset.train.example(3)
+    assert isinstance(encoded, bytes) and encoded[:2] == b"\xff\xd8"  # JPEG
+    image = transforms.decode(encoded)
+    assert image.dtype == np.uint8 and image.shape[2] == 3 and min(image.shape[:2]) >= 24
+    views = pipeline.read_inputs(dataset.test, np.array([0, 5]), pipeline.Views("none", 16))
+    assert views.shape == (2, 16, 16, 3)
+
+
+def test_images_of_varying_size_need_an_image_size(synthetic_data_dir):
+    with pytest.raises(sources.DatasetNotPrepared, match=r"dataset\.image_size"):
+        sources.load("synthetic_imagenet", synthetic_data_dir)
 
 
 class TestScenarios:
@@ -126,7 +133,12 @@ def test_epoch_order_depends_only_on_seed_task_and_epoch():
 
 def test_task_batches_cover_each_sample_once_per_epoch_with_a_masked_tail(digits):
     rows = np.flatnonzero(np.isin(digits.train.labels, [3, 7]))
-    batches = list(pipeline.task_batches(digits.train, rows, 64, seed=0, task=0, epochs=2))
+    layout = pipeline.Layout(64)
+    batches = list(
+        pipeline.task_batches(
+            digits.train, rows, layout, pipeline.Views(), seed=0, task=0, epochs=2
+        )
+    )
     assert len(batches) == 2 * pipeline.steps_per_epoch(len(rows), 64)
     assert all(len(batch["mask"]) == 64 for batch in batches)
     first_epoch = batches[: len(batches) // 2]
@@ -139,8 +151,11 @@ def test_a_resumed_sampler_gives_exactly_the_batches_not_yet_seen(digits):
     rows = np.arange(300)
 
     def batches(start: pipeline.Position):
+        layout, views = pipeline.Layout(64), pipeline.Views()
         return list(
-            pipeline.task_batches(digits.train, rows, 64, seed=2, task=3, epochs=3, start=start)
+            pipeline.task_batches(
+                digits.train, rows, layout, views, seed=2, task=3, epochs=3, start=start
+            )
         )
 
     every = batches(pipeline.Position())
@@ -155,27 +170,33 @@ def test_a_resumed_sampler_gives_exactly_the_batches_not_yet_seen(digits):
 def test_varying_size_images_are_resized_and_centre_cropped():
     wide = np.zeros((40, 80, 3), np.uint8)
     wide[:, 30:50] = 255
-    square = sources.resize_and_crop(wide, 20)
+    square = transforms.resized_view(wide, 20)
     assert square.shape == (20, 20, 3)
     assert square[:, 10].min() == 255 and square[:, 0].max() == 0
-    gray = sources.resize_and_crop(np.full((30, 10, 1), 7, np.uint8), 8)
+    gray = transforms.resized_view(np.full((30, 10, 1), 7, np.uint8), 8)
     assert gray.shape == (8, 8, 1) and (gray == 7).all()
+    evaluation = transforms.resized_view(wide, 20, crop_fraction=0.5)
+    assert evaluation.shape == (20, 20, 3) and evaluation.min() == 255
+
+
+def test_random_resized_crops_are_seeded_flipped_and_of_the_right_size():
+    image = np.random.default_rng(0).integers(0, 256, (30, 50, 3), dtype=np.uint8)
+    first = transforms.random_resized_crop(image, 16, np.random.default_rng(4))
+    again = transforms.random_resized_crop(image, 16, np.random.default_rng(4))
+    np.testing.assert_array_equal(first, again)
+    crops = [transforms.random_resized_crop(image, 16, np.random.default_rng(s)) for s in range(8)]
+    assert all(crop.shape == (16, 16, 3) and crop.dtype == np.uint8 for crop in crops)
+    assert len({crop.tobytes() for crop in crops}) == 8
 
 
 def test_processes_read_disjoint_parts_whose_union_is_the_global_batch(digits):
     rows = np.arange(len(digits.train))
 
     def batches(process_index: int, process_count: int):
+        layout = pipeline.Layout(48, process_index, process_count)
         return list(
             pipeline.task_batches(
-                digits.train,
-                rows,
-                48,
-                seed=4,
-                task=1,
-                epochs=1,
-                process_index=process_index,
-                process_count=process_count,
+                digits.train, rows, layout, pipeline.Views(), seed=4, task=1, epochs=1
             )
         )
 
@@ -188,15 +209,52 @@ def test_processes_read_disjoint_parts_whose_union_is_the_global_batch(digits):
         assert all(len(part[step]["mask"]) == 16 for part in parts)
 
 
-def test_augmentation_is_seeded_and_preserves_pixels():
-    images = np.random.default_rng(0).integers(1, 255, (6, 12, 12, 3), dtype=np.uint8)
-    first = pipeline.crop_and_flip(images, np.random.default_rng(7))
-    np.testing.assert_array_equal(first, pipeline.crop_and_flip(images, np.random.default_rng(7)))
-    assert not np.array_equal(first, pipeline.crop_and_flip(images, np.random.default_rng(8)))
-    assert first.shape == images.shape and first.dtype == images.dtype
-    for original, augmented in zip(images, first, strict=True):
-        kept = augmented[augmented.any(axis=-1)]
-        assert {tuple(p) for p in kept} <= {tuple(p) for p in original.reshape(-1, 3)}
+def test_inception_batches_pick_candidates_and_do_not_depend_on_the_processes(
+    synthetic_data_dir,
+):
+    """Random crops and candidates are seeded by global positions and devices: two
+    processes of two devices read exactly the halves of one process of four."""
+    dataset = sources.load("synthetic_imagenet", synthetic_data_dir, image_size=16)
+    views = pipeline.Views("inception", 16)
+    rows = np.arange(36)
+
+    def batches(process_index: int, process_count: int):
+        layout = pipeline.Layout(16, process_index, process_count, 4 // process_count, 2)
+        return list(
+            pipeline.task_batches(dataset.train, rows, layout, views, seed=1, task=0, epochs=1)
+        )
+
+    whole, halves = batches(0, 1), [batches(p, 2) for p in range(2)]
+    assert len(whole) == 3
+    for step, batch in enumerate(whole):
+        for key in batch:
+            joined = np.concatenate([half[step][key] for half in halves])
+            np.testing.assert_array_equal(joined, batch[key])
+        chosen = np.repeat(np.arange(4), 2) * 4 + batch["candidate_rows"]  # rows in the batch
+        assert batch["candidate_rows"].shape == (8,) and (batch["candidate_rows"] < 4).all()
+        for device in range(4):
+            picks = chosen[2 * device : 2 * device + 2]
+            assert len(set(picks.tolist())) == 2 and ((picks // 4) == device).all()
+            valid = batch["mask"][4 * device : 4 * device + 4]
+            assert batch["mask"][picks].sum() == min(2, valid.sum())
+    last = whole[-1]
+    assert not last["mask"].all()
+    order = pipeline.epoch_order(rows, 1, 0, 0)
+    device, slot = 0, 0
+    row = order[32 + 4 * device + last["candidate_rows"][slot]]
+    stored = views.stored(dataset.train.example(int(row)))
+    np.testing.assert_array_equal(last["candidate_inputs"][slot], stored)
+
+
+def test_candidates_are_drawn_uniformly_from_each_devices_valid_rows():
+    """Over many steps every valid row of a device is picked equally often (chi-square)."""
+    mask = np.array([True] * 6 + [False] * 2)
+    layout = pipeline.Layout(8, local_devices=1, num_candidates=3)
+    counts = np.zeros(8)
+    for step in range(3000):
+        counts[pipeline._pick_candidates(mask, layout, (0, 0, 0, step))] += 1
+    assert counts[6:].sum() == 0
+    assert stats.chisquare(counts[:6]).pvalue > 1e-4
 
 
 def test_prefetcher_yields_every_item_in_order_and_bounds_its_queue():
@@ -238,24 +296,3 @@ def test_closing_early_stops_the_thread():
     assert not any(
         t.name == prefetcher._thread.name and t.is_alive() for t in threading.enumerate()
     )
-
-
-def test_training_batches_of_natural_images_are_augmented_crops_and_flips():
-    images = np.random.default_rng(1).integers(1, 255, (40, 12, 12, 3), dtype=np.uint8)
-    split = sources.ArraySplit(images, np.zeros(40, np.int32))
-
-    def batches(augment: bool):
-        rows = np.arange(40)
-        return list(
-            pipeline.task_batches(split, rows, 8, seed=0, task=0, epochs=1, augment=augment)
-        )
-
-    plain, augmented = batches(False), batches(True)
-    changed = 0
-    for original, batch in zip(plain, augmented, strict=True):
-        np.testing.assert_array_equal(original["labels"], batch["labels"])
-        for before, after in zip(original["inputs"], batch["inputs"], strict=True):
-            changed += not np.array_equal(before, after)
-            kept = after[after.any(axis=-1)]
-            assert {tuple(p) for p in kept} <= {tuple(p) for p in before.reshape(-1, 3)}
-    assert changed > 30

@@ -144,7 +144,7 @@ def test_a_non_finite_loss_stops_the_run_naming_where_and_marks_it_failed(data_d
     result, _ = cli(
         f"--config.dataset.data_dir={data_dir}",
         f"--workdir={run_dir}",
-        "--config.learning_rate=1e30",
+        "--config.optimizer.learning_rate=1e30",
         env_extra={"JAX_LOG_COMPILES": "0"},
     )
     assert result.returncode == 1

@@ -17,6 +17,7 @@ from cljax.collectives import JaxCollectives
 from cljax.models.mlp import MLP
 
 NUM_CLASSES, BUDGET, BATCH, CANDIDATES, REPS = 4, 3, 4, 2, 8
+LR = 0.1  # the learning rate every step below is given, unless it says otherwise
 MAX_VALUE = 1000.0
 EXAMPLE = {"inputs": jax.ShapeDtypeStruct((3,), np.dtype(np.int32))}
 
@@ -27,7 +28,6 @@ def make_setup(
     augment_from_task: int = 0,
     memory_kind: str = "device",
     strategy: strategies.Strategy = strategies.ER(),  # noqa: B008 (frozen)
-    learning_rate: float = 0.1,
 ):
     """Model, replicated train state, sharded rehearsal state and the jitted step."""
     model = MLP(num_classes=NUM_CLASSES, hidden_sizes=(16,))
@@ -37,7 +37,7 @@ def make_setup(
     )
     settings = steps.StepConfig(
         model=model,
-        optimizer=optax.sgd(learning_rate),
+        optimizer=optax.inject_hyperparams(optax.sgd)(learning_rate=LR),
         strategy=strategy,
         max_value=MAX_VALUE,
         buffer=buffer,
@@ -63,11 +63,11 @@ def host_batch(step: int, num_devices: int) -> dict[str, np.ndarray]:
     return {"inputs": inputs, "labels": labels.astype(np.int32), "mask": mask}
 
 
-def run_steps(train_step, state, rehearsal, num_devices: int, steps: int):
+def run_steps(train_step, state, rehearsal, num_devices: int, steps: int, lr: float = LR):
     """`steps` train steps of task 0 on `host_batch(0..steps-1)`."""
     for step in range(steps):
         batch = host_batch(step, num_devices)
-        state, rehearsal, _ = train_step(state, rehearsal, batch, jnp.int32(0))
+        state, rehearsal, _ = train_step(state, rehearsal, batch, jnp.int32(0), lr)
     return state, rehearsal
 
 
@@ -88,7 +88,7 @@ def test_step_equals_single_device_gradient_step_on_global_batch(runtime):
         return (ce * weights).sum() / weights.sum()
 
     expected = jax.tree.map(lambda p, g: p - 0.1 * g, params, jax.grad(global_loss)(params))
-    state, _, metrics = train_step(state, rehearsal, batch, jnp.int32(0))
+    state, _, metrics = train_step(state, rehearsal, batch, jnp.int32(0), LR)
     jax.tree.map(
         lambda a, b: np.testing.assert_allclose(a, b, rtol=2e-5, atol=2e-6),
         jax.device_get(state.params),
@@ -106,13 +106,13 @@ def test_representatives_used_with_a_batch_never_include_that_batch(runtime):
         assert not set(used_ids.tolist()) & set(batch["inputs"][:, 0].tolist())
         if step >= 1:
             assert used_ids.size > 0 and used_ids.max() < step * len(batch["mask"])
-        state, rehearsal, _ = train_step(state, rehearsal, batch, jnp.int32(0))
+        state, rehearsal, _ = train_step(state, rehearsal, batch, jnp.int32(0), LR)
 
 
 def test_train_and_rehearsal_state_are_donated(runtime):
     _, state, rehearsal, train_step = make_setup(runtime)
     old_leaves = jax.tree.leaves((state.params, rehearsal))
-    train_step(state, rehearsal, host_batch(0, runtime.num_devices), jnp.int32(0))
+    train_step(state, rehearsal, host_batch(0, runtime.num_devices), jnp.int32(0), LR)
     assert all(leaf.is_deleted() for leaf in old_leaves)
 
 
@@ -133,7 +133,7 @@ def test_compiled_step_updates_the_buffer_without_copying_it(runtime):
     budget = 5000
     _, state, rehearsal, train_step = make_setup(runtime, budget=budget)
     batch = host_batch(0, runtime.num_devices)
-    hlo = train_step.lower(state, rehearsal, batch, jnp.int32(0)).compile().as_text()
+    hlo = train_step.lower(state, rehearsal, batch, jnp.int32(0), LR).compile().as_text()
     buffer_elements = NUM_CLASSES * budget
     copies = [line for line in hlo.splitlines() if " copy(" in line]
     sizes = [
@@ -151,7 +151,7 @@ def test_representatives_are_ignored_before_augment_from_task(runtime):
     assert rehearsal.representatives.weights.sum() > 0
     params = jax.device_get(state.params)
     batch = host_batch(3, runtime.num_devices)
-    _, _, metrics = train_step(state, rehearsal, batch, jnp.int32(0))
+    _, _, metrics = train_step(state, rehearsal, batch, jnp.int32(0), LR)
     logits = model.apply({"params": params}, batch["inputs"] / MAX_VALUE)
     ce = optax.softmax_cross_entropy_with_integer_labels(logits, batch["labels"])
     expected = (ce * batch["mask"]).sum() / batch["mask"].sum()
@@ -164,7 +164,7 @@ def test_buffer_in_pinned_host_memory_stays_there_and_changes_nothing_else(runti
         for step in range(6):
             old = rehearsal.buffer.data["inputs"]
             state, rehearsal, _ = train_step(
-                state, rehearsal, host_batch(step, runtime.num_devices), jnp.int32(0)
+                state, rehearsal, host_batch(step, runtime.num_devices), jnp.int32(0), LR
             )
             assert old.is_deleted()
         return state.params, rehearsal
@@ -228,7 +228,7 @@ def test_der_stores_each_sample_with_the_logits_of_its_forward_pass():
     model, state, rehearsal, train_step = make_setup(runtime_lib.JaxRuntime(600), strategy=DER)
     params = jax.device_get(state.params)
     batch = host_batch(0, 8)
-    rows = filled_rows(train_step(state, rehearsal, batch, jnp.int32(0))[1])
+    rows = filled_rows(train_step(state, rehearsal, batch, jnp.int32(0), LR)[1])
     assert len(rows["inputs"]) > 0
     expected = model.apply({"params": params}, rows["inputs"] / MAX_VALUE)
     np.testing.assert_allclose(rows["logits"], expected, rtol=1e-5, atol=1e-6)
@@ -242,12 +242,12 @@ DERPP = strategies.DERpp(alpha=0.3, beta=0.7)
 @pytest.mark.parametrize("strategy", [DER, DERPP], ids=["der", "derpp"])
 def test_der_and_derpp_losses_equal_their_definitions(runtime, strategy):
     """CE(batch) + alpha MSE(f(x_buf), z_buf) [+ beta CE(f(x_buf), y_buf)], weighted."""
-    model, state, rehearsal, train_step = make_setup(runtime, strategy=strategy, learning_rate=3.0)
-    state, rehearsal = run_steps(train_step, state, rehearsal, runtime.num_devices, 6)
+    model, state, rehearsal, train_step = make_setup(runtime, strategy=strategy)
+    state, rehearsal = run_steps(train_step, state, rehearsal, runtime.num_devices, 6, lr=3.0)
     reps = jax.device_get(rehearsal.representatives)
     params = jax.device_get(state.params)
     batch = host_batch(6, runtime.num_devices)
-    _, _, metrics = train_step(state, rehearsal, batch, jnp.int32(0))
+    _, _, metrics = train_step(state, rehearsal, batch, jnp.int32(0), LR)
 
     def logits(inputs):
         return model.apply({"params": params}, np.asarray(inputs).reshape(-1, 3) / MAX_VALUE)
@@ -290,7 +290,7 @@ def test_a_strategys_own_state_reaches_its_loss_through_the_step(runtime):
     model, state, _, train_step = make_setup(runtime, strategy=OffsetLoss())
     params = jax.device_get(state.params)
     batch = host_batch(0, runtime.num_devices)
-    state, _, metrics = train_step(state, None, batch, jnp.int32(0))
+    state, _, metrics = train_step(state, None, batch, jnp.int32(0), LR)
     logits = model.apply({"params": params}, batch["inputs"] / MAX_VALUE)
     ce = optax.softmax_cross_entropy_with_integer_labels(logits, batch["labels"])
     expected = (ce * batch["mask"]).sum() / batch["mask"].sum()

@@ -4,7 +4,6 @@ import json
 
 import numpy as np
 import pytest
-import tensorflow_datasets as tfds
 
 from cljax import configuration, trainer
 
@@ -70,21 +69,24 @@ def test_rerunning_into_a_finished_workdir_is_refused(results, data_dir, workdir
         trainer.train_and_evaluate(digits_config(data_dir, "er"), str(workdirs["er"]))
 
 
-def test_tfds_image_dataset_trains_end_to_end_with_augmentation(tmp_path):
-    """A (mocked) cifar10 read lazily from its TFDS data source, augmented, through a CNN."""
+def test_tfds_image_dataset_trains_end_to_end_with_augmentation(tmp_path, synthetic_data_dir):
+    """A TFDS array_record dataset of JPEG images, read lazily, augmented on the device,
+    through a CNN, with top-1 and top-5 matrices."""
     config = configuration.load_config("default:er")
     config.num_cpu_devices = 8
-    config.dataset.name = "cifar10"
-    config.dataset.data_dir = str(tmp_path / "tfds")
+    config.dataset.name = "synthetic_cifar"
+    config.dataset.data_dir = synthetic_data_dir
     config.model.name = "cnn"
     config.model.cnn.channels = (8,)
     config.model.cnn.dense_size = 16
     config.scenario.num_tasks = 2
     config.epochs_per_task = 1
     config.batch_size = 2
-    with tfds.testing.mock_data(num_examples=40, policy=tfds.testing.MockPolicy.USE_CODE):
-        run = trainer.train_and_evaluate(config, str(tmp_path / "run"))
+    run = trainer.train_and_evaluate(config, str(tmp_path / "run"))
     acc = np.asarray(run["accuracy_matrix"])
-    assert acc.shape == (2, 2) and ((acc >= 0) & (acc <= 1)).all()
+    top5 = np.asarray(run["top5_accuracy_matrix"])
+    assert acc.shape == top5.shape == (2, 2) and ((acc >= 0) & (acc <= 1)).all()
+    assert (top5 >= acc).all()
     assert run["config"]["model"]["name"] == "cnn"
+    assert run["config"]["dataset"]["augment"] == "crop_flip"
     assert len(run["task_timings"]) == 2 and run["data_wait_s"] >= 0

@@ -5,9 +5,14 @@ epoch is padded and masked, so every sample is seen once per epoch and every bat
 same shape (one compilation). Each process reads only its own rows of the global batch:
 process p of P takes rows [p * G / P, (p + 1) * G / P), and the mesh splits those further
 across its devices, so a multi-process run sees exactly the data of a single-process run
-with the same global batch. Augmentation (random crop with 4 pixels of padding and
-horizontal flip, for natural images of the training split) is seeded by
-(seed, task, epoch, step).
+with the same global batch. Per-sample randomness (a training crop) is seeded by (seed,
+task, epoch, step, position in the global batch), so it does not depend on the processes
+either.
+
+`Views` says how a stored example becomes the array a step sees: as stored, resized and
+centre-cropped to `dataset.image_size`, or (`inception` augmentation) randomly
+resized-cropped and flipped; in that mode the pipeline also picks each device's c candidates
+for the buffer and sends their un-augmented views.
 """
 
 import dataclasses
@@ -19,10 +24,11 @@ from collections.abc import Iterator
 
 import numpy as np
 
-from cljax.data.sources import Split
+from cljax.data import transforms
+from cljax.data.sources import ArraySplit, Dataset, Split
 
 Batch = dict[str, np.ndarray]
-CROP_PADDING = 4
+LARGE_IMAGE = 64  # `auto` augmentation: crop_flip up to this size, inception above
 
 
 @dataclasses.dataclass(frozen=True)
@@ -31,6 +37,56 @@ class Position:
 
     epoch: int = 0
     step: int = 0
+
+
+def resolve_augmentation(mode: str, dataset: Dataset) -> str:
+    """`auto`: none for inputs that are not natural (RGB) images, crop_flip up to 64 pixels,
+    inception above; any other mode as given."""
+    if mode != "auto":
+        return mode
+    if not dataset.natural_images:
+        return "none"
+    return "crop_flip" if dataset.input_shape[0] <= LARGE_IMAGE else "inception"
+
+
+@dataclasses.dataclass(frozen=True)
+class Views:
+    """How a stored example becomes the array a step sees (see the module docstring)."""
+
+    augmentation: str = "none"
+    image_size: int | None = None
+
+    @property
+    def crops_on_host(self) -> bool:
+        return self.augmentation == "inception"
+
+    def _image(self, example) -> np.ndarray:
+        return transforms.decode(example)
+
+    def stored(self, example) -> np.ndarray:
+        """The un-augmented view: as stored, or resized and centre-cropped to image_size."""
+        image = self._image(example)
+        return image if self.image_size is None else transforms.resized_view(image, self.image_size)
+
+    def eval(self, example) -> np.ndarray:
+        """The evaluation view (the ImageNet standard centre crop where inception-style
+        crops train)."""
+        image = self._image(example)
+        if self.image_size is None:
+            return image
+        fraction = transforms.EVAL_CROP_FRACTION if self.crops_on_host else 1.0
+        return transforms.resized_view(image, self.image_size, fraction)
+
+    def train(self, example, rng: np.random.Generator, store: bool) -> tuple:
+        """The training view, and the un-augmented view too if `store` (one decode)."""
+        image = self._image(example)
+        stored = (
+            image if self.image_size is None else transforms.resized_view(image, self.image_size)
+        )
+        if not self.crops_on_host:
+            return stored, stored if store else None
+        size = self.image_size or image.shape[0]
+        return transforms.random_resized_crop(image, size, rng), stored if store else None
 
 
 def epoch_order(rows: np.ndarray, seed: int, task: int, epoch: int) -> np.ndarray:
@@ -58,48 +114,86 @@ def local_rows(
     return np.resize(chosen, global_batch_size)[mine], valid[mine]
 
 
+def read_inputs(split: Split, rows: np.ndarray, views: Views) -> np.ndarray:
+    """The evaluation views of `rows` (arrays of an in-memory split, read at once)."""
+    if isinstance(split, ArraySplit) and views.image_size is None:
+        return split.inputs[rows]
+    return np.stack([views.eval(split.example(int(row))) for row in rows])
+
+
+@dataclasses.dataclass(frozen=True)
+class Layout:
+    """How a global batch is split: over processes, then over each process's devices, and
+    how many candidates each device offers its buffer (used when the pipeline picks them)."""
+
+    global_batch_size: int
+    process_index: int = 0
+    process_count: int = 1
+    local_devices: int = 1
+    num_candidates: int = 0
+
+    @property
+    def per_device(self) -> int:
+        return self.global_batch_size // (self.process_count * self.local_devices)
+
+
 def task_batches(
     split: Split,
     rows: np.ndarray,
-    global_batch_size: int,
+    layout: Layout,
+    views: Views,
     *,
     seed: int,
     task: int,
     epochs: int,
-    augment: bool = False,
-    process_index: int = 0,
-    process_count: int = 1,
     start: Position = Position(),
 ) -> Iterator[Batch]:
-    """This process's part {inputs, labels, mask} of every global batch of a task, from
-    `start` (epoch and step within it) on: a resumed run sees the batches it had not seen."""
+    """This process's part {inputs, labels, mask[, candidate_rows, candidate_inputs]} of
+    every global batch of a task, from `start` (epoch and step within it) on: a resumed run
+    sees the batches it had not seen."""
+    size = layout.global_batch_size
     for epoch in range(start.epoch, epochs):
         order = epoch_order(rows, seed, task, epoch)
         first_step = start.step if epoch == start.epoch else 0
-        for step in range(first_step, steps_per_epoch(len(order), global_batch_size)):
-            start_row = step * global_batch_size
-            chosen = order[start_row : start_row + global_batch_size]
-            padded, mask = local_rows(chosen, global_batch_size, process_index, process_count)
-            inputs = split.read(padded)
-            if augment:
-                rng = np.random.default_rng([seed, task, epoch, step, process_index])
-                inputs = crop_and_flip(inputs, rng)
-            yield {"inputs": inputs, "labels": split.labels[padded], "mask": mask}
+        for step in range(first_step, steps_per_epoch(len(order), size)):
+            chosen = order[step * size : (step + 1) * size]
+            local, mask = local_rows(chosen, size, layout.process_index, layout.process_count)
+            yield _load(split, local, mask, layout, views, (seed, task, epoch, step))
 
 
-def crop_and_flip(images: np.ndarray, rng: np.random.Generator) -> np.ndarray:
-    """Random crop after zero-padding by `CROP_PADDING`, and random horizontal flip (NHWC)."""
-    num, height, width = images.shape[:3]
-    pad = CROP_PADDING
-    padded = np.pad(images, ((0, 0), (pad, pad), (pad, pad), (0, 0)))
-    tops = rng.integers(0, 2 * pad + 1, num)
-    lefts = rng.integers(0, 2 * pad + 1, num)
-    flips = rng.random(num) < 0.5
-    out = np.empty_like(images)
-    for i in range(num):
-        crop = padded[i, tops[i] : tops[i] + height, lefts[i] : lefts[i] + width]
-        out[i] = crop[:, ::-1] if flips[i] else crop
-    return out
+def _load(split: Split, local: np.ndarray, mask: np.ndarray, layout: Layout, views: Views, seed):
+    """One batch: every row decoded once, its training view (and stored view if picked)."""
+    batch = {"labels": split.labels[local], "mask": mask}
+    if isinstance(split, ArraySplit) and views.image_size is None and not views.crops_on_host:
+        return {"inputs": split.inputs[local], **batch}
+    picked = _pick_candidates(mask, layout, seed) if views.crops_on_host else []
+    first = layout.process_index * len(local)
+    inputs, stored = [], {}
+    for index, row in enumerate(local):
+        rng = np.random.default_rng([*seed, first + index])
+        view, copy = views.train(split.example(int(row)), rng, store=index in picked)
+        inputs.append(view)
+        if copy is not None:
+            stored[index] = copy
+    batch["inputs"] = np.stack(inputs)
+    if picked:
+        batch["candidate_rows"] = (np.asarray(picked) % layout.per_device).astype(np.int32)
+        batch["candidate_inputs"] = np.stack([stored[index] for index in picked])
+    return batch
+
+
+def _pick_candidates(mask: np.ndarray, layout: Layout, seed) -> list[int]:
+    """For each of this process's devices, `num_candidates` of its rows drawn uniformly
+    from the valid ones (all of its rows if fewer are valid), seeded by the device's global
+    index: positions within this process's rows, device by device."""
+    picked = []
+    for device in range(layout.local_devices):
+        rows = np.arange(device * layout.per_device, (device + 1) * layout.per_device)
+        global_device = layout.process_index * layout.local_devices + device
+        rng = np.random.default_rng([*seed, layout.global_batch_size, global_device])
+        scores = rng.random(len(rows)) + 2.0 * ~mask[rows]
+        picked.extend(rows[np.argsort(scores)[: layout.num_candidates]].tolist())
+    return picked
 
 
 class _End:

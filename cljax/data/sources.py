@@ -17,7 +17,6 @@ from typing import Protocol
 import numpy as np
 import tensorflow_datasets as tfds
 from array_record.python import array_record_module
-from PIL import Image
 
 from cljax.data.digits import Digits
 from cljax.data.mnist1d import Mnist1d
@@ -39,13 +38,14 @@ class DatasetDamaged(DatasetError):
 
 
 class Split(Protocol):
-    """One split: all labels in memory, inputs read on demand in their stored dtype."""
+    """One split: all labels in memory, each sample read on demand as an `example`: an
+    array in its stored dtype, or an image's encoded bytes (JPEG, PNG) to decode."""
 
     labels: np.ndarray
 
     def __len__(self) -> int: ...
 
-    def read(self, rows: np.ndarray) -> np.ndarray: ...
+    def example(self, row: int) -> np.ndarray | bytes: ...
 
 
 @dataclasses.dataclass(frozen=True)
@@ -58,46 +58,44 @@ class ArraySplit:
     def __len__(self) -> int:
         return len(self.labels)
 
-    def read(self, rows: np.ndarray) -> np.ndarray:
-        return self.inputs[rows]
+    def example(self, row: int) -> np.ndarray:
+        return self.inputs[row]
 
 
 @dataclasses.dataclass(frozen=True)
-class SourceSplit:
-    """A split read record by record from a TFDS data source (random access).
-
-    With `image_size`, each image is resized (shorter side) and centre-cropped to a square
-    of that size, for datasets whose images differ in size (e.g. imagenet2012).
-    """
+class RecordSplit:
+    """A split read record by record from a TFDS data source (random access), its images
+    left encoded: decoding belongs to the input pipeline."""
 
     source: Sequence[dict]
     labels: np.ndarray
-    image_size: int | None = None
 
     def __len__(self) -> int:
         return len(self.labels)
 
-    def read(self, rows: np.ndarray) -> np.ndarray:
-        images = (np.asarray(self.source[int(row)]["image"]) for row in rows)
-        if self.image_size is not None:
-            images = (resize_and_crop(image, self.image_size) for image in images)
-        return np.stack(list(images))
+    def example(self, row: int) -> bytes:
+        return self.source[row]["image"]
 
 
-def resize_and_crop(image: np.ndarray, size: int) -> np.ndarray:
-    """Resizes the shorter side of an HWC uint8 image to `size`, then crops the centre."""
-    height, width = image.shape[:2]
-    scale = size / min(height, width)
-    resized_hw = (max(size, round(height * scale)), max(size, round(width * scale)))
-    pil = Image.fromarray(image.squeeze(-1) if image.shape[-1] == 1 else image)
-    resized = np.asarray(pil.resize(resized_hw[::-1], Image.Resampling.BILINEAR))
-    top, left = (resized_hw[0] - size) // 2, (resized_hw[1] - size) // 2
-    return resized[top : top + size, left : left + size].reshape(size, size, image.shape[-1])
+# Per-channel mean and standard deviation of inputs scaled to [0, 1], by dataset.
+IMAGENET_STATISTICS = ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
+STATISTICS = {
+    "imagenet2012": IMAGENET_STATISTICS,
+    "cifar10": ((0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)),
+    "cifar100": ((0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762)),
+}
 
 
 @dataclasses.dataclass(frozen=True)
 class Dataset:
-    """Train and test splits plus what the model and buffer need to know about them."""
+    """Train and test splits plus what the model, the buffer and the input pipeline need
+    to know about them.
+
+    `input_shape` is the shape a sample reaches the model with (after resizing to
+    `image_size`); `encoded`: examples are encoded images to decode; `mean` and `std`:
+    per-channel statistics of inputs scaled to [0, 1] (ImageNet's for natural images without
+    statistics of their own; 0 and 1 otherwise).
+    """
 
     name: str
     train: Split
@@ -108,6 +106,10 @@ class Dataset:
     max_value: float
     natural_images: bool = False
     resizable: bool = False
+    encoded: bool = False
+    image_size: int | None = None
+    mean: tuple[float, ...] = (0.0,)
+    std: tuple[float, ...] = (1.0,)
 
 
 def resolve_data_dir(data_dir: str | None) -> str:
@@ -214,9 +216,8 @@ def _load_tfds(name: str, data_dir: str, image_size: int | None) -> Dataset:
         if os.path.isdir(builder.data_dir):
             fix = f"remove {builder.data_dir} and run: {prepare_command(name, data_dir)}"
             verify_files(name, str(builder.data_dir), fix)
-        train, test = (
-            _source_split(name, split, data_dir, image_size) for split in ("train", "test")
-        )
+        test_split = "test" if "test" in builder.info.splits else "validation"
+        train, test = (_record_split(name, split, data_dir) for split in ("train", test_split))
     except tfds.core.registered.DatasetNotFoundError:
         known = sorted({*BUILTIN_BUILDERS, *tfds.list_builders(with_community_datasets=False)})
         close = difflib.get_close_matches(name, known, n=3)
@@ -237,44 +238,59 @@ def _load_tfds(name: str, data_dir: str, image_size: int | None) -> Dataset:
         ) from error
     features = builder.info.features
     image = features["image"]
-    dtype = np.dtype(image.np_dtype)
-    shape = tuple(image.shape)
+    return image_dataset(
+        name, train, test, features["label"].num_classes, tuple(image.shape), image_size
+    )
+
+
+def image_dataset(
+    name: str,
+    train: Split,
+    test: Split,
+    num_classes: int,
+    stored_shape: tuple,
+    image_size: int | None,
+) -> Dataset:
+    """A dataset of encoded uint8 images, resized to `image_size` if given (required when
+    `stored_shape` has unknown (None) sides)."""
+    channels = stored_shape[-1] or 3
     if image_size is not None:
-        shape = (image_size, image_size, shape[-1])
-    elif None in shape:
+        shape = (image_size, image_size, channels)
+    elif None in stored_shape:
         raise DatasetNotPrepared(
-            f"dataset.name={name!r} has images of varying size {shape}; set"
+            f"dataset.name={name!r} has images of varying size {stored_shape}; set"
             " --config.dataset.image_size (e.g. 224) to resize them"
         )
+    else:
+        shape = tuple(stored_shape)
+    natural = channels == 3
+    mean, std = STATISTICS.get(name, IMAGENET_STATISTICS if natural else ((0.0,), (1.0,)))
     return Dataset(
         name=name,
         train=train,
         test=test,
-        num_classes=features["label"].num_classes,
+        num_classes=num_classes,
         input_shape=shape,
-        input_dtype=dtype,
-        max_value=float(np.iinfo(dtype).max) if dtype.kind == "u" else 1.0,
-        natural_images=image.shape[-1] == 3,
+        input_dtype=np.dtype(np.uint8),
+        max_value=255.0,
+        natural_images=natural,
         resizable=True,
+        encoded=True,
+        image_size=image_size,
+        mean=mean,
+        std=std,
     )
 
 
-def _source_split(name: str, split: str, data_dir: str, image_size: int | None) -> SourceSplit:
-    source = tfds.data_source(name, split=split, data_dir=data_dir, download=False)
-    return SourceSplit(source, _read_labels(name, split, data_dir, source), image_size)
-
-
-def _read_labels(name: str, split: str, data_dir: str, source) -> np.ndarray:
-    """All labels of a split, without decoding images where TFDS can (with TensorFlow
-    installed); else by decoding every record once."""
-    try:
-        undecoded = tfds.data_source(
-            name,
-            split=split,
-            data_dir=data_dir,
-            download=False,
-            decoders={"image": tfds.decode.SkipDecoding()},
-        )
-        return np.asarray([undecoded[i]["label"] for i in range(len(undecoded))], np.int32)
-    except ModuleNotFoundError:
-        return np.asarray([source[i]["label"] for i in range(len(source))], np.int32)
+def _record_split(name: str, split: str, data_dir: str) -> RecordSplit:
+    """A TFDS split whose records keep their images encoded; its labels read without
+    decoding a single image."""
+    source = tfds.data_source(
+        name,
+        split=split,
+        data_dir=data_dir,
+        download=False,
+        decoders={"image": tfds.decode.SkipDecoding()},
+    )
+    labels = np.asarray([source[i]["label"] for i in range(len(source))], np.int32)
+    return RecordSplit(source, labels)

@@ -1,21 +1,48 @@
 """Models by name, each with its own documented arguments (`model.<name>.<argument>`).
 
 Every model maps a float batch (B, *input_shape) to logits, as `model(x, train=..., mask=...)`:
-`train` selects batch statistics over running averages in models with BatchNorm, and `mask`
-marks the rows (new samples and representatives) those statistics are computed over.
+`train` selects batch statistics over running averages in models with BatchNorm (and turns
+dropout on), and `mask` marks the rows (new samples and representatives) those statistics
+are computed over. cljax supplies the number of classes, and to models that take them the
+computation dtype and the collectives BatchNorm sums its statistics with.
 """
+
+import dataclasses
+from typing import Any
 
 import flax.linen as nn
 import ml_collections
 
 from cljax import components
+from cljax.collectives import Collectives, SingleDevice
 from cljax.models.cnn import SmallCNN
+from cljax.models.ghostnet import GhostNet
 from cljax.models.mlp import MLP
+from cljax.models.resnet import ResNet18, ResNet18Cifar, ResNet50
 
-MODELS: dict[str, type[nn.Module]] = {"mlp": MLP, "cnn": SmallCNN}
+MODELS: dict[str, type[nn.Module]] = {
+    "mlp": MLP,
+    "cnn": SmallCNN,
+    "resnet18": ResNet18,
+    "resnet50": ResNet50,
+    "resnet18_cifar": ResNet18Cifar,
+    "ghostnet": GhostNet,
+}
 
 
-def create_model(config: ml_collections.ConfigDict, num_classes: int) -> nn.Module:
+def create_model(
+    config: ml_collections.ConfigDict,
+    num_classes: int,
+    dtype: Any = None,
+    collectives: Collectives = SingleDevice(),  # noqa: B008 (stateless)
+) -> nn.Module:
     """Model `config.name` with its arguments `config[config.name]`."""
     cls = MODELS[config.name]
-    return components.build("model", config.name, cls, config[config.name], num_classes=num_classes)
+    fields = {field.name for field in dataclasses.fields(cls)}
+    supplied = {"dtype": dtype, "collectives": collectives}
+    supplied = {
+        key: value for key, value in supplied.items() if key in fields and value is not None
+    }
+    return components.build(
+        "model", config.name, cls, config[config.name], num_classes=num_classes, **supplied
+    )
