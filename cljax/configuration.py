@@ -7,6 +7,7 @@ import ast
 import difflib
 import importlib.util
 import math
+import os
 import pathlib
 import sys
 
@@ -15,6 +16,7 @@ import ml_collections
 
 from cljax import augment, components, optim
 from cljax.buffer import MEMORY_KINDS, POLICIES
+from cljax.data.pipeline import BAD_IMAGES, WORKER_KINDS
 from cljax.data.scenarios import SCENARIOS, class_groups
 from cljax.data.sources import BUILTIN_BUILDERS
 from cljax.messages import ConfigError
@@ -55,8 +57,9 @@ FIELD_DOCS = {
     "optimizer.schedule_scope": "task: the schedule restarts at every task (the paper's);"
     " stream: it runs once over all tasks",
     "optimizer.reset_each_task": "reset the optimizer state (momentum) at every task (the paper's)",
-    "dataset.name": f"built-in {sorted(BUILTIN_BUILDERS)} (no download) or any TFDS"
-    " image-classification dataset prepared as array_record (mnist, cifar10, imagenet2012, ...)",
+    "dataset.name": f"built-in {sorted(BUILTIN_BUILDERS)} (no download), imagefolder (at"
+    " dataset.path) or any TFDS image-classification dataset prepared as array_record (mnist,"
+    " cifar10, imagenet2012, ...)",
     "dataset.data_dir": "TFDS data dir (None: $TFDS_DATA_DIR, else ~/tensorflow_datasets)",
     "dataset.image_size": "resize (shorter side) and crop images to this size; needed for"
     " datasets of varying image size (imagenet2012)",
@@ -66,7 +69,16 @@ FIELD_DOCS = {
     "dataset.mean": "per-channel mean of inputs scaled to [0, 1] (None: the dataset's)",
     "dataset.std": "per-channel standard deviation of inputs scaled to [0, 1] (None: the"
     " dataset's)",
-    "dataset.prefetch_depth": "batches the prefetch thread prepares ahead",
+    "dataset.prefetch_depth": "batches the prefetch thread keeps ready for the training loop",
+    "dataset.path": "the folder of dataset.name=imagefolder, holding train/<class>/ and"
+    " val/<class>/",
+    "dataset.worker_count": "input workers per training process (None: none for data held in"
+    " memory, else one per core left, at most 16)",
+    "dataset.workers": "threads (decoding and resizing release the GIL; measured faster) or"
+    " processes (Grain worker processes, batches in shared memory; no GIL shared with the"
+    " training loop)",
+    "dataset.bad_images": "an image that cannot be decoded: stop (one line naming it) or skip"
+    " (its row is left out and counted)",
     "scenario.name": f"one of {list(SCENARIOS)}",
     "scenario.num_tasks": "tasks (1 for joint)",
     "scenario.class_order_seed": "shuffle the class order with this seed (None: classes in order)",
@@ -94,6 +106,11 @@ FIELD_DOCS = {
     "distributed.timeout_s": "how long a process waits for the others (start-up, progress)"
     " before stopping with an error",
     "distributed.log_dir": "every process appends its log lines to process_<i>.log there",
+    "checkpoint.every_steps": "save a checkpoint every this many training steps of the run"
+    " (0: only at the end of every task, which is always done)",
+    "checkpoint.keep": "checkpoints kept in <workdir>/checkpoints (the newest ones)",
+    "init_from": "start from the parameters and BatchNorm statistics of a finished run"
+    " (its workdir or its final_model/; None: fresh ones from seed)",
 }
 
 
@@ -173,6 +190,9 @@ def validate(config: ml_collections.ConfigDict) -> None:
         " --config.label_smoothing",
     )
     _one_of("dataset.augment", config.dataset.augment, augment.MODES)
+    _one_of("dataset.bad_images", config.dataset.bad_images, BAD_IMAGES)
+    _one_of("dataset.workers", config.dataset.workers, WORKER_KINDS)
+    _optional_positive("dataset.worker_count", config.dataset.worker_count, 0)
     _validate_optimizer(config.optimizer)
     _positive("seed", config.seed, minimum=0)
     _optional_positive("scenario.class_order_seed", config.scenario.class_order_seed, 0)
@@ -180,6 +200,13 @@ def validate(config: ml_collections.ConfigDict) -> None:
     _optional_positive("scenario.increment", config.scenario.increment)
     _optional_positive("dataset.image_size", config.dataset.image_size)
     _validate_distributed(config.distributed)
+    _positive("checkpoint.every_steps", config.checkpoint.every_steps, 0)
+    _positive("checkpoint.keep", config.checkpoint.keep)
+    _require(
+        config.init_from is None or os.path.isdir(config.init_from),
+        f"init_from={config.init_from} is not a directory; give a finished run's workdir or"
+        " its final_model/",
+    )
     if STRATEGIES[config.strategy.name].uses_buffer:
         _validate_buffer(config)
 

@@ -9,6 +9,7 @@ import sys
 EXIT_FAILED = 1  # the run started and failed (non-finite loss, damaged data, a bug)
 EXIT_BAD_INPUT = 2  # a config field, file or directory that cannot work; nothing ran
 EXIT_LOST_PROCESS = 3  # another process of the job died or cannot be reached
+EXIT_PREEMPTED = 75  # SIGTERM or SIGUSR1: a checkpoint was saved; run the same command again
 EXIT_INTERRUPTED = 130  # Ctrl-C (128 + SIGINT)
 
 
@@ -18,6 +19,10 @@ class ConfigError(ValueError):
 
 class RunFailed(RuntimeError):
     """A run that cannot go on; the message says where it stopped and what to do."""
+
+
+class Preempted(RunFailed):
+    """SIGTERM or SIGUSR1 (a scheduler's notice): the run saved a checkpoint and stopped."""
 
 
 def warn(message: str) -> None:

@@ -15,6 +15,7 @@ import abc
 import contextlib
 import logging
 import os
+import socket
 import sys
 import threading
 import time
@@ -45,6 +46,7 @@ _CLUSTER_SIZE_VARIABLES = {
 _CPU_COLLECTIVE_TIMEOUT_FLAG = "--xla_cpu_collective_call_terminate_timeout_seconds"
 _BROADCAST_KEY = "cljax/broadcast"
 _ALIVE_PREFIX = "cljax/alive/"
+_GATHER_PREFIX = "cljax/gather/"
 
 
 class Runtime(abc.ABC):
@@ -137,6 +139,33 @@ class Runtime(abc.ABC):
     def broadcast_text(self, text: str | None) -> str:
         """Process 0's `text`, on every process."""
 
+    def cores_of_this_process(self) -> int:
+        """This process's share of the cores it may run on: all of them if it was bound to
+        its own (as `srun --cpus-per-task` does), else an even share with the job's other
+        processes on this machine that may run on the same ones."""
+        cores = sorted(os.sched_getaffinity(0))
+        place = f"{socket.gethostname()} {cores}"
+        return max(1, len(cores) // self.all_texts(place).count(place))
+
+    def all_texts(self, text: str) -> list[str]:
+        """Every process's `text`, in process order; every process must call it."""
+        if self.process_count == 1:
+            return [text]
+        return self._gather_texts(text)
+
+    @abc.abstractmethod
+    def _gather_texts(self, text: str) -> list[str]:
+        """`all_texts` of a job of several processes."""
+
+    #: Whether every process takes part in writing a global array (one JAX program over
+    #: all processes); else each process is a JAX program of its own.
+    writes_together = True
+
+    def checkpoint_directory(self, root: str) -> str:
+        """Where this process's checkpoints go: `root`, shared by all processes (each
+        writes its own shards of the global arrays)."""
+        return root
+
     def watchdog(self, what: str = "training") -> "Watchdog":
         """A watchdog for this job: armed only when there are other processes to lose."""
         return Watchdog(self.timeout_s, self.process_index, what, active=self.process_count > 1)
@@ -147,6 +176,7 @@ class JaxRuntime(Runtime):
 
     def __init__(self, timeout_s: float):
         super().__init__(Mesh(np.asarray(jax.devices()), (AXIS,)), JaxCollectives(), timeout_s)
+        self._gathers = 0
 
     @classmethod
     def start(cls, config: ml_collections.ConfigDict) -> "JaxRuntime":
@@ -173,6 +203,18 @@ class JaxRuntime(Runtime):
             client.key_value_set(_BROADCAST_KEY, text, allow_overwrite=True)
             return text
         return client.blocking_key_value_get(_BROADCAST_KEY, int(self.timeout_s * 1000))
+
+    def _gather_texts(self, text: str) -> list[str]:
+        """Through the coordinator's key-value store, under keys numbered by call."""
+        client = jax_distributed.global_state.client
+        self._gathers += 1
+        prefix = f"{_GATHER_PREFIX}{self._gathers}/"
+        client.key_value_set(f"{prefix}{self.process_index}", text)
+        timeout = int(self.timeout_s * 1000)
+        return [
+            client.blocking_key_value_get(f"{prefix}{index}", timeout)
+            for index in range(self.process_count)
+        ]
 
     def watchdog(self, what: str = "training") -> "Watchdog":
         """With several processes, each watchdog also posts that its process is alive, so
@@ -233,6 +275,16 @@ class MpiRuntime(Runtime):
 
     def broadcast_text(self, text: str | None) -> str:
         return self._comm.bcast(text, root=0)
+
+    writes_together = False
+
+    def checkpoint_directory(self, root: str) -> str:
+        """`root/process_<i>`: each process is a JAX program of its own, its device's
+        part of the global buffer a checkpoint of its own."""
+        return os.path.join(root, f"process_{self.process_index}")
+
+    def _gather_texts(self, text: str) -> list[str]:
+        return self._comm.allgather(text)
 
     @property
     def process_index(self) -> int:

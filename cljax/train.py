@@ -5,7 +5,8 @@ for its `get_config`; `--config.FIELD=VALUE` overrides any field, and `--helpcon
 them all. With no flags, runs the default experiment (configs/default.py) into a fresh
 directory under `runs/`. Bad input stops before anything compiles, with one line that names
 the field and the fix. Exit statuses: 0 finished, 1 failed, 2 bad input, 3 another process
-lost, 130 interrupted (Ctrl-C).
+lost, 75 preempted (SIGTERM or SIGUSR1: a checkpoint was saved; rerun the same command),
+130 interrupted (Ctrl-C).
 """
 
 import os
@@ -75,6 +76,8 @@ def run(overrides: dict[str, str], argv: list[str]) -> None:
         trainer.train_and_evaluate(config, _WORKDIR.value)
     except messages.ConfigError as error:
         _stop(str(error), messages.EXIT_BAD_INPUT)
+    except messages.Preempted as error:
+        _stop(str(error), messages.EXIT_PREEMPTED)
     except trainer.Interrupted as error:
         _stop(str(error), messages.EXIT_INTERRUPTED)
     except messages.RunFailed as error:

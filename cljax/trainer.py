@@ -7,6 +7,7 @@ writes to `<workdir>/metrics.json`, which always says how the run stands (`statu
 """
 
 import dataclasses
+import json
 import math
 import time
 from collections.abc import Callable
@@ -18,11 +19,12 @@ import numpy as np
 from tqdm import tqdm
 
 from cljax import buffer as buffer_lib
-from cljax import components, configuration, metrics, optim, steps
+from cljax import checkpoint as checkpoint_lib
+from cljax import components, configuration, metrics, optim, preemption, steps
 from cljax import runtime as runtime_lib
 from cljax import workdir as workdir_lib
 from cljax.data import pipeline, scenarios, sources
-from cljax.messages import ConfigError, RunFailed
+from cljax.messages import ConfigError, Preempted, RunFailed, warn
 from cljax.models import create_model
 from cljax.strategies import STRATEGIES, Strategy
 
@@ -59,53 +61,71 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | None = 
 
 
 def _run_tasks(run: "_Run", scenario: scenarios.Scenario, wall_start: float) -> dict:
-    """The task loop; whatever happens, metrics.json ends up saying how the run stands."""
+    """The task loop, from the run's latest checkpoint if it has one; whatever happens,
+    metrics.json ends up saying how the run stands."""
     report = _Report(run, scenario.num_tasks, wall_start)
-    state, rehearsal = None, run.init_rehearsal()
+    task_rows = tuple(
+        scenario.train_rows_up_to(task) if run.strategy.trains_on_seen_tasks else rows
+        for task, rows in enumerate(scenario.train_rows)
+    )
+    clock = _Clock(
+        [
+            run.config.epochs_per_task * pipeline.steps_per_epoch(len(rows), run.global_batch_size)
+            for rows in task_rows
+        ],
+        run.config.epochs_per_task,
+    )
+    checkpoints = checkpoint_lib.Checkpoints(
+        run.directory.path, run.runtime, run.config.checkpoint.keep
+    )
     try:
-        with run.runtime.watchdog() as watchdog:
-            for task in range(scenario.num_tasks):
-                if state is None or run.strategy.reinitialise_each_task:
-                    key = jax.random.fold_in(jax.random.key(run.config.seed), task)
-                    state = run.init_state(key)
-                elif run.config.optimizer.reset_each_task:
-                    state = run.reset_optimizer(state)
-                state = state.replace(
-                    strategy_state=run.strategy.begin_task(
-                        state.strategy_state, state.variables, task
-                    )
-                )
-                train_rows = (
-                    scenario.train_rows_up_to(task)
-                    if run.strategy.trains_on_seen_tasks
-                    else scenario.train_rows[task]
-                )
-                task_start = time.perf_counter()
-                state, rehearsal, data_wait = _train_task(
-                    run, watchdog, state, rehearsal, train_rows, task, scenario.num_tasks
-                )
-                eval_start = time.perf_counter()
-                correct = _evaluate(run, state, run.dataset.test)
+        state, rehearsal, start = _start(run, checkpoints, report, clock)
+        feed = _feed(run, task_rows, start)
+        with (
+            run.runtime.watchdog() as watchdog,
+            feed,
+            preemption.Preemption(run.runtime) as preempt,
+        ):
+            for task in range(start.task, scenario.num_tasks):
+                first = start if task == start.task else pipeline.Position(task)
+                if (first.epoch, first.step) == (0, 0):
+                    state = _begin_task(run, state, task)
+                clock.begin_task(feed.wait_s)
+                loop = _TaskLoop(run, watchdog, feed, checkpoints, preempt, report, clock)
+                state, rehearsal, skipped = loop.train(state, rehearsal, task, first)
+                eval_start, eval_wait = time.perf_counter(), feed.wait_s
+                correct, valid, eval_skipped = _evaluate(run, feed, state)
                 accuracies = {
-                    name: [hits[rows].mean() for rows in scenario.test_rows]
+                    name: [hits[rows][valid[rows]].mean() for rows in scenario.test_rows]
                     for name, hits in correct.items()
                 }
-                timing = {
-                    "task": task,
-                    "train_s": eval_start - task_start,
-                    "data_wait_s": data_wait,
-                    "eval_s": time.perf_counter() - eval_start,
-                }
+                timing = clock.end_task(task, eval_start, eval_wait)
+                report.skipped(run.runtime.all_texts(json.dumps([*skipped, *eval_skipped])))
                 report.task_done(task, accuracies, timing)
+                next_task = pipeline.Position(task + 1)
+                checkpoints.save(
+                    clock.done_steps(next_task), state, rehearsal, next_task, report.progress()
+                )
                 watchdog.progress()
+                if task + 1 < scenario.num_tasks and preempt.requested():
+                    raise Preempted(_preempted_message(preempt, report, next_task))
+            checkpoints.wait()
+    except Preempted:
+        checkpoints.close()
+        report.write("preempted")
+        raise
     except KeyboardInterrupt:
+        checkpoints.close()
         report.write("interrupted")
         raise Interrupted(
             f"interrupted; {report.path} holds the {report.completed} finished task(s)"
         ) from None
     except BaseException as error:
+        checkpoints.close()
         report.write("failed", error=str(error) or repr(error))
         raise
+    checkpoints.close()
+    model_path = checkpoint_lib.export_model(run.directory.path, state, run.runtime)
     report.write("finished")
     for name, acc in report.matrices.items():
         run.log(f"{name} accuracy\n{metrics.format_matrix(acc)}")
@@ -113,9 +133,140 @@ def _run_tasks(run: "_Run", scenario: scenarios.Scenario, wall_start: float) -> 
     run.log(
         f"final_average_accuracy={results['final_average_accuracy']:.4f} "
         f"average_forgetting={results['average_forgetting']:.4f} "
-        f"train_time_s={results['train_time_s']:.1f} metrics: {report.path}"
+        f"train_time_s={results['train_time_s']:.1f} metrics: {report.path} model: {model_path}"
     )
     return results
+
+
+def _begin_task(run: "_Run", state, task: int) -> steps.TrainState:
+    """The state a task starts from: fresh (the first task, or every task of a strategy
+    that re-initialises; from `init_from` if set), else the last one with the optimizer
+    reset if configured; then the strategy's own start of task."""
+    if state is None or run.strategy.reinitialise_each_task:
+        state = run.init_state(jax.random.fold_in(jax.random.key(run.config.seed), task))
+        if run.config.init_from:
+            state = checkpoint_lib.load_model(run.config.init_from, state)
+    elif run.config.optimizer.reset_each_task:
+        state = run.reset_optimizer(state)
+    return state.replace(
+        strategy_state=run.strategy.begin_task(state.strategy_state, state.variables, task)
+    )
+
+
+def _start(run: "_Run", checkpoints, report: "_Report", clock: "_Clock"):
+    """(state, rehearsal, position) to start from: the latest checkpoint's, after checking
+    that this run's config is the checkpointed one's; else a fresh start (state None)."""
+    devices = run.runtime.num_devices
+    earlier = run.directory.earlier_metrics()
+
+    def check(progress: dict) -> None:
+        checkpoint_lib.check_same_config(
+            progress["config"],
+            run.resolved_config,
+            progress["num_devices"] == devices,
+            run.directory.path,
+        )
+
+    restored = checkpoints.restore_latest(*_abstract_states(run), check)
+    if restored is None:
+        if earlier is not None and "config" in earlier:
+            check({"config": earlier["config"], "num_devices": earlier["num_devices"]})
+        return None, run.init_rehearsal(), pipeline.Position()
+    report.load(restored.progress)
+    clock.load(restored.progress)
+    position = restored.position
+    saved_devices = restored.progress["num_devices"]
+    if saved_devices != devices:
+        samples = position.step * restored.progress["global_batch_size"]
+        position = dataclasses.replace(position, step=samples // run.global_batch_size)
+    run.log(
+        f"resuming from {checkpoints.path}/{restored.step}: task {position.task + 1}, epoch"
+        f" {position.epoch + 1}, step {position.step + 1}"
+        + (
+            f" (saved on {saved_devices} devices, now {devices})"
+            if saved_devices != devices
+            else ""
+        )
+    )
+    return restored.state, restored.rehearsal, position
+
+
+def _abstract_states(run: "_Run") -> tuple:
+    """Shapes, dtypes and shardings (with memory kinds) of the train and rehearsal states:
+    what a checkpoint is restored into."""
+
+    def placed(shapes, shardings):
+        """`shapes` with the shardings of `shardings`, a prefix of it."""
+        return jax.tree.map(
+            lambda sharding, subtree: jax.tree.map(
+                lambda shape: jax.ShapeDtypeStruct(shape.shape, shape.dtype, sharding=sharding),
+                subtree,
+            ),
+            shardings,
+            shapes,
+        )
+
+    state = jax.eval_shape(run.init_state, jax.random.key(0))
+    state = placed(state, run.runtime.replicated)
+    buffer = run.settings.buffer
+    if buffer is None:
+        return state, None
+    rehearsal = jax.eval_shape(run.init_rehearsal)
+    shardings = steps.RehearsalState(
+        buffer.shardings(run.runtime.sharded),
+        run.runtime.sharded,
+    )
+    return state, placed(rehearsal, shardings)
+
+
+def _preempted_message(preempt: preemption.Preemption, report: "_Report", position) -> str:
+    return (
+        f"{preempt.name}: saved a checkpoint at task {position.task + 1}, epoch"
+        f" {position.epoch + 1}, step {position.step + 1}; run the same command to resume"
+        f" ({report.path} says preempted)"
+    )
+
+
+class _Clock:
+    """Steps and time: the run's step count at a position, and the current task's train
+    time and data wait (including what the run did in it before it was resumed)."""
+
+    def __init__(self, task_steps: list[int], epochs: int):
+        self.task_steps = task_steps
+        self.epochs = epochs
+        self.carried = {"train_s": 0.0, "data_wait_s": 0.0}
+        self._task_start = self._wait_start = 0.0
+
+    def steps_per_epoch(self, task: int) -> int:
+        return self.task_steps[task] // self.epochs
+
+    def done_steps(self, position: pipeline.Position) -> int:
+        """Training steps of the run done before `position`."""
+        done = sum(self.task_steps[: position.task])
+        if position.task < len(self.task_steps):
+            done += position.epoch * self.steps_per_epoch(position.task) + position.step
+        return done
+
+    def begin_task(self, wait_s: float) -> None:
+        self._task_start, self._wait_start = time.perf_counter(), wait_s
+
+    def elapsed(self, wait_s: float, until: float | None = None) -> dict:
+        """This task's train time and data wait up to `until` (None: now)."""
+        until = time.perf_counter() if until is None else until
+        return {
+            "train_s": self.carried["train_s"] + until - self._task_start,
+            "data_wait_s": self.carried["data_wait_s"] + wait_s - self._wait_start,
+        }
+
+    def end_task(self, task: int, eval_start: float, wait_s: float) -> dict:
+        """The finished task's timing: training (to `eval_start`), data wait, evaluation."""
+        timing = {"task": task, **self.elapsed(wait_s, eval_start)}
+        timing["eval_s"] = time.perf_counter() - eval_start
+        self.carried = {"train_s": 0.0, "data_wait_s": 0.0}
+        return timing
+
+    def load(self, progress: dict) -> None:
+        self.carried = dict(progress["task_elapsed"])
 
 
 class _Report:
@@ -125,6 +276,8 @@ class _Report:
         self.run = run
         self.matrices = {name: np.zeros((0, num_tasks)) for name in run.accuracies}
         self.timings: list[dict] = []
+        self.skipped_images: dict[str, None] = {}  # each image once, in the order found
+        self.resumes = 0
         self.wall_start = wall_start
         self.path = run.directory.file(workdir_lib.METRICS_NAME)
 
@@ -137,11 +290,21 @@ class _Report:
     def completed(self) -> int:
         return len(self.acc)
 
+    def skipped(self, per_process: list[str]) -> None:
+        """Records the undecodable images each process (a JSON list each) left out."""
+        for names in per_process:
+            self.skipped_images.update(dict.fromkeys(json.loads(names)))
+
     def task_done(self, task: int, accuracies: dict[str, list[float]], timing: dict) -> None:
         for name, row in accuracies.items():
             self.matrices[name] = np.vstack([self.matrices[name], row])
         self.timings.append(_with_max_over_processes(self.run.runtime, timing))
         self.write("running")
+        if self.skipped_images and self.run.runtime.is_main:
+            warn(
+                f"{len(self.skipped_images)} images could not be decoded and were left out so"
+                f" far (dataset.bad_images=skip), e.g. {next(iter(self.skipped_images))}"
+            )
         train_time = sum(t["train_s"] for t in self.timings)
         seen = ", ".join(
             f"{name} {np.mean(row[: task + 1]):.4f}" for name, row in accuracies.items()
@@ -152,6 +315,8 @@ class _Report:
         )
 
     def results(self, status: str, error: str | None = None) -> dict:
+        train_time = sum(t["train_s"] for t in self.timings)
+        data_wait = sum(t["data_wait_s"] for t in self.timings)
         results = {
             "status": status,
             **({"error": error} if error else {}),
@@ -160,15 +325,43 @@ class _Report:
                 for name, acc in self.matrices.items()
                 for key, value in _matrix_results(name, acc).items()
             },
-            "train_time_s": sum(t["train_s"] for t in self.timings),
-            "data_wait_s": sum(t["data_wait_s"] for t in self.timings),
+            "train_time_s": train_time,
+            "data_wait_s": data_wait,
+            "data_wait_fraction": data_wait / train_time if train_time > 0 else 0.0,
             "wall_time_s": time.perf_counter() - self.wall_start,
             "num_devices": self.run.runtime.num_devices,
             "completed_tasks": self.completed,
+            "resumes": self.resumes,
+            "skipped_images": list(self.skipped_images),
             "task_timings": self.timings,
             "config": self.run.resolved_config,
         }
         return results
+
+    def progress(self, task_elapsed: dict | None = None) -> dict:
+        """What a checkpoint keeps of the report: the results so far, the config and the
+        layout it ran on, and (mid-task) the task's train time and data wait so far."""
+        return {
+            "matrices": {name: acc.tolist() for name, acc in self.matrices.items()},
+            "timings": self.timings,
+            "skipped_images": list(self.skipped_images),
+            "task_elapsed": task_elapsed or {"train_s": 0.0, "data_wait_s": 0.0},
+            "resumes": self.resumes,
+            "config": self.run.resolved_config,
+            "num_devices": self.run.runtime.num_devices,
+            "global_batch_size": self.run.global_batch_size,
+        }
+
+    def load(self, progress: dict) -> None:
+        """The report of the run a checkpoint was taken of, which this run continues."""
+        num_tasks = self.acc.shape[1]
+        self.matrices = {
+            name: np.asarray(progress["matrices"][name], dtype=float).reshape(-1, num_tasks)
+            for name in self.matrices
+        }
+        self.timings = list(progress["timings"])
+        self.skipped_images = dict.fromkeys(progress["skipped_images"])
+        self.resumes = progress["resumes"] + 1
 
     def write(self, status: str, error: str | None = None) -> None:
         if self.run.runtime.is_main:
@@ -192,6 +385,7 @@ class _Run:
     predict: Callable
     views: pipeline.Views
     layout: pipeline.Layout
+    worker_count: int
     schedule: optim.Schedule
     accuracies: tuple[str, ...]
     resolved_config: dict
@@ -200,6 +394,12 @@ class _Run:
     @property
     def global_batch_size(self) -> int:
         return self.layout.global_batch_size
+
+    @property
+    def eval_batch_size(self) -> int:
+        """The global evaluation batch, a multiple of the number of devices."""
+        devices = self.runtime.num_devices
+        return -(-self.config.eval_batch_size // devices) * devices
 
 
 def _open_workdir(config, runtime: runtime_lib.Runtime, path: str | None) -> workdir_lib.Workdir:
@@ -263,7 +463,7 @@ def _build(
         buffer=buffer,
         augment_from_task=config.buffer.augment_from_task,
     )
-    sample = pipeline.read_inputs(dataset.train, np.arange(1), views)
+    sample = pipeline.read_inputs(dataset.train, np.arange(1), views, dataset.input_shape)
     init_state = jax.jit(
         lambda key: steps.create_train_state(settings, sample, key),
         out_shardings=runtime.replicated,
@@ -290,7 +490,15 @@ def _build(
         )
 
     top_k = min(TOP_K, dataset.num_classes)
-    resolved["dataset"].update(augment=views.augmentation, mean=settings.mean, std=settings.std)
+    worker_count = pipeline.resolve_worker_count(
+        config.dataset.worker_count, dataset, runtime.cores_of_this_process()
+    )
+    resolved["dataset"].update(
+        augment=views.augmentation,
+        mean=settings.mean,
+        std=settings.std,
+        worker_count=worker_count,
+    )
     return _Run(
         config=config,
         runtime=runtime,
@@ -305,6 +513,7 @@ def _build(
         predict=steps.make_predict(runtime, settings, top_k),
         views=views,
         layout=layout,
+        worker_count=worker_count,
         schedule=optim.schedule(
             config, runtime.num_devices, config.epochs_per_task, config.scenario.num_tasks
         ),
@@ -327,7 +536,12 @@ def _load_dataset(config: ml_collections.ConfigDict, runtime) -> sources.Dataset
         if runtime.is_main:
             sources.build_if_builtin(config.dataset.name, config.dataset.data_dir)
         runtime.barrier("cljax-dataset-built")
-        return sources.load(config.dataset.name, config.dataset.data_dir, config.dataset.image_size)
+        return sources.load(
+            config.dataset.name,
+            config.dataset.data_dir,
+            config.dataset.image_size,
+            config.dataset.path,
+        )
     except sources.DatasetError as error:
         raise ConfigError(str(error)) from error
 
@@ -357,65 +571,133 @@ def _with_max_over_processes(runtime: runtime_lib.Runtime, timing: dict) -> dict
     return {**timing, **{f"{key}_max": float(v) for key, v in zip(keys, values, strict=True)}}
 
 
-def _train_task(run: _Run, watchdog, state, rehearsal, rows: np.ndarray, task: int, tasks: int):
-    """Runs `epochs_per_task` epochs over `rows`; returns the states and the data wait.
-
-    Each step's loss is checked once the next step is queued (so the check never stalls
-    the device): a non-finite loss stops the run, naming where it happened.
-    """
-    config, runtime = run.config, run.runtime
-    task_id = jnp.int32(task)
-    steps_per_epoch = pipeline.steps_per_epoch(len(rows), run.global_batch_size)
-    batches = pipeline.task_batches(
-        run.dataset.train,
-        rows,
-        run.layout,
-        run.views,
+def _feed(
+    run: "_Run", task_rows: tuple[np.ndarray, ...], start: pipeline.Position
+) -> pipeline.Prefetcher:
+    """Every batch of the run from `start`, in order (each task's steps, then its
+    evaluation), made by the input pipeline's workers and handed over by the prefetch
+    thread."""
+    config, dataset = run.config, run.dataset
+    loader = pipeline.Loader(
+        train=dataset.train,
+        test=dataset.test,
+        task_rows=task_rows,
+        layout=run.layout,
+        views=run.views,
+        input_shape=dataset.input_shape,
         seed=config.seed,
-        task=task,
-        epochs=config.epochs_per_task,
+        eval_batch_size=run.eval_batch_size,
+        bad_images=config.dataset.bad_images,
     )
-    progress = tqdm(
-        total=config.epochs_per_task * steps_per_epoch,
-        desc=f"task {task + 1}/{tasks}",
-        disable=None if runtime.is_main else True,
-        leave=False,
+    items = pipeline.plan(
+        task_rows,
+        len(dataset.test),
+        config.epochs_per_task,
+        run.global_batch_size,
+        run.eval_batch_size,
+        start,
     )
-    prefetcher = pipeline.Prefetcher(batches, config.dataset.prefetch_depth)
-    first_step_start = time.perf_counter() if task == 0 else None
-    unchecked = None
-    with progress, prefetcher:
-        for index, host_batch in enumerate(prefetcher):
-            batch = runtime.place(host_batch)
-            epoch, step = divmod(index, steps_per_epoch)
-            learning_rate = run.schedule(
-                optim.scope_epoch(
-                    config.optimizer.schedule_scope,
-                    task,
-                    epoch,
-                    step,
-                    steps_per_epoch,
-                    config.epochs_per_task,
+    return pipeline.Prefetcher(
+        pipeline.batches(loader, items, run.worker_count, config.dataset.workers),
+        config.dataset.prefetch_depth,
+    )
+
+
+class _TaskLoop:
+    """The training steps of one task, with the checkpoints and the preemption checks
+    between them."""
+
+    def __init__(self, run: _Run, watchdog, feed, checkpoints, preempt, report, clock: _Clock):
+        self.run, self.watchdog, self.feed = run, watchdog, feed
+        self.checkpoints, self.preempt, self.report, self.clock = (
+            checkpoints,
+            preempt,
+            report,
+            clock,
+        )
+
+    def train(self, state, rehearsal, task: int, first: pipeline.Position):
+        """Runs `task`'s steps from `first`, taking their batches from the feed; returns
+        the states and the names of images left out as undecodable.
+
+        Each step's loss is checked once the next step is queued (so the check never
+        stalls the device): a non-finite loss stops the run, naming where it happened. A
+        checkpoint is only taken of a state whose loss was checked.
+        """
+        run, clock = self.run, self.clock
+        config, runtime = run.config, run.runtime
+        task_id = jnp.int32(task)
+        steps, steps_per_epoch = clock.task_steps[task], clock.steps_per_epoch(task)
+        begin = first.epoch * steps_per_epoch + first.step
+        progress = tqdm(
+            total=steps,
+            initial=begin,
+            desc=f"task {task + 1}/{len(clock.task_steps)}",
+            disable=None if runtime.is_main else True,
+            leave=False,
+        )
+        timed_start = time.perf_counter() if begin == 0 and task == 0 else None
+        unchecked, skipped = None, []
+        with progress:
+            for index in range(begin, steps):
+                host_batch = next(self.feed)
+                skipped.extend(host_batch.pop("skipped").tolist())
+                batch = runtime.place(host_batch)
+                epoch, step = divmod(index, steps_per_epoch)
+                learning_rate = run.schedule(
+                    optim.scope_epoch(
+                        config.optimizer.schedule_scope,
+                        task,
+                        epoch,
+                        step,
+                        steps_per_epoch,
+                        config.epochs_per_task,
+                    )
                 )
-            )
-            state, rehearsal, step_metrics = run.train_step(
-                state, rehearsal, batch, task_id, jnp.float32(learning_rate)
-            )
+                state, rehearsal, step_metrics = run.train_step(
+                    state, rehearsal, batch, task_id, jnp.float32(learning_rate)
+                )
+                if unchecked is not None:
+                    self._check_finite(*unchecked, task)
+                unchecked = (step_metrics, index)
+                progress.update()
+                self.watchdog.progress()
+                if timed_start is not None and index == 0:
+                    jax.block_until_ready(step_metrics)
+                    seconds = time.perf_counter() - timed_start
+                    run.log(f"first train step done in {seconds:.1f}s (compilation included)")
+                if (index + 1) % steps_per_epoch == 0:
+                    progress.set_postfix(loss=f"{float(step_metrics['loss']):.3f}")
+                after = pipeline.Position(task, *divmod(index + 1, steps_per_epoch))
+                done = clock.done_steps(after)
+                stop = self.preempt.requested(done)
+                every = config.checkpoint.every_steps
+                if index + 1 < steps and (stop or (every and done % every == 0)):
+                    self._check_finite(*unchecked, task)
+                    unchecked = None
+                    self.save(done, state, rehearsal, after)
+                if stop:
+                    raise Preempted(_preempted_message(self.preempt, self.report, after))
             if unchecked is not None:
-                _check_finite(run, *unchecked, task, tasks, steps_per_epoch)
-            unchecked = (step_metrics, index)
-            progress.update()
-            watchdog.progress()
-            if index == 0 and first_step_start is not None:
-                jax.block_until_ready(step_metrics)
-                seconds = time.perf_counter() - first_step_start
-                run.log(f"first train step done in {seconds:.1f}s (compilation included)")
-            if (index + 1) % steps_per_epoch == 0:
-                progress.set_postfix(loss=f"{float(step_metrics['loss']):.3f}")
-        if unchecked is not None:
-            _check_finite(run, *unchecked, task, tasks, steps_per_epoch)
-    jax.block_until_ready((state, rehearsal))
-    return state, rehearsal, prefetcher.wait_s
+                self._check_finite(*unchecked, task)
+        jax.block_until_ready((state, rehearsal))
+        return state, rehearsal, skipped
+
+    def save(self, done: int, state, rehearsal, position: pipeline.Position) -> None:
+        elapsed = self.clock.elapsed(self.feed.wait_s)
+        self.checkpoints.save(
+            done, state, rehearsal, position, self.report.progress(task_elapsed=elapsed)
+        )
+
+    def _check_finite(self, step_metrics: dict, index: int, task: int) -> None:
+        _check_finite(
+            self.run,
+            step_metrics,
+            index,
+            task,
+            len(self.clock.task_steps),
+            self.clock.steps_per_epoch(task),
+        )
 
 
 def _check_finite(
@@ -453,31 +735,30 @@ def make_scenario(config: ml_collections.ConfigDict, dataset) -> scenarios.Scena
     )
 
 
-def _evaluate(run: _Run, state: steps.TrainState, split) -> dict[str, np.ndarray]:
-    """Per row of `split`, whether the label is the top prediction (`top1`) and among the
-    top k (`top5`), from fixed-size sharded batches.
+def _evaluate(run: _Run, feed, state: steps.TrainState) -> tuple[dict, np.ndarray, list]:
+    """Per row of the test split, whether the label is the top prediction (`top1`) and
+    among the top k (`top5`); which rows hold a sample; the images left out as undecodable.
 
-    Each process reads its part of each batch; the predictions of all processes are
-    gathered so that every process computes the same accuracies.
+    The batches come from `feed` (planned after the task's steps), each process's part of
+    each; the predictions of all processes are gathered so that every process computes the
+    same accuracies.
     """
-    runtime = run.runtime
-    num_devices = runtime.num_devices
-    batch_size = -(-run.config.eval_batch_size // num_devices) * num_devices
-    top1, topk = [], []
-    for start in range(0, len(split), batch_size):
-        rows = np.arange(start, min(start + batch_size, len(split)))
-        mine, _ = pipeline.local_rows(
-            rows, batch_size, runtime.process_index, runtime.process_count
-        )
-        inputs = runtime.place({"inputs": pipeline.read_inputs(split, mine, run.views)})
-        best, ranked = run.predict(state, inputs["inputs"])
-        top1.append(runtime.gather_rows(best)[: len(rows)])
-        topk.append(runtime.gather_rows(ranked)[: len(rows)])
-    labels = split.labels
+    runtime, test = run.runtime, run.dataset.test
+    top1, topk, valid, skipped = [], [], [], []
+    for start in range(0, len(test), run.eval_batch_size):
+        count = min(run.eval_batch_size, len(test) - start)
+        host_batch = next(feed)
+        skipped.extend(host_batch.pop("skipped").tolist())
+        batch = runtime.place(host_batch)
+        best, ranked = run.predict(state, batch["inputs"])
+        top1.append(runtime.gather_rows(best)[:count])
+        topk.append(runtime.gather_rows(ranked)[:count])
+        valid.append(runtime.gather_rows(batch["valid"])[:count])
+    labels = test.labels
     correct = {"top1": np.concatenate(top1) == labels}
     if len(run.accuracies) > 1:
         correct[run.accuracies[1]] = (np.concatenate(topk) == labels[:, None]).any(axis=1)
-    return correct
+    return correct, np.concatenate(valid), skipped
 
 
 def _matrix_results(name: str, acc: np.ndarray) -> dict:

@@ -74,13 +74,25 @@ class Workdir:
         ensure_writable(self.path, "workdir")
         if self.is_main:
             self._lock()
-            if os.path.exists(self.file(METRICS_NAME)):
+            earlier = self.earlier_metrics()
+            if earlier is not None and earlier.get("status") == "finished":
                 self.close()
                 raise ConfigError(
-                    f"workdir={self.path} already holds {METRICS_NAME} of an earlier run;"
+                    f"workdir={self.path} already holds {METRICS_NAME} of a finished run;"
                     " pass a new --workdir or remove it"
                 )
         return self
+
+    def earlier_metrics(self) -> dict | None:
+        """metrics.json of a run that used this directory before (None if there is none);
+        an unfinished one is resumed from its checkpoints."""
+        try:
+            with open(self.file(METRICS_NAME)) as file:
+                return json.load(file)
+        except FileNotFoundError:
+            return None
+        except (OSError, ValueError):
+            return {"status": "unreadable"}
 
     def _lock(self) -> None:
         self._lock_file = open(self.file(LOCK_NAME), "a+")  # noqa: SIM115 (held for the run)

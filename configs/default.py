@@ -27,11 +27,15 @@ def get_config(strategy: str = "er") -> ml_collections.ConfigDict:
     config.dataset = ml_collections.ConfigDict()
     config.dataset.name = "digits"
     config.dataset.data_dir = placeholder(str)
+    config.dataset.path = placeholder(str)
     config.dataset.image_size = placeholder(int)
     config.dataset.augment = "auto"
     config.dataset.mean = placeholder(tuple)
     config.dataset.std = placeholder(tuple)
     config.dataset.prefetch_depth = 2
+    config.dataset.worker_count = placeholder(int)
+    config.dataset.workers = "threads"
+    config.dataset.bad_images = "stop"
 
     config.scenario = ml_collections.ConfigDict()
     config.scenario.name = "class_incremental"
@@ -77,6 +81,11 @@ def get_config(strategy: str = "er") -> ml_collections.ConfigDict:
     config.optimizer.decay_factors = ()
     config.optimizer.schedule_scope = "task"
     config.optimizer.reset_each_task = False
+
+    config.checkpoint = ml_collections.ConfigDict()
+    config.checkpoint.every_steps = 1000
+    config.checkpoint.keep = 2
+    config.init_from = placeholder(str)
 
     config.batch_size = 4
     config.eval_batch_size = 512

@@ -1,6 +1,9 @@
 """Test set-up: 8 simulated CPU devices (before JAX starts) and a persistent compile cache."""
 
+import atexit
 import os
+import shutil
+import tempfile
 
 # Simulated devices are threads: on a loaded 2-core machine one can reach a collective late.
 os.environ["XLA_FLAGS"] = (
@@ -10,6 +13,10 @@ os.environ["XLA_FLAGS"] = (
 import jax
 
 NUM_DEVICES = 8
+
+# Indexes of test datasets (labels, file lists) stay with this session (and its children).
+os.environ["CLJAX_CACHE_DIR"] = tempfile.mkdtemp(prefix="cljax-test-cache-")
+atexit.register(shutil.rmtree, os.environ["CLJAX_CACHE_DIR"], ignore_errors=True)
 
 jax.config.update("jax_num_cpu_devices", NUM_DEVICES)
 jax.config.update(

@@ -75,7 +75,9 @@ def test_tfds_image_dataset_is_read_lazily_as_encoded_images(synthetic_data_dir)
     assert isinstance(encoded, bytes) and encoded[:2] == b"\xff\xd8"  # JPEG
     image = transforms.decode(encoded)
     assert image.dtype == np.uint8 and image.shape[2] == 3 and min(image.shape[:2]) >= 24
-    views = pipeline.read_inputs(dataset.test, np.array([0, 5]), pipeline.Views("none", 16))
+    views = pipeline.read_inputs(
+        dataset.test, np.array([0, 5]), pipeline.Views("none", 16), dataset.input_shape
+    )
     assert views.shape == (2, 16, 16, 3)
 
 
@@ -131,14 +133,34 @@ def test_epoch_order_depends_only_on_seed_task_and_epoch():
     assert sorted(first.tolist()) == rows.tolist()
 
 
+def task_batches(split, rows, layout, views, seed, task, epochs, start=None) -> list:
+    """The training batches of `task` (over `rows`) from `start`, as the pipeline plans them."""
+    start = start or pipeline.Position(task=task)
+    task_rows = (rows,) * (task + 1)
+    loader = pipeline.Loader(
+        train=split,
+        test=split,
+        task_rows=task_rows,
+        layout=layout,
+        views=views,
+        input_shape=views_shape(split, views),
+        seed=seed,
+        eval_batch_size=layout.global_batch_size,
+    )
+    items = pipeline.plan(task_rows, 0, epochs, layout.global_batch_size, 1, start)
+    return [loader(item) for item in items if item.kind == "train"]
+
+
+def views_shape(split, views) -> tuple:
+    if views.image_size is None:
+        return split.inputs.shape[1:]
+    return (views.image_size, views.image_size, views.channels)
+
+
 def test_task_batches_cover_each_sample_once_per_epoch_with_a_masked_tail(digits):
     rows = np.flatnonzero(np.isin(digits.train.labels, [3, 7]))
     layout = pipeline.Layout(64)
-    batches = list(
-        pipeline.task_batches(
-            digits.train, rows, layout, pipeline.Views(), seed=0, task=0, epochs=2
-        )
-    )
+    batches = task_batches(digits.train, rows, layout, pipeline.Views(), seed=0, task=0, epochs=2)
     assert len(batches) == 2 * pipeline.steps_per_epoch(len(rows), 64)
     assert all(len(batch["mask"]) == 64 for batch in batches)
     first_epoch = batches[: len(batches) // 2]
@@ -147,24 +169,35 @@ def test_task_batches_cover_each_sample_once_per_epoch_with_a_masked_tail(digits
     assert not first_epoch[-1]["mask"].all()
 
 
-def test_a_resumed_sampler_gives_exactly_the_batches_not_yet_seen(digits):
+def test_a_resumed_plan_gives_exactly_the_batches_not_yet_seen(digits):
     rows = np.arange(300)
 
     def batches(start: pipeline.Position):
         layout, views = pipeline.Layout(64), pipeline.Views()
-        return list(
-            pipeline.task_batches(
-                digits.train, rows, layout, views, seed=2, task=3, epochs=3, start=start
-            )
-        )
+        return task_batches(digits.train, rows, layout, views, 2, 3, 3, start)
 
-    every = batches(pipeline.Position())
+    every = batches(pipeline.Position(task=3))
     per_epoch = pipeline.steps_per_epoch(300, 64)
-    resumed = batches(pipeline.Position(epoch=1, step=2))
+    resumed = batches(pipeline.Position(task=3, epoch=1, step=2))
     assert len(resumed) == len(every) - per_epoch - 2
     for original, again in zip(every[per_epoch + 2 :], resumed, strict=True):
         for key in original:
             np.testing.assert_array_equal(original[key], again[key])
+
+
+def test_the_plan_is_each_tasks_steps_then_its_evaluation_and_resumes_mid_run():
+    task_rows = (np.arange(10), np.arange(5))
+    items = pipeline.plan(task_rows, test_size=7, epochs=2, global_batch_size=4, eval_batch_size=3)
+    kinds = [(item.kind, item.task, item.epoch, item.step, item.start) for item in items]
+    train0 = [("train", 0, e, s, 0) for e in range(2) for s in range(3)]
+    eval0 = [("eval", 0, 0, 0, r) for r in (0, 3, 6)]
+    train1 = [("train", 1, e, s, 0) for e in range(2) for s in range(2)]
+    eval1 = [("eval", 1, 0, 0, r) for r in (0, 3, 6)]
+    assert kinds == train0 + eval0 + train1 + eval1
+    resumed = pipeline.plan(task_rows, 7, 2, 4, 3, pipeline.Position(task=0, epoch=1, step=1))
+    assert resumed == items[4:]
+    next_task = pipeline.plan(task_rows, 7, 2, 4, 3, pipeline.Position(task=1))
+    assert next_task == items[len(train0) + len(eval0) :]
 
 
 def test_varying_size_images_are_resized_and_centre_cropped():
@@ -194,11 +227,7 @@ def test_processes_read_disjoint_parts_whose_union_is_the_global_batch(digits):
 
     def batches(process_index: int, process_count: int):
         layout = pipeline.Layout(48, process_index, process_count)
-        return list(
-            pipeline.task_batches(
-                digits.train, rows, layout, pipeline.Views(), seed=4, task=1, epochs=1
-            )
-        )
+        return task_batches(digits.train, rows, layout, pipeline.Views(), seed=4, task=1, epochs=1)
 
     single = batches(0, 1)
     parts = [batches(p, 3) for p in range(3)]
@@ -220,9 +249,7 @@ def test_inception_batches_pick_candidates_and_do_not_depend_on_the_processes(
 
     def batches(process_index: int, process_count: int):
         layout = pipeline.Layout(16, process_index, process_count, 4 // process_count, 2)
-        return list(
-            pipeline.task_batches(dataset.train, rows, layout, views, seed=1, task=0, epochs=1)
-        )
+        return task_batches(dataset.train, rows, layout, views, seed=1, task=0, epochs=1)
 
     whole, halves = batches(0, 1), [batches(p, 2) for p in range(2)]
     assert len(whole) == 3

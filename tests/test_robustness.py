@@ -91,6 +91,22 @@ BAD_INPUT = {
         ["--config.buffer.budget_per_class=1000000000"],
         "the buffer needs",
     ),
+    "imagefolder without a path": (
+        ["--config.dataset.name=imagefolder", "--config.dataset.image_size=32"],
+        "dataset.name='imagefolder' needs dataset.path",
+    ),
+    "imagefolder path that is not a folder": (
+        [
+            "--config.dataset.name=imagefolder",
+            "--config.dataset.image_size=32",
+            "--config.dataset.path=/no/such/folder",
+        ],
+        "dataset.path=/no/such/folder is not a folder",
+    ),
+    "bad_images neither stop nor skip": (
+        ["--config.dataset.bad_images=ignore"],
+        "dataset.bad_images='ignore' is not known; set --config.dataset.bad_images to one of",
+    ),
     "coordinator without a port": (
         [
             "--config.distributed.coordinator_address=localhost",

@@ -1,40 +1,73 @@
-"""Deterministic batches for one task, and a prefetch thread that prepares them ahead.
+"""The input pipeline: every host batch of a run, made by Grain workers, fed by a thread.
 
-The order of samples is a pure function of (seed, task, epoch). The last batch of an
-epoch is padded and masked, so every sample is seen once per epoch and every batch has the
-same shape (one compilation). Each process reads only its own rows of the global batch:
-process p of P takes rows [p * G / P, (p + 1) * G / P), and the mesh splits those further
-across its devices, so a multi-process run sees exactly the data of a single-process run
-with the same global batch. Per-sample randomness (a training crop) is seeded by (seed,
-task, epoch, step, position in the global batch), so it does not depend on the processes
-either.
+A run's batches are planned up front (`plan`): for each task, its training steps (epochs
+over its rows, in an order that is a pure function of (seed, task, epoch), the last batch of
+an epoch padded and masked so every sample is seen once per epoch and every step has the
+same shape), then the batches that evaluate it on the whole test split. Each process reads
+only its own rows of every global batch: process p of P takes rows [p * G / P, (p + 1) * G /
+P), and the mesh splits those further across its devices, so a multi-process run sees
+exactly the data of a single-process run with the same global batch. Per-sample randomness
+(a training crop) is seeded by (seed, task, epoch, step, position in the global batch), so
+it does not depend on the processes either.
+
+Who does what: Grain workers (`dataset.worker_count` of them; none for data held in
+memory) turn planned items into batches: read, decode, crop or resize, assemble; every item
+is a pure function of the plan, so batches are the same with any number of workers. They are
+threads (`dataset.workers=threads`, the default: decoding and resizing release the GIL, and
+the Python around them holds it for a few percent of an image's time) or processes (`processes`:
+each writes its batches straight into shared memory, which Grain hands over without a copy,
+and shares no GIL with the training loop, but pays for fresh shared pages: about 0.1 ms per
+224x224 image, measured). The prefetch thread pulls finished batches from Grain and keeps
+`dataset.prefetch_depth` of them ready for the training loop, which places each on the mesh
+itself (device work from a second thread was seen to deadlock XLA:CPU's collectives).
+A run resumed at a `Position` plans only what is left.
 
 `Views` says how a stored example becomes the array a step sees: as stored, resized and
-centre-cropped to `dataset.image_size`, or (`inception` augmentation) randomly
-resized-cropped and flipped; in that mode the pipeline also picks each device's c candidates
-for the buffer and sends their un-augmented views.
+centre-cropped to `dataset.image_size`, or (`inception`) randomly resized-cropped and
+flipped; in that mode the pipeline also picks each device's c candidates for the buffer and
+sends their un-augmented views. An image that cannot be decoded stops the run naming its
+file (`dataset.bad_images=stop`), or is skipped: its row is masked out and counted, never
+given a wrong label (`skip`).
 """
 
 import dataclasses
 import math
+import os
 import queue
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 
+import grain
 import numpy as np
+from absl import flags
+
+try:  # Grain passes arrays in its shared memory from workers without a copy
+    from grain._src.python.ipc.shared_memory_array import SharedMemoryArray
+except ImportError:  # a Grain without it: batches are copied into shared memory
+    SharedMemoryArray = None
 
 from cljax.data import transforms
 from cljax.data.sources import ArraySplit, Dataset, Split
+from cljax.messages import RunFailed
 
 Batch = dict[str, np.ndarray]
 LARGE_IMAGE = 64  # `auto` augmentation: crop_flip up to this size, inception above
+BAD_IMAGES = ("stop", "skip")
+WORKER_KINDS = ("threads", "processes")
+MAX_WORKERS = 16
+_NONE_SKIPPED = np.asarray([], dtype=str)
+
+
+class DataError(RunFailed):
+    """Input the pipeline cannot use (an image that cannot be decoded); one line."""
 
 
 @dataclasses.dataclass(frozen=True)
 class Position:
-    """Where the sampler is within a task: a small value a checkpoint can hold."""
+    """Where a run stands in its plan: a small value a checkpoint can hold."""
 
+    task: int = 0
     epoch: int = 0
     step: int = 0
 
@@ -49,44 +82,64 @@ def resolve_augmentation(mode: str, dataset: Dataset) -> str:
     return "crop_flip" if dataset.input_shape[0] <= LARGE_IMAGE else "inception"
 
 
+def resolve_worker_count(worker_count: int | None, dataset: Dataset, cores: int) -> int:
+    """`None`: no workers for data held in memory, else one per core of the process's
+    `cores`, leaving one for the training loop (at most 16)."""
+    if worker_count is not None:
+        return worker_count
+    if not dataset.encoded:
+        return 0
+    return min(MAX_WORKERS, max(1, cores - 1))
+
+
 @dataclasses.dataclass(frozen=True)
 class Views:
     """How a stored example becomes the array a step sees (see the module docstring)."""
 
     augmentation: str = "none"
     image_size: int | None = None
+    channels: int = 3
 
     @property
     def crops_on_host(self) -> bool:
         return self.augmentation == "inception"
 
     def _image(self, example) -> np.ndarray:
-        return transforms.decode(example)
+        return transforms.decode(example, self.channels)
 
     def stored(self, example) -> np.ndarray:
         """The un-augmented view: as stored, or resized and centre-cropped to image_size."""
         image = self._image(example)
-        return image if self.image_size is None else transforms.resized_view(image, self.image_size)
-
-    def eval(self, example) -> np.ndarray:
-        """The evaluation view (the ImageNet standard centre crop where inception-style
-        crops train)."""
-        image = self._image(example)
         if self.image_size is None:
             return image
-        fraction = transforms.EVAL_CROP_FRACTION if self.crops_on_host else 1.0
-        return transforms.resized_view(image, self.image_size, fraction)
+        return transforms.resized_view(image, self.image_size)
 
-    def train(self, example, rng: np.random.Generator, store: bool) -> tuple:
-        """The training view, and the un-augmented view too if `store` (one decode)."""
+    def eval(self, example, out: np.ndarray) -> None:
+        """Writes the evaluation view into `out` (the ImageNet standard centre crop where
+        inception-style crops train)."""
         image = self._image(example)
-        stored = (
-            image if self.image_size is None else transforms.resized_view(image, self.image_size)
-        )
+        if self.image_size is None:
+            np.copyto(out, image)
+            return
+        fraction = transforms.EVAL_CROP_FRACTION if self.crops_on_host else 1.0
+        transforms.resized_view(image, self.image_size, fraction, out)
+
+    def train(self, example, rng: np.random.Generator, out: np.ndarray, store: bool):
+        """Writes the training view into `out`; returns the un-augmented view if `store`
+        (one decode for both)."""
+        image = self._image(example)
         if not self.crops_on_host:
-            return stored, stored if store else None
-        size = self.image_size or image.shape[0]
-        return transforms.random_resized_crop(image, size, rng), stored if store else None
+            stored = (
+                image
+                if self.image_size is None
+                else transforms.resized_view(image, self.image_size)
+            )
+            np.copyto(out, stored)
+            return stored if store else None
+        transforms.random_resized_crop(image, self.image_size or image.shape[0], rng, out)
+        if not store:
+            return None
+        return image if self.image_size is None else transforms.resized_view(image, self.image_size)
 
 
 def epoch_order(rows: np.ndarray, seed: int, task: int, epoch: int) -> np.ndarray:
@@ -114,13 +167,6 @@ def local_rows(
     return np.resize(chosen, global_batch_size)[mine], valid[mine]
 
 
-def read_inputs(split: Split, rows: np.ndarray, views: Views) -> np.ndarray:
-    """The evaluation views of `rows` (arrays of an in-memory split, read at once)."""
-    if isinstance(split, ArraySplit) and views.image_size is None:
-        return split.inputs[rows]
-    return np.stack([views.eval(split.example(int(row))) for row in rows])
-
-
 @dataclasses.dataclass(frozen=True)
 class Layout:
     """How a global batch is split: over processes, then over each process's devices, and
@@ -137,49 +183,145 @@ class Layout:
         return self.global_batch_size // (self.process_count * self.local_devices)
 
 
-def task_batches(
-    split: Split,
-    rows: np.ndarray,
-    layout: Layout,
-    views: Views,
-    *,
-    seed: int,
-    task: int,
+@dataclasses.dataclass(frozen=True)
+class Item:
+    """One planned batch: a training step of `task`, or (`eval`) the test rows from `start`
+    evaluated after `task`."""
+
+    kind: str
+    task: int
+    epoch: int = 0
+    step: int = 0
+    start: int = 0
+
+
+def plan(
+    task_rows: Sequence[np.ndarray],
+    test_size: int,
     epochs: int,
+    global_batch_size: int,
+    eval_batch_size: int,
     start: Position = Position(),
-) -> Iterator[Batch]:
-    """This process's part {inputs, labels, mask[, candidate_rows, candidate_inputs]} of
-    every global batch of a task, from `start` (epoch and step within it) on: a resumed run
-    sees the batches it had not seen."""
-    size = layout.global_batch_size
-    for epoch in range(start.epoch, epochs):
-        order = epoch_order(rows, seed, task, epoch)
-        first_step = start.step if epoch == start.epoch else 0
-        for step in range(first_step, steps_per_epoch(len(order), size)):
-            chosen = order[step * size : (step + 1) * size]
-            local, mask = local_rows(chosen, size, layout.process_index, layout.process_count)
-            yield _load(split, local, mask, layout, views, (seed, task, epoch, step))
+) -> list[Item]:
+    """Every batch of the run from `start` on: each task's training steps, then the batches
+    of its evaluation."""
+    items = []
+    for task in range(start.task, len(task_rows)):
+        count = steps_per_epoch(len(task_rows[task]), global_batch_size)
+        first = (start.epoch, start.step) if task == start.task else (0, 0)
+        for epoch in range(first[0], epochs):
+            steps = range(first[1] if epoch == first[0] else 0, count)
+            items.extend(Item("train", task, epoch, step) for step in steps)
+        items.extend(Item("eval", task, start=row) for row in range(0, test_size, eval_batch_size))
+    return items
 
 
-def _load(split: Split, local: np.ndarray, mask: np.ndarray, layout: Layout, views: Views, seed):
-    """One batch: every row decoded once, its training view (and stored view if picked)."""
-    batch = {"labels": split.labels[local], "mask": mask}
-    if isinstance(split, ArraySplit) and views.image_size is None and not views.crops_on_host:
-        return {"inputs": split.inputs[local], **batch}
-    picked = _pick_candidates(mask, layout, seed) if views.crops_on_host else []
-    first = layout.process_index * len(local)
-    inputs, stored = [], {}
-    for index, row in enumerate(local):
-        rng = np.random.default_rng([*seed, first + index])
-        view, copy = views.train(split.example(int(row)), rng, store=index in picked)
-        inputs.append(view)
-        if copy is not None:
-            stored[index] = copy
-    batch["inputs"] = np.stack(inputs)
-    if picked:
-        batch["candidate_rows"] = (np.asarray(picked) % layout.per_device).astype(np.int32)
-        batch["candidate_inputs"] = np.stack([stored[index] for index in picked])
-    return batch
+@dataclasses.dataclass(frozen=True)
+class Loader:
+    """Makes the batch of a planned `Item` (picklable, for Grain's worker processes).
+
+    `input_shape` is the shape of one view; a skipped image's row holds zeros of it.
+    """
+
+    train: Split
+    test: Split
+    task_rows: tuple[np.ndarray, ...]
+    layout: Layout
+    views: Views
+    input_shape: tuple[int, ...]
+    seed: int
+    eval_batch_size: int
+    bad_images: str = "stop"
+    shared_memory: bool = False
+
+    def _allocate(self, rows: int) -> np.ndarray:
+        """A batch of views to fill: in shared memory inside a Grain worker, so that it
+        reaches the training process with no copy (Grain passes such arrays as they are)."""
+        shape = (rows, *self.input_shape)
+        if self.shared_memory and SharedMemoryArray is not None:
+            return SharedMemoryArray(shape, np.uint8)
+        return np.empty(shape, np.uint8)
+
+    def __post_init__(self):
+        object.__setattr__(self, "_orders", {})  # (task, epoch) -> order, one epoch kept
+
+    def _order(self, task: int, epoch: int) -> np.ndarray:
+        """The epoch's order of the task's rows, computed once per epoch (a permutation of
+        a task of ImageNet takes milliseconds: too much to repeat for every batch)."""
+        order = self._orders.get((task, epoch))
+        if order is None:  # replaced whole, so that worker threads never see it half-changed
+            order = epoch_order(self.task_rows[task], self.seed, task, epoch)
+            object.__setattr__(self, "_orders", {(task, epoch): order})
+        return order
+
+    def __call__(self, item: Item) -> Batch:
+        if item.kind == "eval":
+            return self._eval_batch(item.start)
+        order = self._order(item.task, item.epoch)
+        size = self.layout.global_batch_size
+        chosen = order[item.step * size : (item.step + 1) * size]
+        local, mask = local_rows(chosen, size, self.layout.process_index, self.layout.process_count)
+        return self._train_batch(local, mask, (self.seed, item.task, item.epoch, item.step))
+
+    def _train_batch(self, local: np.ndarray, mask: np.ndarray, seed: tuple) -> Batch:
+        """Every row decoded once: its training view (and stored view if picked as a
+        candidate; candidates are drawn again, the same way, if a row was skipped)."""
+        split, views, layout = self.train, self.views, self.layout
+        batch = {"labels": split.labels[local], "mask": mask.copy(), "skipped": _NONE_SKIPPED}
+        if isinstance(split, ArraySplit) and views.image_size is None and not views.crops_on_host:
+            return {"inputs": split.inputs[local], **batch}
+        picked = _pick_candidates(mask, layout, seed) if views.crops_on_host else []
+        first = layout.process_index * len(local)
+        inputs, stored, skipped = self._allocate(len(local)), {}, []
+        for index, row in enumerate(local):
+            rng = np.random.default_rng([*seed, first + index])
+            try:
+                copy = views.train(split.example(int(row)), rng, inputs[index], index in picked)
+            except transforms.UndecodableImage as error:
+                skipped.append(self._skip_or_stop(split, int(row), error))
+                batch["mask"][index] = False
+                inputs[index] = 0
+                copy = inputs[index]
+            if copy is not None:
+                stored[index] = copy
+        batch["inputs"] = inputs
+        if picked and skipped:  # draw again among the rows that are still valid
+            picked = _pick_candidates(batch["mask"], layout, seed)
+            for index in set(picked) - set(stored):
+                stored[index] = views.stored(split.example(int(local[index])))
+        if picked:
+            batch["candidate_rows"] = (np.asarray(picked) % layout.per_device).astype(np.int32)
+            batch["candidate_inputs"] = np.stack([stored[index] for index in picked])
+        return {**batch, "skipped": np.asarray(skipped, dtype=str)}
+
+    def _eval_batch(self, start: int) -> Batch:
+        """This process's rows of the test batch from `start`: evaluation views, and which
+        rows hold a sample (not padding, not an image skipped as undecodable)."""
+        layout, test = self.layout, self.test
+        rows = np.arange(start, min(start + self.eval_batch_size, len(test)))
+        local, valid = local_rows(
+            rows, self.eval_batch_size, layout.process_index, layout.process_count
+        )
+        if isinstance(test, ArraySplit) and self.views.image_size is None:
+            return {"inputs": test.inputs[local], "valid": valid, "skipped": _NONE_SKIPPED}
+        inputs, skipped = self._allocate(len(local)), []
+        for index, row in enumerate(local):
+            try:
+                self.views.eval(test.example(int(row)), inputs[index])
+            except transforms.UndecodableImage as error:
+                skipped.append(self._skip_or_stop(test, int(row), error))
+                valid[index] = False
+                inputs[index] = 0
+        return {"inputs": inputs, "valid": valid, "skipped": np.asarray(skipped, str)}
+
+    def _skip_or_stop(self, split: Split, row: int, error: Exception) -> str:
+        """The sample's name under `bad_images=skip`; a `DataError` naming it under `stop`."""
+        if self.bad_images == "skip":
+            return split.describe(row)
+        raise DataError(
+            f"{split.describe(row)} cannot be decoded ({error}); fix or remove it, or set"
+            " --config.dataset.bad_images=skip to leave such images out"
+        )
 
 
 def _pick_candidates(mask: np.ndarray, layout: Layout, seed) -> list[int]:
@@ -196,6 +338,50 @@ def _pick_candidates(mask: np.ndarray, layout: Layout, seed) -> list[int]:
     return picked
 
 
+def batches(
+    loader: Loader, items: list[Item], worker_count: int, kind: str = "threads"
+) -> Iterator[Batch]:
+    """The batches of `items`, in order, made by `worker_count` Grain workers of `kind`
+    (`threads` or `processes`), or by the calling thread with none."""
+    read_inline = grain.ReadOptions(num_threads=0, prefetch_buffer_size=0)
+    if worker_count == 0:
+        return iter(grain.MapDataset.source(items).map(loader).to_iter_dataset(read_inline))
+    if kind == "threads":
+        dataset = grain.MapDataset.source(items).map(loader).to_iter_dataset(read_inline)
+        prefetched = grain.experimental.multithread_prefetch(
+            dataset, num_threads=worker_count, buffer_size=2 * worker_count
+        )
+        return iter(prefetched)
+    if not flags.FLAGS.is_parsed():  # Grain reads absl flags; a notebook never parses them
+        flags.FLAGS.mark_as_parsed()
+    _quiet_resource_tracker()
+    worker_loader = dataclasses.replace(loader, shared_memory=True)
+    dataset = grain.MapDataset.source(items).map(worker_loader).to_iter_dataset(read_inline)
+    options = grain.MultiprocessingOptions(num_workers=worker_count, per_worker_buffer_size=2)
+    return iter(dataset.mp_prefetch(options))
+
+
+def _quiet_resource_tracker() -> None:
+    """Grain's workers create the shared memory that carries batches and this process
+    unlinks it; Python's resource tracker, which saw only the creation, would warn at exit of
+    segments 'leaked' (none is left in /dev/shm). The tracker is a child process started
+    with this environment."""
+    quiet = "ignore::UserWarning:multiprocessing.resource_tracker"
+    current = os.environ.get("PYTHONWARNINGS", "")
+    if quiet not in current:
+        os.environ["PYTHONWARNINGS"] = f"{current},{quiet}" if current else quiet
+
+
+def read_inputs(split: Split, rows: np.ndarray, views: Views, shape: tuple) -> np.ndarray:
+    """The evaluation views (of `shape`) of `rows`, read in this thread."""
+    if isinstance(split, ArraySplit) and views.image_size is None:
+        return split.inputs[rows]
+    inputs = np.empty((len(rows), *shape), np.uint8)
+    for index, row in enumerate(rows):
+        views.eval(split.example(int(row)), inputs[index])
+    return inputs
+
+
 class _End:
     """Marks the end of the producer's iterator."""
 
@@ -206,17 +392,19 @@ class _Failure:
 
 
 class Prefetcher:
-    """Runs an iterator (reading, decoding, augmenting) in a background thread, `depth`
-    items ahead of the consumer.
+    """Runs an iterator (Grain's, reading, decoding, augmenting) in a background thread,
+    `depth` items ahead of the consumer.
 
     The consumer places the items on devices itself: device work from a second thread can
     deadlock XLA:CPU's in-process collectives. An exception in the thread is raised in the
-    consumer at the item where it happened. `wait_s` is the time the consumer spent
-    waiting for items. Use as a context manager so the thread stops.
+    consumer at the item where it happened (a `DataError` as it is, one line). `wait_s` is
+    the time the consumer spent waiting for items. Use as a context manager so the thread
+    stops.
     """
 
     def __init__(self, items: Iterator, depth: int = 2):
         self.wait_s = 0.0
+        self._items = items
         self._queue: queue.Queue = queue.Queue(maxsize=max(depth, 1))
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._produce, args=(items,), daemon=True)
@@ -250,12 +438,17 @@ class Prefetcher:
         if isinstance(item, _End):
             raise StopIteration
         if isinstance(item, _Failure):
+            if isinstance(item.error, DataError):
+                raise DataError(str(item.error)) from None
             raise RuntimeError(f"data pipeline failed: {item.error!r}") from item.error
         return item
 
     def close(self) -> None:
         self._stop.set()
         self._thread.join(timeout=5)
+        close = getattr(self._items, "close", None)
+        if close is not None:
+            close()
 
     def __enter__(self) -> "Prefetcher":
         return self

@@ -18,6 +18,7 @@ import numpy as np
 import tensorflow_datasets as tfds
 from array_record.python import array_record_module
 
+from cljax.data import cache, imagefolder
 from cljax.data.digits import Digits
 from cljax.data.mnist1d import Mnist1d
 
@@ -47,6 +48,9 @@ class Split(Protocol):
 
     def example(self, row: int) -> np.ndarray | bytes: ...
 
+    def describe(self, row: int) -> str:
+        """Where sample `row` comes from, for error messages."""
+
 
 @dataclasses.dataclass(frozen=True)
 class ArraySplit:
@@ -61,6 +65,9 @@ class ArraySplit:
     def example(self, row: int) -> np.ndarray:
         return self.inputs[row]
 
+    def describe(self, row: int) -> str:
+        return f"row {row}"
+
 
 @dataclasses.dataclass(frozen=True)
 class RecordSplit:
@@ -69,12 +76,16 @@ class RecordSplit:
 
     source: Sequence[dict]
     labels: np.ndarray
+    name: str = ""
 
     def __len__(self) -> int:
         return len(self.labels)
 
     def example(self, row: int) -> bytes:
         return self.source[row]["image"]
+
+    def describe(self, row: int) -> str:
+        return f"record {row} of {self.name}"
 
 
 # Per-channel mean and standard deviation of inputs scaled to [0, 1], by dataset.
@@ -121,11 +132,31 @@ def prepare_command(name: str, data_dir: str) -> str:
     return f"python -m cljax.data.prepare {name} --data_dir={data_dir}"
 
 
-def load(name: str, data_dir: str | None = None, image_size: int | None = None) -> Dataset:
-    """Loads dataset `name`, building it first if it is one of cljax's built-in datasets.
+IMAGEFOLDER = "imagefolder"
 
-    `image_size` resizes a TFDS dataset's images to squares of that size.
+
+def load(
+    name: str,
+    data_dir: str | None = None,
+    image_size: int | None = None,
+    path: str | None = None,
+) -> Dataset:
+    """Loads dataset `name`: a built-in one (built first if missing), `imagefolder` (the
+    folder at `path`) or a prepared TFDS dataset in `data_dir`.
+
+    `image_size` resizes images to squares of that size.
     """
+    if name == IMAGEFOLDER:
+        if path is None:
+            raise DatasetError(
+                "dataset.name='imagefolder' needs dataset.path; set --config.dataset.path to a"
+                " folder holding train/<class>/ and val/<class>/"
+            )
+        try:
+            train, test, classes = imagefolder.load(path)
+        except imagefolder.ImageFolderError as error:
+            raise DatasetError(str(error)) from None
+        return image_dataset(name, train, test, len(classes), (None, None, 3), image_size)
     data_dir = resolve_data_dir(data_dir)
     if name in BUILTIN_BUILDERS:
         return _load_builtin(name, data_dir)
@@ -217,7 +248,10 @@ def _load_tfds(name: str, data_dir: str, image_size: int | None) -> Dataset:
             fix = f"remove {builder.data_dir} and run: {prepare_command(name, data_dir)}"
             verify_files(name, str(builder.data_dir), fix)
         test_split = "test" if "test" in builder.info.splits else "validation"
-        train, test = (_record_split(name, split, data_dir) for split in ("train", test_split))
+        train, test = (
+            _record_split(name, split, data_dir, str(builder.data_dir))
+            for split in ("train", test_split)
+        )
     except tfds.core.registered.DatasetNotFoundError:
         known = sorted({*BUILTIN_BUILDERS, *tfds.list_builders(with_community_datasets=False)})
         close = difflib.get_close_matches(name, known, n=3)
@@ -282,9 +316,9 @@ def image_dataset(
     )
 
 
-def _record_split(name: str, split: str, data_dir: str) -> RecordSplit:
-    """A TFDS split whose records keep their images encoded; its labels read without
-    decoding a single image."""
+def _record_split(name: str, split: str, data_dir: str, dataset_dir: str) -> RecordSplit:
+    """A TFDS split whose records keep their images encoded; its labels read once without
+    decoding a single image, then cached (keyed by its shard files)."""
     source = tfds.data_source(
         name,
         split=split,
@@ -292,5 +326,15 @@ def _record_split(name: str, split: str, data_dir: str) -> RecordSplit:
         download=False,
         decoders={"image": tfds.decode.SkipDecoding()},
     )
-    labels = np.asarray([source[i]["label"] for i in range(len(source))], np.int32)
-    return RecordSplit(source, labels)
+    shards = sorted(
+        os.path.join(dataset_dir, file)
+        for file in os.listdir(dataset_dir)
+        if file.startswith(f"{name}-{split}.array_record")
+    )
+    labels = cache.cached(
+        "tfds-labels",
+        f"{os.path.abspath(dataset_dir)}:{split}",
+        cache.signature(shards),
+        lambda: {"labels": np.asarray([source[i]["label"] for i in range(len(source))], np.int32)},
+    )["labels"]
+    return RecordSplit(source, labels, f"{name} {split}")

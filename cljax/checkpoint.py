@@ -1,0 +1,341 @@
+"""Orbax checkpoints of a run, so that rerunning the same command continues it unchanged.
+
+A checkpoint holds everything the next step depends on: the train state (parameters,
+optimizer and strategy state, BatchNorm statistics, PRNG key), the rehearsal state (the
+sharded buffer and the representatives drawn for the next step, in their memory kind), and
+`progress`, a JSON document with the data position (task, epoch, step: the input pipeline's
+order is a pure function of it), the results so far and the resolved config. Checkpoints
+live in `<workdir>/checkpoints/<n>/`, n being the training steps done in the run; Orbax
+writes them in the background (training goes on) into a temporary directory renamed when
+complete, so a crash mid-write leaves the previous ones usable, and keeps the last
+`checkpoint.keep`.
+
+Resuming on another number of devices re-partitions the buffer by class (`repartition`).
+"""
+
+import dataclasses
+import os
+import warnings
+from collections.abc import Callable
+
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+
+from cljax import steps
+from cljax.buffer import BufferState
+from cljax.data.pipeline import Position
+from cljax.messages import ConfigError, warn
+from cljax.runtime import Runtime
+
+DIRECTORY = "checkpoints"
+MODEL_DIRECTORY = "final_model"
+# Fields that change nothing a run computes, so a resumed run may set them differently.
+NEUTRAL_FIELDS = (
+    "num_cpu_devices",
+    "distributed.",
+    "checkpoint.",
+    "dataset.worker_count",
+    "dataset.workers",
+    "dataset.prefetch_depth",
+    "dataset.data_dir",
+    "dataset.path",
+    "buffer.memory_kind",
+)
+# Derived from the number of devices, which a resumed run may change.
+PER_DEVICE_FIELDS = ("buffer.budget_per_class", "buffer.total_slots")
+
+
+@dataclasses.dataclass
+class Restored:
+    """A checkpoint read back: the states, where the run stood, and its results so far."""
+
+    step: int
+    state: steps.TrainState
+    rehearsal: steps.RehearsalState | None
+    position: Position
+    progress: dict
+
+
+class Checkpoints:
+    """The checkpoints of one run (see the module docstring); every process takes part."""
+
+    def __init__(self, workdir: str, runtime: Runtime, keep: int):
+        self.runtime = runtime
+        self.root = os.path.abspath(os.path.join(workdir, DIRECTORY))
+        self.path = runtime.checkpoint_directory(self.root)
+        options = ocp.CheckpointManagerOptions(
+            max_to_keep=keep, enable_async_checkpointing=True, create=True
+        )
+        self.manager = ocp.CheckpointManager(
+            self.path, options=options, handler_registry=_handlers()
+        )
+
+    def save(self, step: int, state, rehearsal, position: Position, progress: dict) -> None:
+        """Starts writing checkpoint `step` in the background (waiting for the previous)."""
+        items = {
+            "state": ocp.args.StandardSave(state),
+            "progress": ocp.args.JsonSave({**progress, "position": dataclasses.asdict(position)}),
+        }
+        if rehearsal is not None:
+            items["rehearsal"] = ocp.args.StandardSave(rehearsal)
+        if step in self.manager.all_steps():  # unreadable: the run resumed from an older one
+            self.manager.delete(step)
+        self.manager.save(step, args=ocp.args.Composite(**items), force=True)
+
+    def wait(self) -> None:
+        """Returns once every checkpoint started is on disk."""
+        self.manager.wait_until_finished()
+
+    def close(self) -> None:
+        self.manager.close()
+
+    def restore_latest(
+        self, abstract_state, abstract_rehearsal, check: Callable[[dict], None]
+    ) -> Restored | None:
+        """The newest readable checkpoint (None if there is none), restored onto this run's
+        devices once `check` accepted its progress document; an unreadable checkpoint is
+        named in one line and the one before it is used."""
+        for step in sorted(self.manager.all_steps(), reverse=True):
+            try:
+                return self._restore(step, abstract_state, abstract_rehearsal, check)
+            except (OSError, ValueError, KeyError, TypeError) as error:
+                if isinstance(error, ConfigError):
+                    raise
+                reason = str(error).splitlines()[0][:200] if str(error) else type(error).__name__
+                warn(
+                    f"checkpoint {self.path}/{step} cannot be read ({reason}); using the one before"
+                )
+        return None
+
+    def _restore(self, step: int, abstract_state, abstract_rehearsal, check) -> Restored:
+        progress = self.manager.restore(
+            step, args=ocp.args.Composite(progress=ocp.args.JsonRestore())
+        )["progress"]
+        check(progress)
+        state = self.manager.restore(
+            step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state))
+        )["state"]
+        position = Position(**progress.pop("position"))
+        rehearsal = None
+        if abstract_rehearsal is not None:
+            saved_devices = progress["num_devices"]
+            if saved_devices == self.runtime.num_devices:
+                rehearsal = self.manager.restore(
+                    step,
+                    args=ocp.args.Composite(rehearsal=ocp.args.StandardRestore(abstract_rehearsal)),
+                )["rehearsal"]
+            else:
+                rehearsal = self._restore_repartitioned(step, abstract_rehearsal, saved_devices)
+        return Restored(step, state, rehearsal, position, progress)
+
+    def _restore_repartitioned(self, step: int, abstract, saved_devices: int):
+        """The buffer of a run saved on `saved_devices` devices, re-partitioned by class onto
+        this run's (every process reads it whole); the representatives start empty."""
+        if not self.runtime.writes_together:
+            raise ConfigError(
+                f"{self.root} was saved by {saved_devices} processes of distributed.backend=mpi;"
+                " resume it on as many, or resume a distributed.backend=jax run instead"
+            )
+        old = _as_numpy(self.manager, step, "rehearsal")["buffer"]
+        num_classes = old["counts"].shape[0] // saved_devices
+        buffer = repartition(
+            BufferState(**old),
+            saved_devices,
+            self.runtime.num_devices,
+            num_classes,
+            abstract.buffer.task_ids.shape[1],
+            step,
+        )
+        representatives = jax.tree.map(
+            lambda meta: np.zeros(meta.shape, meta.dtype), abstract.representatives
+        )
+        return jax.tree.map(
+            lambda value, meta: _place(value, meta.sharding),
+            steps.RehearsalState(buffer, representatives),
+            abstract,
+        )
+
+
+def read(workdir: str, item: str, step: int | None = None) -> dict:
+    """Item `state` or `rehearsal` of checkpoint `step` (None: the latest) of the run in
+    `workdir`, as nested dicts of NumPy arrays, whatever devices it was saved on."""
+    path = os.path.abspath(os.path.join(workdir, DIRECTORY))
+    options = ocp.CheckpointManagerOptions(read_only=True)
+    with ocp.CheckpointManager(path, options=options, handler_registry=_handlers()) as manager:
+        return _as_numpy(manager, manager.latest_step() if step is None else step, item)
+
+
+def _as_numpy(manager: ocp.CheckpointManager, step: int, item: str) -> dict:
+    saved = manager.item_metadata(step)[item].tree
+    as_numpy = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), saved)
+    arguments = {item: ocp.args.PyTreeRestore(restore_args=as_numpy)}
+    return manager.restore(step, args=ocp.args.Composite(**arguments))[item]
+
+
+def _handlers() -> ocp.handlers.CheckpointHandlerRegistry:
+    """The handler of every item, so that one item can be restored without the others."""
+    registry = ocp.handlers.DefaultCheckpointHandlerRegistry()
+    for name in ("state", "rehearsal"):
+        registry.add(name, ocp.args.StandardSave, ocp.StandardCheckpointHandler)
+        registry.add(name, ocp.args.StandardRestore, ocp.StandardCheckpointHandler)
+    for name in ("state", "rehearsal"):
+        registry.add(name, ocp.args.PyTreeRestore, ocp.PyTreeCheckpointHandler)
+    registry.add("progress", ocp.args.JsonSave, ocp.JsonCheckpointHandler)
+    registry.add("progress", ocp.args.JsonRestore, ocp.JsonCheckpointHandler)
+    return registry
+
+
+def _place(value: np.ndarray, sharding) -> jax.Array:
+    return jax.make_array_from_callback(value.shape, sharding, lambda index: value[index])
+
+
+def repartition(
+    buffer: BufferState,
+    old_devices: int,
+    new_devices: int,
+    num_classes: int,
+    new_budget: int,
+    seed: int,
+) -> BufferState:
+    """The global buffer of `old_devices` devices dealt out to `new_devices` devices of
+    `new_budget` slots per class.
+
+    Per class, the stored samples of all old devices are pooled; if the new global capacity
+    (new_devices x new_budget) holds them all they are all kept, else a uniform subset of
+    that size (drawn with `seed`). They are dealt round-robin over the new devices, so fills
+    differ by at most one. Each device's `seen` counter becomes the class's total seen
+    divided evenly (at least its fill), so reservoir sampling goes on at the right rate.
+    """
+    rng = np.random.default_rng(seed)
+    old_budget = buffer.task_ids.shape[1]
+
+    def per_device(array: np.ndarray) -> np.ndarray:
+        return array.reshape(old_devices, num_classes, *array.shape[1:])
+
+    data = {name: per_device(value) for name, value in buffer.data.items()}
+    task_ids, counts, seen = (per_device(x) for x in (buffer.task_ids, buffer.counts, buffer.seen))
+    new_data = {
+        name: np.zeros((new_devices, num_classes, new_budget, *value.shape[3:]), value.dtype)
+        for name, value in data.items()
+    }
+    new_task_ids = np.full((new_devices, num_classes, new_budget), -1, np.int32)
+    new_counts = np.zeros((new_devices, num_classes), np.int32)
+    new_seen = np.zeros((new_devices, num_classes), np.int32)
+    for label in range(num_classes):
+        stored = [
+            (device, slot)
+            for device in range(old_devices)
+            for slot in range(min(int(counts[device, label]), old_budget))
+        ]
+        kept = min(len(stored), new_devices * new_budget)
+        chosen = (
+            sorted(rng.choice(len(stored), kept, replace=False))
+            if kept < len(stored)
+            else range(kept)
+        )
+        for order, index in enumerate(chosen):
+            device, slot = stored[index]
+            target, target_slot = order % new_devices, order // new_devices
+            for name in data:
+                new_data[name][target, label, target_slot] = data[name][device, label, slot]
+            new_task_ids[target, label, target_slot] = task_ids[device, label, slot]
+            new_counts[target, label] += 1
+        total_seen = int(seen[:, label].sum())
+        for device in range(new_devices):
+            share = total_seen // new_devices + (device < total_seen % new_devices)
+            new_seen[device, label] = max(share, new_counts[device, label])
+    labels = np.broadcast_to(
+        np.arange(num_classes, dtype=np.int32)[None, :, None], new_task_ids.shape
+    )
+
+    def global_rows(array: np.ndarray) -> np.ndarray:
+        return np.ascontiguousarray(array.reshape(new_devices * num_classes, *array.shape[2:]))
+
+    return BufferState(
+        data={name: global_rows(value) for name, value in new_data.items()},
+        labels=global_rows(labels),
+        task_ids=global_rows(new_task_ids),
+        counts=global_rows(new_counts),
+        seen=global_rows(new_seen),
+    )
+
+
+def changed_fields(saved: dict, current: dict, same_devices: bool) -> list[str]:
+    """The dotted config fields whose values differ in a way that changes results."""
+    ignored = NEUTRAL_FIELDS if same_devices else NEUTRAL_FIELDS + PER_DEVICE_FIELDS
+    old, new = _flat(saved), _flat(current)
+    return sorted(
+        field
+        for field in old.keys() | new.keys()
+        if old.get(field) != new.get(field)
+        and not any(field == n or (n.endswith(".") and field.startswith(n)) for n in ignored)
+    )
+
+
+def _flat(tree: dict, prefix: str = "") -> dict:
+    flat = {}
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            flat.update(_flat(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = list(value) if isinstance(value, tuple) else value
+    return flat
+
+
+def check_same_config(saved: dict, current: dict, same_devices: bool, where: str) -> None:
+    """A `ConfigError` naming the fields in which `current` departs from the run in `where`."""
+    fields = changed_fields(saved, current, same_devices)
+    if fields:
+        _flat_saved, _flat_current = _flat(saved), _flat(current)
+        shown = ", ".join(
+            f"{field} ({_flat_saved.get(field)!r} -> {_flat_current.get(field)!r})"
+            for field in fields[:4]
+        )
+        raise ConfigError(
+            f"{where} holds a run whose config differs in {shown}"
+            f"{' and more' if len(fields) > 4 else ''}; rerun with its config or pass a new"
+            " --workdir"
+        )
+
+
+def export_model(workdir: str, state: steps.TrainState, runtime: Runtime) -> str:
+    """Writes the final parameters and model state (BatchNorm statistics) to
+    `<workdir>/final_model`, the directory `init_from` takes; returns its path. They are
+    replicated, so where processes do not write together process 0 writes them alone."""
+    path = os.path.abspath(os.path.join(workdir, MODEL_DIRECTORY))
+    if runtime.writes_together or runtime.is_main:
+        with ocp.StandardCheckpointer() as checkpointer:
+            checkpointer.save(path, {"params": state.params, "model_state": state.model_state})
+    return path
+
+
+def load_model(path: str, state: steps.TrainState) -> steps.TrainState:
+    """`state` with the parameters and model state saved at `path` (a run's workdir or its
+    final_model directory); one line if they do not fit this run's model."""
+    path = os.path.abspath(path)
+    if os.path.isdir(os.path.join(path, MODEL_DIRECTORY)):
+        path = os.path.join(path, MODEL_DIRECTORY)
+    if not os.path.isdir(path):
+        raise ConfigError(
+            f"init_from={path} is not a directory; give a finished run's workdir or its"
+            f" {MODEL_DIRECTORY}/"
+        )
+    target = {"params": state.params, "model_state": state.model_state}
+    abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, target)
+    try:
+        with ocp.StandardCheckpointer() as checkpointer, warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            loaded = checkpointer.restore(path, abstract)
+    except (OSError, ValueError, KeyError, TypeError) as error:
+        reason = str(error).splitlines()[0][:200] if str(error) else type(error).__name__
+        raise ConfigError(
+            f"init_from={path} does not hold this run's model ({reason}); export it with the"
+            " same model.* and dataset"
+        ) from None
+    return state.replace(params=loaded["params"], model_state=loaded["model_state"])
+
+
+def abstract_of(tree) -> object:
+    """Shapes, dtypes and shardings of `tree`, the target a restore fills."""
+    return jax.tree.map(ocp.utils.to_shape_dtype_struct, tree)

@@ -1,0 +1,49 @@
+"""Test tool: `python tests/kill_at.py POINT:N [cljax.train flags...]` runs cljax.train and
+SIGKILLs its own process right after the N-th call at POINT has started: `step` (a train
+step dispatched, running on the devices), `eval` (a prediction batch dispatched) or `save`
+(a checkpoint whose write goes on in the background)."""
+
+import functools
+import os
+import signal
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from cljax import checkpoint, steps, train
+
+
+def killing_after(call_number: int, function):
+    """`function`, but the process dies right after its `call_number`-th call returns."""
+    calls = 0
+
+    @functools.wraps(function)
+    def wrapper(*args, **kwargs):
+        nonlocal calls
+        result = function(*args, **kwargs)
+        calls += 1
+        if calls == call_number:
+            os.kill(os.getpid(), signal.SIGKILL)
+        return result
+
+    return wrapper
+
+
+def main() -> None:
+    point, number = sys.argv.pop(1).split(":")
+    number = int(number)
+    if point == "step":
+        make = steps.make_train_step
+        steps.make_train_step = lambda *args: killing_after(number, make(*args))
+    elif point == "eval":
+        make = steps.make_predict
+        steps.make_predict = lambda *args: killing_after(number, make(*args))
+    elif point == "save":
+        checkpoint.Checkpoints.save = killing_after(number, checkpoint.Checkpoints.save)
+    else:
+        raise SystemExit(f"unknown point {point}; use step, eval or save")
+    train.main()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,360 @@
+"""Checkpoints: a run killed anywhere and rerun with the same command ends bit-identical to
+an uninterrupted one; SIGTERM saves and exits 75; resume on other device counts; corrupt
+checkpoints, changed configs, the NaN guard and shared initial weights.
+
+Runs are short digits experiments in their own processes (4 devices unless said), with a
+checkpoint every 10 steps; kills come from tests/kill_at.py.
+"""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import orbax.checkpoint as ocp
+import pytest
+
+from cljax import checkpoint, configuration, messages, steps, trainer
+from cljax.buffer import BufferState
+from tests.helpers import REPO, subprocess_env, wait_for_line
+from tests.test_multiprocess import free_port
+
+RUN = [
+    "--config.epochs_per_task=2",
+    "--config.checkpoint.every_steps=10",
+    "--config.num_cpu_devices=4",
+]
+KILL_POINTS = ("step", "eval", "save")
+
+
+def train(workdir, *flags: str, kill_at: str | None = None, env=None, check=True):
+    """One run of cljax.train (through tests/kill_at.py when `kill_at` is given)."""
+    entry = ["tests/kill_at.py", kill_at] if kill_at else ["-m", "cljax.train"]
+    result = subprocess.run(
+        [sys.executable, *entry, f"--workdir={workdir}", *RUN, *flags],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    if check:
+        assert result.returncode == (-signal.SIGKILL if kill_at else 0), result.stderr[-3000:]
+    return result
+
+
+def metrics(workdir) -> dict:
+    with open(os.path.join(workdir, "metrics.json")) as file:
+        return json.load(file)
+
+
+def assert_same_results(workdir, reference) -> None:
+    ran, expected = metrics(workdir), metrics(reference)
+    assert ran["status"] == "finished"
+    for key in ("accuracy_matrix", "top5_accuracy_matrix"):
+        assert ran[key] == expected[key], key
+    jax.tree.map(
+        np.testing.assert_array_equal,
+        checkpoint.read(workdir, "rehearsal"),
+        checkpoint.read(reference, "rehearsal"),
+    )
+
+
+@pytest.fixture(scope="module")
+def env(data_dir) -> dict:
+    return subprocess_env(TFDS_DATA_DIR=data_dir)
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory, env) -> dict[str, str]:
+    """Uninterrupted runs, per buffer memory kind."""
+    runs = {}
+    for kind in ("device", "pinned_host"):
+        runs[kind] = str(tmp_path_factory.mktemp("reference") / kind)
+        train(runs[kind], f"--config.buffer.memory_kind={kind}", env=env)
+    return runs
+
+
+def kill_points(seed: int) -> list[str]:
+    """One random kill per point: after the k-th train step, prediction batch or save."""
+    rng = np.random.default_rng(seed)
+    ranges = {"step": (5, 60), "eval": (1, 4), "save": (1, 4)}
+    return [f"{point}:{rng.integers(*ranges[point])}" for point in KILL_POINTS]
+
+
+@pytest.mark.parametrize("kind", ["device", "pinned_host"])
+def test_a_run_killed_three_times_ends_as_an_uninterrupted_one(tmp_path, env, reference, kind):
+    workdir, flags = tmp_path / "run", [f"--config.buffer.memory_kind={kind}"]
+    for kill_at in kill_points(seed=len(kind)):
+        train(workdir, *flags, kill_at=kill_at, env=env)
+    result = train(workdir, *flags, env=env)
+    assert "resuming from" in result.stdout
+    assert metrics(workdir)["resumes"] >= 1
+    assert_same_results(workdir, reference[kind])
+
+
+def test_a_two_process_run_killed_three_times_ends_as_one_process(tmp_path, env, reference):
+    """2 processes x 2 devices, process 0 killed at each point (process 1 then stops on its
+    own, lost its peer), rerun after each: the one-process, four-device results."""
+    workdir = tmp_path / "run"
+
+    def both(kill_at: str | None) -> None:
+        port = free_port()
+        flags = [
+            "--config.distributed.timeout_s=5",
+            f"--config.distributed.coordinator_address=127.0.0.1:{port}",
+            "--config.distributed.num_processes=2",
+        ]
+        entry = ["tests/kill_at.py", kill_at] if kill_at else ["-m", "cljax.train"]
+        processes = [
+            subprocess.Popen(
+                [
+                    sys.executable,
+                    *(entry if rank == 0 else ["-m", "cljax.train"]),
+                    f"--workdir={workdir}",
+                    *RUN,
+                    *flags,
+                    f"--config.distributed.process_id={rank}",
+                ],
+                cwd=REPO,
+                env=env,
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.PIPE,
+                text=True,
+            )
+            for rank in (0, 1)
+        ]
+        statuses = [process.wait(timeout=600) for process in processes]
+        if kill_at is None:
+            assert statuses == [0, 0], processes[0].stderr.read()[-3000:]
+        else:
+            assert statuses[0] == -signal.SIGKILL and statuses[1] != 0
+
+    for kill_at in kill_points(seed=2):
+        both(kill_at)
+    both(None)
+    assert metrics(workdir)["num_devices"] == 4
+    assert_same_results(workdir, reference["device"])
+
+
+def test_sigterm_saves_and_exits_75_and_the_rerun_ends_identically(tmp_path, env, reference):
+    workdir, log = tmp_path / "run", tmp_path / "out.log"
+    with open(log, "w") as out:
+        process = subprocess.Popen(
+            [sys.executable, "-m", "cljax.train", f"--workdir={workdir}", *RUN],
+            cwd=REPO,
+            env=env,
+            stdout=out,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        wait_for_line(log, "task 1/5: accuracy")
+        signalled = time.monotonic()
+        process.send_signal(signal.SIGTERM)
+        _, stderr = process.communicate(timeout=60)
+    assert time.monotonic() - signalled < 30
+    assert process.returncode == messages.EXIT_PREEMPTED == 75
+    assert stderr.strip().splitlines()[-1].startswith("cljax: SIGTERM: saved a checkpoint at task")
+    assert metrics(workdir)["status"] == "preempted"
+    train(workdir, env=env)
+    assert_same_results(workdir, reference["device"])
+
+
+@pytest.fixture(scope="module")
+def interrupted(tmp_path_factory, env) -> str:
+    """A four-device run killed in task 2, with checkpoints 30 and 36 (end of task 1)."""
+    workdir = tmp_path_factory.mktemp("interrupted") / "run"
+    train(workdir, kill_at="step:45", env=env)
+    return str(workdir)
+
+
+def copy_of(workdir: str, destination) -> str:
+    subprocess.run(["cp", "-r", workdir, str(destination)], check=True)
+    return str(destination)
+
+
+@pytest.mark.parametrize("devices", [2, 8])
+def test_a_run_resumes_on_another_number_of_devices(tmp_path, env, interrupted, devices):
+    workdir = copy_of(interrupted, tmp_path / "run")
+    result = train(workdir, f"--config.num_cpu_devices={devices}", env=env)
+    assert f"(saved on 4 devices, now {devices})" in result.stdout
+    ran = metrics(workdir)
+    assert ran["status"] == "finished" and ran["num_devices"] == devices
+    assert ran["resumes"] == 1 and len(ran["accuracy_matrix"]) == 5
+
+
+def buffer_of(fills: list[list[int]], budget: int, seed: int = 0) -> BufferState:
+    """A global buffer of len(fills) devices: device d holds fills[d][c] samples of class c,
+    each sample's input a unique number (class * 1000 + running index)."""
+    devices, classes = len(fills), len(fills[0])
+    inputs = np.zeros((devices, classes, budget, 2), np.int32)
+    task_ids = np.full((devices, classes, budget), -1, np.int32)
+    number = 0
+    for device in range(devices):
+        for label in range(classes):
+            for slot in range(fills[device][label]):
+                inputs[device, label, slot] = (label * 1000 + number, device)
+                task_ids[device, label, slot] = label // 2
+                number += 1
+    labels = np.broadcast_to(np.arange(classes, dtype=np.int32)[None, :, None], task_ids.shape)
+
+    def rows(array):
+        return array.reshape(devices * classes, *array.shape[2:])
+
+    counts = np.asarray(fills, np.int32)
+    return BufferState(
+        {"inputs": rows(inputs)}, rows(labels), rows(task_ids), rows(counts), rows(counts * 3)
+    )
+
+
+def stored(buffer: BufferState, devices: int, budget: int) -> dict[int, list]:
+    """Per class, the sorted inputs of its filled slots over all devices (checking that
+    every filled slot holds its class and task, and every empty one the empty marker)."""
+    classes = buffer.counts.shape[0] // devices
+    inputs = buffer.data["inputs"].reshape(devices, classes, budget, 2)
+    counts = buffer.counts.reshape(devices, classes)
+    task_ids = buffer.task_ids.reshape(devices, classes, budget)
+    content = {}
+    for label in range(classes):
+        found = []
+        for device in range(devices):
+            filled = counts[device, label]
+            assert (inputs[device, label, :filled, 0] // 1000 == label).all()
+            assert (task_ids[device, label, :filled] == label // 2).all()
+            assert (task_ids[device, label, filled:] == -1).all()
+            found.extend(int(value) for value in inputs[device, label, :filled, 0])
+        content[label] = sorted(found)
+    return content
+
+
+def test_repartition_keeps_every_sample_when_the_new_buffer_holds_them():
+    old = buffer_of([[3, 5, 0], [4, 5, 1], [2, 5, 0], [0, 5, 2]], budget=5)
+    new = checkpoint.repartition(old, 4, 8, 3, new_budget=3, seed=0)
+    assert stored(new, 8, 3) == stored(old, 4, 5)
+    counts = new.counts.reshape(8, 3)
+    assert (counts.max(axis=0) - counts.min(axis=0) <= 1).all()
+    seen = new.seen.reshape(8, 3)
+    assert (seen.sum(axis=0) == old.seen.reshape(4, 3).sum(axis=0)).all()
+    assert (seen >= counts).all()
+
+
+def test_repartition_keeps_a_uniform_subset_of_each_class_when_it_must_drop():
+    """4 devices x 5 slots of class 0 (20 samples) into 2 devices x 3 slots: 6 kept, each
+    of the 20 equally likely (chi-square over 2000 seeds)."""
+    old = buffer_of([[5], [5], [5], [5]], budget=5)
+    every = stored(old, 4, 5)[0]
+    hits = dict.fromkeys(every, 0)
+    for seed in range(2000):
+        kept = stored(checkpoint.repartition(old, 4, 2, 1, new_budget=3, seed=seed), 2, 3)[0]
+        assert len(kept) == 6 and set(kept) <= set(every)
+        for value in kept:
+            hits[value] += 1
+    observed = np.asarray(list(hits.values()))
+    expected = 2000 * 6 / 20
+    chi2 = ((observed - expected) ** 2 / expected).sum()
+    assert chi2 < 43.8  # the 0.999 quantile of chi-square with 19 degrees of freedom
+
+
+def test_a_corrupt_latest_checkpoint_is_named_and_the_one_before_is_used(
+    tmp_path, env, interrupted
+):
+    workdir = copy_of(interrupted, tmp_path / "run")
+    latest = os.path.join(workdir, checkpoint.DIRECTORY, "36")
+    for root, _, files in os.walk(os.path.join(latest, "state")):
+        for name in files:
+            with open(os.path.join(root, name), "w") as file:
+                file.write("garbage")
+    result = train(workdir, env=env)
+    warnings = [line for line in result.stderr.splitlines() if line.startswith("cljax:")]
+    assert len(warnings) == 1
+    assert warnings[0].startswith(f"cljax: warning: checkpoint {latest} cannot be read")
+    assert f"resuming from {os.path.dirname(latest)}/30" in result.stdout
+    assert metrics(workdir)["status"] == "finished"
+
+
+def test_a_changed_config_is_refused_naming_the_field_and_a_neutral_one_resumes(
+    tmp_path, env, interrupted
+):
+    workdir = copy_of(interrupted, tmp_path / "run")
+    changed = train(workdir, "--config.optimizer.learning_rate=0.01", env=env, check=False)
+    assert changed.returncode == messages.EXIT_BAD_INPUT
+    assert changed.stderr.strip().splitlines() == [
+        f"cljax: {workdir} holds a run whose config differs in optimizer.learning_rate (0.001"
+        " -> 0.01); rerun with its config or pass a new --workdir"
+    ]
+    resumed = train(workdir, "--config.dataset.prefetch_depth=3", env=env)
+    assert "resuming from" in resumed.stdout
+
+
+def test_changed_fields_ignore_what_does_not_change_results():
+    saved = {"seed": 0, "dataset": {"workers": "threads", "name": "digits"}, "buffer": {}}
+    current = {"seed": 1, "dataset": {"workers": "processes", "name": "digits"}, "buffer": {}}
+    assert checkpoint.changed_fields(saved, current, same_devices=True) == ["seed"]
+    saved["buffer"]["budget_per_class"], current["buffer"]["budget_per_class"] = 5, 10
+    assert checkpoint.changed_fields(saved, current, same_devices=False) == ["seed"]
+    assert checkpoint.changed_fields(saved, current, same_devices=True) == [
+        "buffer.budget_per_class",
+        "seed",
+    ]
+
+
+def test_a_non_finite_loss_keeps_the_last_good_checkpoint(tmp_path, data_dir, monkeypatch):
+    """The 25th step reports a NaN loss: the run stops, and its latest checkpoint is the
+    one of step 20, whose loss was checked."""
+    make_train_step = steps.make_train_step
+
+    def failing_at_step_25(*args):
+        step, calls = make_train_step(*args), []
+
+        def wrapped(*step_args):
+            state, rehearsal, step_metrics = step(*step_args)
+            calls.append(None)
+            if len(calls) == 25:
+                step_metrics = {**step_metrics, "loss": jnp.float32(jnp.nan)}
+            return state, rehearsal, step_metrics
+
+        return wrapped
+
+    monkeypatch.setattr(steps, "make_train_step", failing_at_step_25)
+    config = configuration.load_config("default")
+    configuration.apply_overrides(
+        config,
+        {"dataset.data_dir": data_dir, "epochs_per_task": "2", "checkpoint.every_steps": "10"},
+    )
+    workdir = str(tmp_path / "run")
+    with pytest.raises(messages.RunFailed, match="the loss became nan at task "):
+        trainer.train_and_evaluate(config, workdir)
+    assert metrics(workdir)["status"] == "failed"
+    assert sorted(os.listdir(os.path.join(workdir, checkpoint.DIRECTORY))) == ["10", "20"]
+    state = checkpoint.read(workdir, "state")
+    for leaf in jax.tree.leaves(state["params"]):
+        assert np.isfinite(leaf).all()
+
+
+def test_init_from_loads_exactly_the_exported_model_and_a_run_uses_it(tmp_path, env, reference):
+    exported = os.path.join(reference["device"], checkpoint.MODEL_DIRECTORY)
+    with ocp.StandardCheckpointer() as checkpointer:
+        saved = checkpointer.restore(exported)
+    zeros = jax.tree.map(np.zeros_like, saved)
+    state = steps.TrainState(0, zeros["params"], zeros["model_state"], None, None, None)
+    loaded = checkpoint.load_model(reference["device"], state)
+    jax.tree.map(np.testing.assert_array_equal, loaded.params, saved["params"])
+
+    workdir = tmp_path / "run"
+    train(workdir, f"--config.init_from={reference['device']}", env=env)
+    fresh = metrics(reference["device"])["accuracy_matrix"][0]
+    assert metrics(workdir)["accuracy_matrix"][0] != fresh
+    wrong = train(
+        tmp_path / "cnn",
+        f"--config.init_from={reference['device']}",
+        "--config.model.name=cnn",
+        env=env,
+        check=False,
+    )
+    assert wrong.returncode == messages.EXIT_BAD_INPUT
+    assert wrong.stderr.strip().splitlines()[-1].startswith(f"cljax: init_from={exported}")
