@@ -305,7 +305,8 @@ def test_changed_fields_ignore_what_does_not_change_results():
 
 def test_a_non_finite_loss_keeps_the_last_good_checkpoint(tmp_path, data_dir, monkeypatch):
     """The 25th step reports a NaN loss: the run stops, and its latest checkpoint is the
-    one of step 20, whose loss was checked."""
+    one of step 20 (a multiple of every_steps whose loss was checked; the task's end may
+    have left another before it)."""
     make_train_step = steps.make_train_step
 
     def failing_at_step_25(*args):
@@ -330,7 +331,8 @@ def test_a_non_finite_loss_keeps_the_last_good_checkpoint(tmp_path, data_dir, mo
     with pytest.raises(messages.RunFailed, match="the loss became nan at task "):
         trainer.train_and_evaluate(config, workdir)
     assert metrics(workdir)["status"] == "failed"
-    assert sorted(os.listdir(os.path.join(workdir, checkpoint.DIRECTORY))) == ["10", "20"]
+    saved = [int(name) for name in os.listdir(os.path.join(workdir, checkpoint.DIRECTORY))]
+    assert max(saved) == 20
     state = checkpoint.read(workdir, "state")
     for leaf in jax.tree.leaves(state["params"]):
         assert np.isfinite(leaf).all()
