@@ -102,9 +102,9 @@ class Checkpoints:
             except (OSError, ValueError, KeyError, TypeError) as error:
                 if isinstance(error, ConfigError):
                     raise
-                reason = str(error).splitlines()[0][:200] if str(error) else type(error).__name__
                 warn(
-                    f"checkpoint {self.path}/{step} cannot be read ({reason}); using the one before"
+                    f"checkpoint {self.path}/{step} cannot be read ({_first_line(error)});"
+                    " using the one before"
                 )
         return None
 
@@ -171,6 +171,11 @@ def _as_numpy(manager: ocp.CheckpointManager, step: int, item: str) -> dict:
     as_numpy = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), saved)
     arguments = {item: ocp.args.PyTreeRestore(restore_args=as_numpy)}
     return manager.restore(step, args=ocp.args.Composite(**arguments))[item]
+
+
+def _first_line(error: Exception) -> str:
+    """The start of `error`'s message (Orbax's run to many lines), or its type's name."""
+    return str(error).splitlines()[0][:200] if str(error) else type(error).__name__
 
 
 def _handlers() -> ocp.handlers.CheckpointHandlerRegistry:
@@ -328,14 +333,8 @@ def load_model(path: str, state: steps.TrainState) -> steps.TrainState:
             warnings.simplefilter("ignore")
             loaded = checkpointer.restore(path, abstract)
     except (OSError, ValueError, KeyError, TypeError) as error:
-        reason = str(error).splitlines()[0][:200] if str(error) else type(error).__name__
         raise ConfigError(
-            f"init_from={path} does not hold this run's model ({reason}); export it with the"
-            " same model.* and dataset"
+            f"init_from={path} does not hold this run's model ({_first_line(error)}); export"
+            " it with the same model.* and dataset"
         ) from None
     return state.replace(params=loaded["params"], model_state=loaded["model_state"])
-
-
-def abstract_of(tree) -> object:
-    """Shapes, dtypes and shardings of `tree`, the target a restore fills."""
-    return jax.tree.map(ocp.utils.to_shape_dtype_struct, tree)

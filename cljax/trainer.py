@@ -608,13 +608,13 @@ class _TaskLoop:
     between them."""
 
     def __init__(self, run: _Run, watchdog, feed, checkpoints, preempt, report, clock: _Clock):
-        self.run, self.watchdog, self.feed = run, watchdog, feed
-        self.checkpoints, self.preempt, self.report, self.clock = (
-            checkpoints,
-            preempt,
-            report,
-            clock,
-        )
+        self.run = run
+        self.watchdog = watchdog
+        self.feed = feed
+        self.checkpoints = checkpoints
+        self.preempt = preempt
+        self.report = report
+        self.clock = clock
 
     def train(self, state, rehearsal, task: int, first: pipeline.Position):
         """Runs `task`'s steps from `first`, taking their batches from the feed; returns
