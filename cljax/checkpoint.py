@@ -35,6 +35,7 @@ NEUTRAL_FIELDS = (
     "num_cpu_devices",
     "distributed.",
     "checkpoint.",
+    "logging.",
     "dataset.worker_count",
     "dataset.workers",
     "dataset.prefetch_depth",
@@ -269,7 +270,7 @@ def repartition(
 def changed_fields(saved: dict, current: dict, same_devices: bool) -> list[str]:
     """The dotted config fields whose values differ in a way that changes results."""
     ignored = NEUTRAL_FIELDS if same_devices else NEUTRAL_FIELDS + PER_DEVICE_FIELDS
-    old, new = _flat(saved), _flat(current)
+    old, new = flat_fields(saved), flat_fields(current)
     return sorted(
         field
         for field in old.keys() | new.keys()
@@ -278,11 +279,12 @@ def changed_fields(saved: dict, current: dict, same_devices: bool) -> list[str]:
     )
 
 
-def _flat(tree: dict, prefix: str = "") -> dict:
+def flat_fields(tree: dict, prefix: str = "") -> dict:
+    """The nested config as dotted fields (`a.b`), tuples as lists."""
     flat = {}
     for key, value in tree.items():
         if isinstance(value, dict):
-            flat.update(_flat(value, f"{prefix}{key}."))
+            flat.update(flat_fields(value, f"{prefix}{key}."))
         else:
             flat[f"{prefix}{key}"] = list(value) if isinstance(value, tuple) else value
     return flat
@@ -292,7 +294,7 @@ def check_same_config(saved: dict, current: dict, same_devices: bool, where: str
     """A `ConfigError` naming the fields in which `current` departs from the run in `where`."""
     fields = changed_fields(saved, current, same_devices)
     if fields:
-        _flat_saved, _flat_current = _flat(saved), _flat(current)
+        _flat_saved, _flat_current = flat_fields(saved), flat_fields(current)
         shown = ", ".join(
             f"{field} ({_flat_saved.get(field)!r} -> {_flat_current.get(field)!r})"
             for field in fields[:4]

@@ -26,6 +26,7 @@ from cljax.strategies import STRATEGIES
 
 CONFIG_DIR = pathlib.Path(__file__).resolve().parents[1] / "configs"
 DTYPES = ("float32", "bfloat16")
+WANDB_MODES = ("online", "offline")
 MAX_CPU_DEVICES = 512
 
 # One line per config field; model.<name>.* and strategy.<name>.* come from the components.
@@ -111,6 +112,12 @@ FIELD_DOCS = {
     "checkpoint.keep": "checkpoints kept in <workdir>/checkpoints (the newest ones)",
     "init_from": "start from the parameters and BatchNorm statistics of a finished run"
     " (its workdir or its final_model/; None: fresh ones from seed)",
+    "logging.every_steps": "write the training scalars to TensorBoard (and W&B) every this"
+    " many steps",
+    "logging.wandb_project": "log to this Weights & Biases project too (None: TensorBoard only)",
+    "logging.wandb_entity": "the W&B team or user that owns the project (None: your default)",
+    "logging.wandb_group": "the W&B group of the run, e.g. the sweep it belongs to",
+    "logging.wandb_mode": "online, or offline (files under <workdir>/wandb, for `wandb sync`)",
 }
 
 
@@ -202,6 +209,13 @@ def validate(config: ml_collections.ConfigDict) -> None:
     _validate_distributed(config.distributed)
     _positive("checkpoint.every_steps", config.checkpoint.every_steps, 0)
     _positive("checkpoint.keep", config.checkpoint.keep)
+    _positive("logging.every_steps", config.logging.every_steps)
+    _one_of("logging.wandb_mode", config.logging.wandb_mode, WANDB_MODES)
+    _require(
+        config.logging.wandb_project is None or importlib.util.find_spec("wandb") is not None,
+        f"logging.wandb_project={config.logging.wandb_project} needs wandb, which is not"
+        " installed; pip install wandb, or leave --config.logging.wandb_project unset",
+    )
     _require(
         config.init_from is None or os.path.isdir(config.init_from),
         f"init_from={config.init_from} is not a directory; give a finished run's workdir or"

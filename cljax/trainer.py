@@ -6,6 +6,7 @@ data, build the model, strategy, buffer and jitted steps, then for each task tra
 writes to `<workdir>/metrics.json`, which always says how the run stands (`status`).
 """
 
+import copy
 import dataclasses
 import json
 import math
@@ -20,7 +21,7 @@ from tqdm import tqdm
 
 from cljax import buffer as buffer_lib
 from cljax import checkpoint as checkpoint_lib
-from cljax import components, configuration, metrics, optim, preemption, steps
+from cljax import components, configuration, metrics, optim, plots, preemption, steps, tracking
 from cljax import runtime as runtime_lib
 from cljax import workdir as workdir_lib
 from cljax.data import pipeline, scenarios, sources
@@ -29,6 +30,8 @@ from cljax.models import create_model
 from cljax.strategies import STRATEGIES, Strategy
 
 TOP_K = 5
+# A task's times logged as scalars (its checkpointing is only known after they are written).
+TRACKED_TIMES = ("train_s", "data_wait_s", "eval_s")
 
 
 class Interrupted(RunFailed):
@@ -80,18 +83,20 @@ def _run_tasks(run: "_Run", scenario: scenarios.Scenario, wall_start: float) -> 
     )
     try:
         state, rehearsal, start = _start(run, checkpoints, report, clock)
+        report.open_tracker(clock.done_steps(start))
         feed = _feed(run, task_rows, start)
         with (
             run.runtime.watchdog() as watchdog,
             feed,
             preemption.Preemption(run.runtime) as preempt,
+            _progress_bar(run, clock, start) as bar,
         ):
             for task in range(start.task, scenario.num_tasks):
                 first = start if task == start.task else pipeline.Position(task)
                 if (first.epoch, first.step) == (0, 0):
                     state = _begin_task(run, state, task)
                 clock.begin_task(feed.wait_s)
-                loop = _TaskLoop(run, watchdog, feed, checkpoints, preempt, report, clock)
+                loop = _TaskLoop(run, watchdog, feed, checkpoints, preempt, report, clock, bar)
                 state, rehearsal, skipped = loop.train(state, rehearsal, task, first)
                 eval_start, eval_wait = time.perf_counter(), feed.wait_s
                 correct, valid, eval_skipped = _evaluate(run, feed, state)
@@ -99,34 +104,32 @@ def _run_tasks(run: "_Run", scenario: scenarios.Scenario, wall_start: float) -> 
                     name: [hits[rows][valid[rows]].mean() for rows in scenario.test_rows]
                     for name, hits in correct.items()
                 }
-                timing = clock.end_task(task, eval_start, eval_wait)
                 report.skipped(run.runtime.all_texts(json.dumps([*skipped, *eval_skipped])))
-                report.task_done(task, accuracies, timing)
                 next_task = pipeline.Position(task + 1)
-                checkpoints.save(
-                    clock.done_steps(next_task), state, rehearsal, next_task, report.progress()
-                )
+                done = clock.done_steps(next_task)
+                report.add_task(accuracies, clock.end_task(task, eval_start, eval_wait), done)
+                save_start = time.perf_counter()
+                checkpoints.save(done, state, rehearsal, next_task, report.progress())
+                report.publish(task, time.perf_counter() - save_start)
                 watchdog.progress()
                 if task + 1 < scenario.num_tasks and preempt.requested():
                     raise Preempted(_preempted_message(preempt, report, next_task))
             checkpoints.wait()
     except Preempted:
-        checkpoints.close()
-        report.write("preempted")
+        _stop(checkpoints, report, "preempted")
         raise
     except KeyboardInterrupt:
-        checkpoints.close()
-        report.write("interrupted")
+        _stop(checkpoints, report, "interrupted")
         raise Interrupted(
             f"interrupted; {report.path} holds the {report.completed} finished task(s)"
         ) from None
     except BaseException as error:
-        checkpoints.close()
-        report.write("failed", error=str(error) or repr(error))
+        _stop(checkpoints, report, "failed", error=str(error) or repr(error))
         raise
     checkpoints.close()
     model_path = checkpoint_lib.export_model(run.directory.path, state, run.runtime)
     report.write("finished")
+    report.close_tracker("finished")
     for name, acc in report.matrices.items():
         run.log(f"{name} accuracy\n{metrics.format_matrix(acc)}")
     results = report.results("finished")
@@ -136,6 +139,13 @@ def _run_tasks(run: "_Run", scenario: scenarios.Scenario, wall_start: float) -> 
         f"train_time_s={results['train_time_s']:.1f} metrics: {report.path} model: {model_path}"
     )
     return results
+
+
+def _stop(checkpoints, report: "_Report", status: str, error: str | None = None) -> None:
+    """Ends a run that did not finish: no more checkpoints, metrics.json says `status`."""
+    checkpoints.close()
+    report.write(status, error=error)
+    report.close_tracker(status)
 
 
 def _begin_task(run: "_Run", state, task: int) -> steps.TrainState:
@@ -229,13 +239,18 @@ def _preempted_message(preempt: preemption.Preemption, report: "_Report", positi
 
 class _Clock:
     """Steps and time: the run's step count at a position, and the current task's train
-    time and data wait (including what the run did in it before it was resumed)."""
+    time, data wait and checkpointing time (including what the run did in the task before it
+    was resumed). Train time leaves out the time spent saving checkpoints."""
 
     def __init__(self, task_steps: list[int], epochs: int):
         self.task_steps = task_steps
         self.epochs = epochs
-        self.carried = {"train_s": 0.0, "data_wait_s": 0.0}
-        self._task_start = self._wait_start = 0.0
+        self.carried = _no_time()
+        self._task_start = self._wait_start = self._checkpoint_s = 0.0
+
+    @property
+    def total_steps(self) -> int:
+        return sum(self.task_steps)
 
     def steps_per_epoch(self, task: int) -> int:
         return self.task_steps[task] // self.epochs
@@ -249,24 +264,35 @@ class _Clock:
 
     def begin_task(self, wait_s: float) -> None:
         self._task_start, self._wait_start = time.perf_counter(), wait_s
+        self._checkpoint_s = 0.0
+
+    def add_checkpoint_time(self, seconds: float) -> None:
+        """Time training waited for a checkpoint to be saved."""
+        self._checkpoint_s += seconds
 
     def elapsed(self, wait_s: float, until: float | None = None) -> dict:
-        """This task's train time and data wait up to `until` (None: now)."""
+        """This task's train time, data wait and checkpointing up to `until` (None: now)."""
         until = time.perf_counter() if until is None else until
         return {
-            "train_s": self.carried["train_s"] + until - self._task_start,
+            "train_s": self.carried["train_s"] + until - self._task_start - self._checkpoint_s,
             "data_wait_s": self.carried["data_wait_s"] + wait_s - self._wait_start,
+            "checkpoint_s": self.carried["checkpoint_s"] + self._checkpoint_s,
         }
 
     def end_task(self, task: int, eval_start: float, wait_s: float) -> dict:
-        """The finished task's timing: training (to `eval_start`), data wait, evaluation."""
+        """The finished task's timing: training (to `eval_start`), data wait, checkpointing
+        and evaluation."""
         timing = {"task": task, **self.elapsed(wait_s, eval_start)}
         timing["eval_s"] = time.perf_counter() - eval_start
-        self.carried = {"train_s": 0.0, "data_wait_s": 0.0}
+        self.carried = _no_time()
         return timing
 
     def load(self, progress: dict) -> None:
         self.carried = dict(progress["task_elapsed"])
+
+
+def _no_time() -> dict:
+    return {"train_s": 0.0, "data_wait_s": 0.0, "checkpoint_s": 0.0}
 
 
 class _Report:
@@ -278,6 +304,7 @@ class _Report:
         self.timings: list[dict] = []
         self.skipped_images: dict[str, None] = {}  # each image once, in the order found
         self.resumes = 0
+        self.tracker: tracking.Tracker | None = None
         self.wall_start = wall_start
         self.path = run.directory.file(workdir_lib.METRICS_NAME)
 
@@ -295,23 +322,62 @@ class _Report:
         for names in per_process:
             self.skipped_images.update(dict.fromkeys(json.loads(names)))
 
-    def task_done(self, task: int, accuracies: dict[str, list[float]], timing: dict) -> None:
+    def open_tracker(self, first_step: int) -> None:
+        """Starts the live scalars (TensorBoard, W&B) at the run's step `first_step`."""
+        summary = [f"{name}/average_accuracy" for name in self.matrices]
+        self.tracker = tracking.Tracker(
+            self.run.directory.path,
+            self.run.config.logging,
+            self.run.resolved_config,
+            summary + [f"{name}/forgetting" for name in self.matrices],
+            self.run.runtime.is_main,
+            first_step,
+        )
+        if self.tracker.wandb_location:
+            self.run.log(f"W&B: {self.tracker.wandb_location}")
+
+    def close_tracker(self, status: str) -> None:
+        if self.tracker is not None:
+            self.tracker.close(status)
+            self.tracker = None
+
+    def add_task(self, accuracies: dict[str, list[float]], timing: dict, step: int) -> None:
+        """A finished task's accuracies on every task and its timing, and their scalars at
+        the run's step `step`, written out before the task's checkpoint is taken: a run
+        resumed from that checkpoint does not log them again."""
         for name, row in accuracies.items():
             self.matrices[name] = np.vstack([self.matrices[name], row])
         self.timings.append(_with_max_over_processes(self.run.runtime, timing))
+        values = {}
+        for name, acc in self.matrices.items():
+            values.update({f"{name}/T{j}": value for j, value in enumerate(acc[-1])})
+            values[f"{name}/average_accuracy"] = metrics.average_accuracy(acc)
+            values[f"{name}/forgetting"] = metrics.average_forgetting(acc)
+        values.update({f"time/{key}": timing[key] for key in TRACKED_TIMES})
+        self.tracker.scalars(step, values)
+        self.tracker.flush()
+
+    def publish(self, task: int, checkpoint_s: float) -> None:
+        """Adds the end-of-task checkpoint's time to the task's timing, then writes
+        metrics.json and the plots, and prints the task's line."""
+        timing = dict(self.timings[-1])
+        timing["checkpoint_s"] += checkpoint_s
+        self.timings[-1] = _with_max_over_processes(self.run.runtime, timing)
         self.write("running")
+        results = self.results("running")
+        if self.run.runtime.is_main:
+            plots.write_run_plots(self.run.directory.path, results)
         if self.skipped_images and self.run.runtime.is_main:
             warn(
                 f"{len(self.skipped_images)} images could not be decoded and were left out so"
                 f" far (dataset.bad_images=skip), e.g. {next(iter(self.skipped_images))}"
             )
-        train_time = sum(t["train_s"] for t in self.timings)
         seen = ", ".join(
-            f"{name} {np.mean(row[: task + 1]):.4f}" for name, row in accuracies.items()
+            f"{name} {acc[-1, : task + 1].mean():.4f}" for name, acc in self.matrices.items()
         )
         self.run.log(
             f"task {task + 1}/{self.acc.shape[1]}: accuracy on seen tasks {seen}, train time"
-            f" {train_time:.1f}s"
+            f" {results['train_time_s']:.1f}s"
         )
 
     def results(self, status: str, error: str | None = None) -> dict:
@@ -328,6 +394,8 @@ class _Report:
             "train_time_s": train_time,
             "data_wait_s": data_wait,
             "data_wait_fraction": data_wait / train_time if train_time > 0 else 0.0,
+            "checkpoint_time_s": sum(t["checkpoint_s"] for t in self.timings),
+            "eval_time_s": sum(t["eval_s"] for t in self.timings),
             "wall_time_s": time.perf_counter() - self.wall_start,
             "num_devices": self.run.runtime.num_devices,
             "completed_tasks": self.completed,
@@ -343,9 +411,9 @@ class _Report:
         layout it ran on, and (mid-task) the task's train time and data wait so far."""
         return {
             "matrices": {name: acc.tolist() for name, acc in self.matrices.items()},
-            "timings": self.timings,
+            "timings": copy.deepcopy(self.timings),
             "skipped_images": list(self.skipped_images),
-            "task_elapsed": task_elapsed or {"train_s": 0.0, "data_wait_s": 0.0},
+            "task_elapsed": task_elapsed or _no_time(),
             "resumes": self.resumes,
             "config": self.run.resolved_config,
             "num_devices": self.run.runtime.num_devices,
@@ -558,7 +626,7 @@ class _Logger:
 
     def __call__(self, message: str) -> None:
         if self.is_main:
-            print(message, flush=True)
+            tqdm.write(message)
         if self.path:
             with open(self.path, "a") as file:
                 file.write(message + "\n")
@@ -603,11 +671,56 @@ def _feed(
     )
 
 
-class _TaskLoop:
-    """The training steps of one task, with the checkpoints and the preemption checks
-    between them."""
+def _progress_bar(run: _Run, clock: _Clock, start: pipeline.Position) -> tqdm:
+    """One bar for the run's training, counted in samples: its rate is samples/s and its
+    estimate the training time left (evaluation not included). Process 0 only, on a
+    terminal only."""
+    return tqdm(
+        total=clock.total_steps * run.global_batch_size,
+        initial=clock.done_steps(start) * run.global_batch_size,
+        unit=" samples",
+        unit_scale=True,
+        disable=None if run.runtime.is_main else True,
+        leave=False,
+        dynamic_ncols=True,
+    )
 
-    def __init__(self, run: _Run, watchdog, feed, checkpoints, preempt, report, clock: _Clock):
+
+class _StepScalars:
+    """The training scalars, every `logging.every_steps` steps of the run: the loss and its
+    terms, the representatives' weight, the learning rate, and the samples/s and fraction
+    of time spent waiting for data since the last point."""
+
+    def __init__(self, run: _Run, tracker: tracking.Tracker, feed):
+        self.every = run.config.logging.every_steps
+        self.global_batch_size = run.global_batch_size
+        self.tracker = tracker
+        self.feed = feed
+        self.since = (0, 0.0, 0.0)
+
+    def restart(self, done: int) -> None:
+        """Measures speed from here (after a step that compiled, or an evaluation)."""
+        self.since = (done, time.perf_counter(), self.feed.wait_s)
+
+    def at(self, done: int, step_metrics: dict, learning_rate: float) -> None:
+        if done % self.every:
+            return
+        values = {f"train/{key}": value for key, value in jax.device_get(step_metrics).items()}
+        steps_done, start, wait_start = self.since
+        seconds = time.perf_counter() - start
+        values["train/learning_rate"] = learning_rate
+        if done > steps_done and seconds > 0:
+            values["perf/samples_per_s"] = (done - steps_done) * self.global_batch_size / seconds
+            values["perf/data_wait_fraction"] = (self.feed.wait_s - wait_start) / seconds
+        self.tracker.scalars(done, values)
+        self.restart(done)
+
+
+class _TaskLoop:
+    """The training steps of one task, with the checkpoints, the preemption checks and the
+    training scalars between them."""
+
+    def __init__(self, run, watchdog, feed, checkpoints, preempt, report, clock, bar):
         self.run = run
         self.watchdog = watchdog
         self.feed = feed
@@ -615,6 +728,8 @@ class _TaskLoop:
         self.preempt = preempt
         self.report = report
         self.clock = clock
+        self.bar = bar
+        self.scalars = _StepScalars(run, report.tracker, feed)
 
     def train(self, state, rehearsal, task: int, first: pipeline.Position):
         """Runs `task`'s steps from `first`, taking their batches from the feed; returns
@@ -629,65 +744,64 @@ class _TaskLoop:
         task_id = jnp.int32(task)
         steps, steps_per_epoch = clock.task_steps[task], clock.steps_per_epoch(task)
         begin = first.epoch * steps_per_epoch + first.step
-        progress = tqdm(
-            total=steps,
-            initial=begin,
-            desc=f"task {task + 1}/{len(clock.task_steps)}",
-            disable=None if runtime.is_main else True,
-            leave=False,
-        )
+        self.bar.set_description(f"task {task + 1}/{len(clock.task_steps)}")
         timed_start = time.perf_counter() if begin == 0 and task == 0 else None
         unchecked, skipped = None, []
-        with progress:
-            for index in range(begin, steps):
-                host_batch = next(self.feed)
-                skipped.extend(host_batch.pop("skipped").tolist())
-                batch = runtime.place(host_batch)
-                epoch, step = divmod(index, steps_per_epoch)
-                learning_rate = run.schedule(
-                    optim.scope_epoch(
-                        config.optimizer.schedule_scope,
-                        task,
-                        epoch,
-                        step,
-                        steps_per_epoch,
-                        config.epochs_per_task,
-                    )
+        for index in range(begin, steps):
+            host_batch = next(self.feed)
+            skipped.extend(host_batch.pop("skipped").tolist())
+            batch = runtime.place(host_batch)
+            epoch, step = divmod(index, steps_per_epoch)
+            learning_rate = run.schedule(
+                optim.scope_epoch(
+                    config.optimizer.schedule_scope,
+                    task,
+                    epoch,
+                    step,
+                    steps_per_epoch,
+                    config.epochs_per_task,
                 )
-                state, rehearsal, step_metrics = run.train_step(
-                    state, rehearsal, batch, task_id, jnp.float32(learning_rate)
-                )
-                if unchecked is not None:
-                    self._check_finite(*unchecked, task)
-                unchecked = (step_metrics, index)
-                progress.update()
-                self.watchdog.progress()
-                if timed_start is not None and index == 0:
-                    jax.block_until_ready(step_metrics)
-                    seconds = time.perf_counter() - timed_start
-                    run.log(f"first train step done in {seconds:.1f}s (compilation included)")
-                if (index + 1) % steps_per_epoch == 0:
-                    progress.set_postfix(loss=f"{float(step_metrics['loss']):.3f}")
-                after = pipeline.Position(task, *divmod(index + 1, steps_per_epoch))
-                done = clock.done_steps(after)
-                stop = self.preempt.requested(done)
-                every = config.checkpoint.every_steps
-                if index + 1 < steps and (stop or (every and done % every == 0)):
-                    self._check_finite(*unchecked, task)
-                    unchecked = None
-                    self.save(done, state, rehearsal, after)
-                if stop:
-                    raise Preempted(_preempted_message(self.preempt, self.report, after))
+            )
+            state, rehearsal, step_metrics = run.train_step(
+                state, rehearsal, batch, task_id, jnp.float32(learning_rate)
+            )
             if unchecked is not None:
                 self._check_finite(*unchecked, task)
+            unchecked = (step_metrics, index)
+            self.bar.update(run.global_batch_size)
+            self.watchdog.progress()
+            after = pipeline.Position(task, *divmod(index + 1, steps_per_epoch))
+            done = clock.done_steps(after)
+            if index == begin:
+                self.scalars.restart(done)
+            if timed_start is not None and index == 0:
+                jax.block_until_ready(step_metrics)
+                seconds = time.perf_counter() - timed_start
+                run.log(f"first train step done in {seconds:.1f}s (compilation included)")
+            if (index + 1) % steps_per_epoch == 0:
+                self.bar.set_postfix(loss=f"{float(step_metrics['loss']):.3f}")
+            self.scalars.at(done, step_metrics, float(learning_rate))
+            stop = self.preempt.requested(done)
+            every = config.checkpoint.every_steps
+            if index + 1 < steps and (stop or (every and done % every == 0)):
+                self._check_finite(*unchecked, task)
+                unchecked = None
+                self.save(done, state, rehearsal, after)
+            if stop:
+                raise Preempted(_preempted_message(self.preempt, self.report, after))
+        if unchecked is not None:
+            self._check_finite(*unchecked, task)
         jax.block_until_ready((state, rehearsal))
         return state, rehearsal, skipped
 
     def save(self, done: int, state, rehearsal, position: pipeline.Position) -> None:
         elapsed = self.clock.elapsed(self.feed.wait_s)
+        self.report.tracker.flush()
+        start = time.perf_counter()
         self.checkpoints.save(
             done, state, rehearsal, position, self.report.progress(task_elapsed=elapsed)
         )
+        self.clock.add_checkpoint_time(time.perf_counter() - start)
 
     def _check_finite(self, step_metrics: dict, index: int, task: int) -> None:
         _check_finite(

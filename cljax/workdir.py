@@ -25,10 +25,17 @@ METRICS_NAME = "metrics.json"
 
 
 def default_path(dataset: str, strategy: str, root: str = "runs") -> str:
-    """A new directory under `root` named by the time, dataset and strategy, made unique
-    (with -2, -3, ...) against runs started in the same second; it is created here."""
+    """A new directory under `root` named by the time, dataset and strategy (see
+    `unique_directory`)."""
     stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
-    base = os.path.join(root, f"{stamp}-{dataset}-{strategy}")
+    return unique_directory(root, f"{stamp}-{dataset}-{strategy}", "--workdir")
+
+
+def unique_directory(root: str, name: str, flag: str) -> str:
+    """A new directory `<root>/<name>`, made unique (with -2, -3, ...) against others of the
+    same name, such as runs started in the same second; it is created here. `flag` names
+    the command-line flag that would choose another directory."""
+    base = os.path.join(root, name)
     for attempt in range(1, 1000):
         path = base if attempt == 1 else f"{base}-{attempt}"
         try:
@@ -38,10 +45,10 @@ def default_path(dataset: str, strategy: str, root: str = "runs") -> str:
             continue
         except OSError as error:
             raise ConfigError(
-                f"cannot create a run directory under {root}/ ({error.strerror}); pass"
-                " --workdir=DIR in a directory you can write to"
+                f"cannot create a directory under {root}/ ({error.strerror}); pass"
+                f" {flag}=DIR in a directory you can write to"
             ) from None
-    raise ConfigError(f"{base} and 998 variants exist already; pass --workdir=DIR")
+    raise ConfigError(f"{base} and 998 variants exist already; pass {flag}=DIR")
 
 
 def ensure_writable(path: str, field: str) -> None:

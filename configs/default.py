@@ -87,6 +87,13 @@ def get_config(strategy: str = "er") -> ml_collections.ConfigDict:
     config.checkpoint.keep = 2
     config.init_from = placeholder(str)
 
+    config.logging = ml_collections.ConfigDict()
+    config.logging.every_steps = 50
+    config.logging.wandb_project = placeholder(str)
+    config.logging.wandb_entity = placeholder(str)
+    config.logging.wandb_group = placeholder(str)
+    config.logging.wandb_mode = "online"
+
     config.batch_size = 4
     config.eval_batch_size = 512
     config.epochs_per_task = 5

@@ -21,3 +21,18 @@ def wait_for_line(path: pathlib.Path, text: str, timeout_s: float = 120) -> None
             return
         time.sleep(0.2)
     raise AssertionError(f"no line with {text!r} in {path} after {timeout_s} s")
+
+
+def tensorboard_scalars(workdir) -> dict[str, list[tuple[int, float]]]:
+    """Every scalar a run wrote to `<workdir>/tensorboard`, as (step, value) lists, read
+    with TensorBoard's own reader (which drops what a resumed run purged)."""
+    from tensorboard.backend.event_processing import event_accumulator
+
+    reader = event_accumulator.EventAccumulator(
+        os.path.join(workdir, "tensorboard"), size_guidance={event_accumulator.SCALARS: 0}
+    )
+    reader.Reload()
+    return {
+        tag: [(event.step, event.value) for event in reader.Scalars(tag)]
+        for tag in reader.Tags()["scalars"]
+    }

@@ -21,12 +21,13 @@ import pytest
 
 from cljax import checkpoint, configuration, messages, steps, trainer
 from cljax.buffer import BufferState
-from tests.helpers import REPO, subprocess_env, wait_for_line
+from tests.helpers import REPO, subprocess_env, tensorboard_scalars, wait_for_line
 from tests.test_multiprocess import free_port
 
 RUN = [
     "--config.epochs_per_task=2",
     "--config.checkpoint.every_steps=10",
+    "--config.logging.every_steps=4",
     "--config.num_cpu_devices=4",
 ]
 KILL_POINTS = ("step", "eval", "save")
@@ -96,6 +97,19 @@ def test_a_run_killed_three_times_ends_as_an_uninterrupted_one(tmp_path, env, re
     assert "resuming from" in result.stdout
     assert metrics(workdir)["resumes"] >= 1
     assert_same_results(workdir, reference[kind])
+    assert_same_scalars(workdir, reference[kind])
+
+
+def assert_same_scalars(workdir, reference) -> None:
+    """The killed run's TensorBoard files hold one point per logged step, as the
+    uninterrupted run's do: the same steps and, but for timing, the same values."""
+    ran, expected = tensorboard_scalars(workdir), tensorboard_scalars(reference)
+    assert ran.keys() == expected.keys()
+    for tag, points in expected.items():
+        steps = [step for step, _ in points]
+        assert [step for step, _ in ran[tag]] == steps, tag
+        if tag.startswith(("train/", "top1/", "top5/")):
+            np.testing.assert_array_equal(ran[tag], points, err_msg=tag)
 
 
 def test_a_two_process_run_killed_three_times_ends_as_one_process(tmp_path, env, reference):

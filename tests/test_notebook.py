@@ -1,33 +1,52 @@
-"""The quick-start notebook runs top to bottom against the current API, in a fresh process."""
+"""The notebooks run top to bottom in a Jupyter kernel, against the current API, and show
+their pictures; a cell that fails fails the test."""
 
 import json
-import os
-import subprocess
-import sys
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-NOTEBOOK = os.path.join(REPO, "notebooks", "quickstart.ipynb")
+import nbformat
+import pytest
+from nbclient import NotebookClient
+
+from tests.helpers import REPO
+
+NOTEBOOKS = REPO / "notebooks"
+# Run after each notebook's own cells, in the same kernel: the final average accuracy of
+# every strategy, which the test checks.
+CHECKS = {
+    "quickstart.ipynb": "accuracy = {k: m['final_average_accuracy'] for k, m in results.items()}",
+    "strategies.ipynb": (
+        "accuracy = {g['strategy']: g['final_average_accuracy']['mean'] for g in groups}"
+    ),
+}
+PRINT_RESULTS = "\nimport json\nprint('RESULTS', json.dumps(accuracy))"
+PICTURES = {"quickstart.ipynb": 3, "strategies.ipynb": 2}
 
 
-def test_quickstart_notebook_reproduces_the_strategy_ordering(data_dir):
-    with open(NOTEBOOK) as file:
-        cells = json.load(file)["cells"]
-    code = "\n\n".join("".join(c["source"]) for c in cells if c["cell_type"] == "code")
-    report = (
-        "\nimport json\n"
-        "print('RESULTS', json.dumps({k: v['final_average_accuracy'] for k, v in results.items()}))"
-    )
-    env = {key: value for key, value in os.environ.items() if key != "XLA_FLAGS"}
-    env["TFDS_DATA_DIR"] = data_dir
-    result = subprocess.run(
-        [sys.executable, "-c", code + report],
-        cwd=os.path.dirname(NOTEBOOK),
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
-    assert result.returncode == 0, result.stderr[-3000:]
-    line = next(x for x in result.stdout.splitlines() if x.startswith("RESULTS "))
-    accuracy = json.loads(line.removeprefix("RESULTS "))
+def execute(name: str, check_cell: str, data_dir: str, monkeypatch) -> list[dict]:
+    """The outputs of every cell of notebooks/`name`, run with `check_cell` appended."""
+    monkeypatch.setenv("TFDS_DATA_DIR", data_dir)
+    monkeypatch.delenv("XLA_FLAGS", raising=False)  # the kernel simulates its own devices
+    notebook = nbformat.read(NOTEBOOKS / name, as_version=4)
+    notebook.cells.append(nbformat.v4.new_code_cell(check_cell))
+    NotebookClient(
+        notebook, timeout=600, kernel_name="python3", resources={"metadata": {"path": NOTEBOOKS}}
+    ).execute()
+    return [output for cell in notebook.cells for output in cell.get("outputs", [])]
+
+
+def results(outputs: list[dict]) -> dict:
+    text = "".join(o.get("text", "") for o in outputs if o["output_type"] == "stream")
+    line = next(x for x in text.splitlines() if x.startswith("RESULTS "))
+    return json.loads(line.removeprefix("RESULTS "))
+
+
+def images(outputs: list[dict]) -> int:
+    return sum("image/png" in o.get("data", {}) for o in outputs)
+
+
+@pytest.mark.parametrize("name", sorted(CHECKS))
+def test_notebook_runs_and_its_strategies_order_as_the_method_predicts(name, data_dir, monkeypatch):
+    outputs = execute(name, CHECKS[name] + PRINT_RESULTS, data_dir, monkeypatch)
+    accuracy = results(outputs)
     assert accuracy["from_scratch"] > accuracy["er"] > accuracy["incremental"] + 0.3
+    assert images(outputs) == PICTURES[name]

@@ -1,11 +1,14 @@
 """End-to-end training on digits with 8 devices: strategies order as the method predicts."""
 
 import json
+import pathlib
+import re
 
 import numpy as np
 import pytest
 
-from cljax import configuration, trainer
+from cljax import configuration, metrics, plots, report, trainer
+from tests.helpers import REPO, tensorboard_scalars
 
 
 def digits_config(data_dir: str, strategy: str):
@@ -90,3 +93,101 @@ def test_tfds_image_dataset_trains_end_to_end_with_augmentation(tmp_path, synthe
     assert run["config"]["model"]["name"] == "cnn"
     assert run["config"]["dataset"]["augment"] == "crop_flip"
     assert len(run["task_timings"]) == 2 and run["data_wait_s"] >= 0
+
+
+# What ER logs every logging.every_steps steps, and after every task (T<j>: each task).
+STEP_SCALARS = {
+    "train/loss",
+    "train/new_ce",
+    "train/replay_ce",
+    "train/rep_weight",
+    "train/learning_rate",
+    "perf/samples_per_s",
+    "perf/data_wait_fraction",
+}
+TASK_SCALARS = {
+    *(
+        f"{k}/{name}"
+        for k in ("top1", "top5")
+        for name in ("T<j>", "average_accuracy", "forgetting")
+    ),
+    "time/train_s",
+    "time/data_wait_s",
+    "time/eval_s",
+}
+
+
+def test_tensorboard_files_hold_every_documented_scalar_once_per_point(results, workdirs):
+    scalars = tensorboard_scalars(workdirs["er"])
+    run = results["er"]
+    num_tasks = len(run["accuracy_matrix"])
+    task_steps = [step for step, _ in scalars["top1/average_accuracy"]]
+    every = run["config"]["logging"]["every_steps"]
+    expected = STEP_SCALARS | {
+        tag.replace("<j>", str(j)) for tag in TASK_SCALARS for j in range(num_tasks)
+    }
+    assert scalars.keys() == expected
+    for tag in STEP_SCALARS:
+        assert [step for step, _ in scalars[tag]] == list(
+            range(every, task_steps[-1] + 1, every)
+        ), tag
+    for tag in expected - STEP_SCALARS:
+        assert [step for step, _ in scalars[tag]] == task_steps, tag
+    assert [value for _, value in scalars["top1/T0"]] == pytest.approx(
+        [row[0] for row in run["accuracy_matrix"]]
+    )
+    assert scalars["top1/forgetting"][-1][1] == pytest.approx(run["average_forgetting"])
+    readme = (REPO / "README.md").read_text()
+    for tag in STEP_SCALARS | TASK_SCALARS:
+        assert f"`{tag}`" in readme, f"{tag} is not documented in the README"
+
+
+def test_every_task_leaves_its_plots(results, workdirs):
+    for workdir in workdirs.values():
+        for name in plots.PLOT_NAMES:
+            png = (workdir / "plots" / f"{name}.png").read_bytes()
+            assert png.startswith(b"\x89PNG") and len(png) > 10_000, name
+
+
+def test_report_table_and_figures_follow_the_metrics_files(
+    results, workdirs, data_dir, tmp_path, capsys
+):
+    """Four strategies, a second ER seed, and a DER++ seed still running (3 of 5 tasks)."""
+    config = digits_config(data_dir, "er")
+    config.seed = 1
+    trainer.train_and_evaluate(config, str(tmp_path / "er-1"))
+    partial = json.loads((workdirs["derpp"] / "metrics.json").read_text())
+    matrix = partial["accuracy_matrix"][:3]
+    partial.update(
+        status="running",
+        accuracy_matrix=matrix,
+        completed_tasks=3,
+        **metrics.summary(np.asarray(matrix)),
+    )
+    partial["config"]["seed"] = 1
+    (tmp_path / "derpp-1").mkdir()
+    (tmp_path / "derpp-1" / "metrics.json").write_text(json.dumps(partial))
+    runs = [str(w) for w in workdirs.values()] + [str(tmp_path / n) for n in ("er-1", "derpp-1")]
+    capsys.readouterr()
+    report.main([*runs, str(workdirs["er"]), "--out", str(tmp_path / "report")])
+    table = capsys.readouterr().out.splitlines()
+    rows = {line.split()[0]: re.split(r"\s{2,}", line.strip()) for line in table[1:5]}
+    files = {
+        name: [json.loads((pathlib.Path(r) / "metrics.json").read_text()) for r in runs]
+        for name in workdirs
+    }
+    for name, row in rows.items():
+        group = [m for m in files[name] if m["config"]["strategy"]["name"] == name]
+        accuracy = [m["final_average_accuracy"] for m in group]
+        std = np.std(accuracy, ddof=1) if len(accuracy) > 1 else 0.0
+        assert row[1] == str(len(group))
+        assert row[3] == f"{np.mean(accuracy):.3f} ± {std:.3f}"
+        ratio = np.mean([m["train_time_s"] for m in group]) / results["incremental"]["train_time_s"]
+        assert row[7] == f"{ratio:.2f}"
+    assert rows["er"][1] == "2" and rows["derpp"][2] == "3/5" and rows["er"][2] == "5/5"
+    assert "1 run(s) not finished" in table[5]
+    for name in ("comparison.png", "accuracy_curves.png"):
+        assert (tmp_path / "report" / name).read_bytes().startswith(b"\x89PNG")
+    with pytest.raises(SystemExit) as stop:
+        report.main([*runs, "--out", str(tmp_path / "report")])
+    assert stop.value.code == 2

@@ -7,8 +7,10 @@ format (`python -m cljax.data.prepare NAME`). Small built-in datasets are held i
 TFDS datasets are read batch by batch, and only their labels are read up front.
 """
 
+import contextlib
 import dataclasses
 import difflib
+import io
 import json
 import os
 from collections.abc import Sequence
@@ -176,7 +178,8 @@ def _prepared_builtin(name: str, data_dir: str) -> tfds.core.DatasetBuilder:
         print(f"Building dataset {name} into {builder.data_dir}", flush=True)
         tfds.disable_progress_bar()
         try:
-            builder.download_and_prepare()
+            with contextlib.redirect_stdout(io.StringIO()):  # TFDS prints two lines of its own
+                builder.download_and_prepare()
         except OSError as error:
             raise DatasetError(
                 f"dataset.data_dir={data_dir}: cannot build {name} there ({error.strerror});"

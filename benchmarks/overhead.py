@@ -1,0 +1,122 @@
+"""What rehearsal costs per step: ER against incremental training at batch b + r and b.
+
+    python benchmarks/overhead.py [--devices 1] [--cases mlp cnn resnet18] [--rounds 20]
+
+Per case, three compiled train steps (cljax's own, on random device-resident batches, see
+stepbench.py) on a mesh of `--devices` devices:
+
+- A: ER, b new samples and r representatives per device, c candidates inserted;
+- B: incremental at batch b + r (the same compute as A, without the buffer);
+- C: incremental at batch b.
+
+After one warm-up step each, they run interleaved, A B C A B C ... for `--rounds` rounds,
+so machine noise hits all three alike. Prints one JSON line per case with the median step
+times and P1 = A/B, the cost of the buffer itself (limit 1.00), and P2 = A/C, the cost of
+rehearsal, whose limit is the compute ratio (b + r)/b, also printed.
+
+Cases (per-device b, r, c; r = b/8 and c = b/4 as in the paper's b = 56, r = 7, c = 14):
+`mlp` (digits 8x8, the default experiment's b = 4, r = 4, c = 2), `cnn` (32x32x3, 100
+classes, b = 32, r = 4, c = 8), `resnet18` (32x32x3, 100 classes, b = 32, r = 4, c = 8) and
+`resnet50` (224x224x3, 1000 classes, bf16, b = 56, r = 7, c = 14; for a GPU).
+"""
+
+import argparse
+import json
+import statistics
+
+import jax
+
+CASES = {
+    "mlp": dict(
+        model="mlp",
+        image_size=8,
+        channels=1,
+        num_classes=10,
+        batch_size=4,
+        num_representatives=4,
+        num_candidates=2,
+        dtype="float32",
+    ),
+    "cnn": dict(
+        model="cnn",
+        image_size=32,
+        num_classes=100,
+        batch_size=32,
+        num_representatives=4,
+        num_candidates=8,
+        dtype="float32",
+    ),
+    "resnet18": dict(
+        model="resnet18",
+        image_size=32,
+        num_classes=100,
+        batch_size=32,
+        num_representatives=4,
+        num_candidates=8,
+        dtype="float32",
+    ),
+    "resnet50": dict(
+        model="resnet50",
+        image_size=224,
+        num_classes=1000,
+        batch_size=56,
+        num_representatives=7,
+        num_candidates=14,
+        dtype="bfloat16",
+    ),
+}
+
+
+def parse_args() -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--devices", type=int, default=1)
+    parser.add_argument("--cases", nargs="+", default=["mlp", "cnn", "resnet18"])
+    parser.add_argument("--rounds", type=int, default=20)
+    return parser.parse_args()
+
+
+def measure(name: str, devices: int, rounds: int) -> dict:
+    import stepbench
+
+    args = CASES[name]
+    b, r = args["batch_size"], args["num_representatives"]
+    benches = {
+        "er": stepbench.build(stepbench.Case(**args, strategy="er"), devices),
+        "incremental_b_plus_r": stepbench.build(
+            stepbench.Case(**{**args, "batch_size": b + r}, strategy="incremental"), devices
+        ),
+        "incremental_b": stepbench.build(stepbench.Case(**args, strategy="incremental"), devices),
+    }
+    for bench in benches.values():
+        bench.compile()
+        bench.run(1)
+    times = {key: [] for key in benches}
+    for _ in range(rounds):
+        for key, bench in benches.items():
+            times[key].append(bench.timed_step())
+    median = {key: statistics.median(values) for key, values in times.items()}
+    return {
+        "case": name,
+        "devices": devices,
+        "backend": jax.default_backend(),
+        "b": b,
+        "r": r,
+        "c": args["num_candidates"],
+        **{f"{key}_step_s": round(value, 5) for key, value in median.items()},
+        "P1": round(median["er"] / median["incremental_b_plus_r"], 4),
+        "P2": round(median["er"] / median["incremental_b"], 4),
+        "P2_compute_limit": round((b + r) / b, 4),
+        "er_images_per_s": round(b * devices / median["er"], 1),
+        "peak_memory_gib": benches["er"].peak_memory_gib(),
+    }
+
+
+def main() -> None:
+    args = parse_args()
+    jax.config.update("jax_num_cpu_devices", args.devices)
+    for name in args.cases:
+        print(json.dumps(measure(name, args.devices, args.rounds)), flush=True)
+
+
+if __name__ == "__main__":
+    main()

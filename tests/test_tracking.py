@@ -1,0 +1,58 @@
+"""What a run shows while it runs: its console output and its Weights & Biases files."""
+
+import glob
+import pathlib
+import re
+import subprocess
+import sys
+
+from tests.helpers import REPO, subprocess_env
+
+TABLE_LINE = re.compile(r"^(top\d accuracy|after \\ on|\s+T\d+ )")
+
+
+def train(workdir, data_dir, *flags: str) -> subprocess.CompletedProcess:
+    result = subprocess.run(
+        [sys.executable, "-m", "cljax.train", f"--workdir={workdir}", *flags],
+        cwd=REPO,
+        env=subprocess_env(TFDS_DATA_DIR=str(data_dir)),
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    return result
+
+
+def test_a_first_default_run_prints_few_lines_and_no_library_logging(tmp_path):
+    """The default run with an empty data dir (so digits is built first): at most 10 lines
+    besides the accuracy tables, none of them a library's log."""
+    result = train(tmp_path / "run", tmp_path / "data")
+    lines = (result.stdout + result.stderr).splitlines()
+    own = [line for line in lines if not TABLE_LINE.match(line)]
+    assert len(lines) - len(own) == 2 * (1 + 1 + 5)  # top-1 and top-5: title, header, rows
+    assert not [
+        line
+        for line in lines
+        if re.search(r"INFO|^[IW]\d{4} |absl|(Downloading and|downloaded and) prepar", line)
+    ], lines
+    assert len(own) <= 10, own
+    assert own[0].startswith("Building dataset digits")
+
+
+def test_wandb_offline_writes_its_run_with_no_network(tmp_path, data_dir):
+    workdir = tmp_path / "run"
+    train(
+        workdir,
+        data_dir,
+        "--config.epochs_per_task=1",
+        "--config.logging.wandb_project=cljax-test",
+        "--config.logging.wandb_mode=offline",
+    )
+    run_id = (workdir / "wandb_id").read_text().strip()
+    (run_file,) = glob.glob(
+        str(workdir / "wandb" / f"offline-run-*-{run_id}" / f"run-{run_id}.wandb")
+    )
+    written = pathlib.Path(run_file).read_bytes()  # W&B's records keep their keys as text
+    for key in ("strategy.name", "train/loss", "perf/samples_per_s", "top1/average_accuracy"):
+        assert key.encode() in written, key
