@@ -81,7 +81,9 @@ def group_runs(runs: list[tuple[str, dict]]) -> list[dict]:
     docstring), in the order their first run was given."""
     members: list[list[tuple[str, dict]]] = []
     for run in runs:
-        group = next((g for g in members if not _differences(g[0][1], run[1])), None)
+        group = next(
+            (g for g in members if not _differences(g[0][1]["config"], run[1]["config"])), None
+        )
         if group is None:
             members.append([run])
         else:
@@ -99,7 +101,8 @@ def group_runs(runs: list[tuple[str, dict]]) -> list[dict]:
 
 
 def _differences(first: dict, second: dict) -> list[str]:
-    fields = checkpoint.changed_fields(first["config"], second["config"], same_devices=True)
+    """The config fields in which two resolved configs differ, other than the seed."""
+    fields = checkpoint.changed_fields(first, second, same_devices=True)
     return [field for field in fields if field not in SEED_FIELDS]
 
 
@@ -140,14 +143,7 @@ def _label(groups: list[dict], configs: list[dict]) -> None:
             for j, other in enumerate(groups)
             if other["strategy"] == group["strategy"] and j != index
         ]
-        fields = sorted(
-            {
-                field
-                for j in same
-                for field in checkpoint.changed_fields(configs[index], configs[j], True)
-                if field not in SEED_FIELDS
-            }
-        )
+        fields = sorted({field for j in same for field in _differences(configs[index], configs[j])})
         flat = checkpoint.flat_fields(configs[index])
         extra = ", ".join(f"{field}={flat.get(field)}" for field in fields)
         group["label"] = f"{group['strategy']} ({extra})" if extra else group["strategy"]

@@ -363,9 +363,9 @@ class _Report:
         timing = dict(self.timings[-1])
         timing["checkpoint_s"] += checkpoint_s
         self.timings[-1] = _with_max_over_processes(self.run.runtime, timing)
-        self.write("running")
         results = self.results("running")
         if self.run.runtime.is_main:
+            self.run.directory.write_json(workdir_lib.METRICS_NAME, results)
             plots.write_run_plots(self.run.directory.path, results)
         if self.skipped_images and self.run.runtime.is_main:
             warn(
