@@ -1,37 +1,41 @@
-"""Buffer insert + global sample time per step, and bytes received per device per step.
+"""Buffer insert + global sample time per step, its compile time and program size, and bytes
+received per device per step.
 
     python benchmarks/buffer.py [--devices 1 2 4 8] [--capacities 1000 10000 100000]
+    python benchmarks/buffer.py --devices 8 16 32 64 --capacities 10000 --num_representatives 7
 
-One process with 8 simulated CPU devices; each configuration uses a mesh over the first D
-of them. A step is one jitted `shard_map` call that inserts c candidates from a local batch
-of b samples, then draws r representatives from the global buffer (the train step's
-order), with the buffer donated.
-`recv_bytes_per_device` is read off the collectives of the traced step. Prints one JSON
-line per configuration; step time should be flat in capacity (in-place updates).
+One process with as many simulated CPU devices as the largest D; each configuration uses a
+mesh over the first D of them. A step is one jitted `shard_map` call that inserts c
+candidates from a local batch of b samples, then draws r representatives from the global
+buffer (the train step's order), with the buffer donated.
+`recv_bytes_per_device` is read off the collectives of the traced step; `compile_s`,
+`hlo_instructions` and `collective_ops` off its compilation. The simulated devices share
+this machine's cores, so a step does the work of D devices: `step_ms_per_device` is the
+step time divided by D. Prints one JSON line per configuration; step time should be flat in
+capacity (in-place updates).
 """
 
 import argparse
 import json
 import os
+import re
 import statistics
 import sys
 import time
 
 import jax
-
-jax.config.update("jax_num_cpu_devices", 8)
-
-import numpy as np  # noqa: E402
-from jax.sharding import Mesh, NamedSharding  # noqa: E402
-from jax.sharding import PartitionSpec as P  # noqa: E402
+import numpy as np
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from cljax import buffer as buffer_lib  # noqa: E402
-from cljax.collectives import AXIS, JaxCollectives, received_bytes  # noqa: E402
+from cljax import buffer as buffer_lib
+from cljax.collectives import AXIS, JaxCollectives, received_bytes
 
 NUM_CLASSES = 10
 SAMPLE_SHAPE = (28, 28, 1)
+COLLECTIVE_OP = r"= \S+ (all-to-all|collective-permute|ragged-all-to-all|all-reduce|all-gather)\("
 
 
 def make_step(mesh: Mesh, buffer: buffer_lib.RehearsalBuffer):
@@ -70,11 +74,16 @@ def measure(num_devices: int, capacity: int, args) -> dict:
     traced, step = make_step(mesh, buffer)
     jaxpr = jax.make_jaxpr(traced)(state, inputs, labels, jax.random.key(0)).jaxpr
     sample_jaxpr_bytes = received_bytes(jaxpr)
+    lowered = step.lower(state, inputs, labels, jax.random.key(0))
+    start = time.perf_counter()
+    compiled = lowered.compile()
+    compile_s = time.perf_counter() - start
+    program = compiled.as_text()
 
     times = []
     for i in range(args.warmup + args.steps):
         start = time.perf_counter()
-        state, reps = step(state, inputs, labels, jax.random.key(i))
+        state, reps = compiled(state, inputs, labels, jax.random.key(i))
         jax.block_until_ready((state, reps))
         if i >= args.warmup:
             times.append(time.perf_counter() - start)
@@ -86,6 +95,10 @@ def measure(num_devices: int, capacity: int, args) -> dict:
         "c": args.num_candidates,
         "sample_bytes": buffer_lib.record_bytes(example),
         "step_ms": round(1000 * statistics.median(times), 3),
+        "step_ms_per_device": round(1000 * statistics.median(times) / num_devices, 4),
+        "compile_s": round(compile_s, 3),
+        "hlo_instructions": program.count("\n"),
+        "collective_ops": len(re.findall(COLLECTIVE_OP, program)),
         "recv_bytes_per_device": sample_jaxpr_bytes,
         "buffer_bytes_per_device": int(np.prod(SAMPLE_SHAPE)) * capacity,
     }
@@ -102,6 +115,7 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=10)
     parser.add_argument("--memory_kind", choices=buffer_lib.MEMORY_KINDS, default="device")
     args = parser.parse_args()
+    jax.config.update("jax_num_cpu_devices", max(args.devices))
     for num_devices in args.devices:
         for capacity in args.capacities:
             print(json.dumps(measure(num_devices, capacity, args)), flush=True)

@@ -23,13 +23,14 @@ Per step and per device:
   devices' buffers, in one round of collectives and with no request: every owner draws r
   samples uniformly from its own filled slots and sends q = r // D of them to every device
   with one `all_to_all`, and its r mod D others to the devices at offsets s, s+1, ...
-  (s: a random shift shared by all devices) with collective permutes. Every device
-  therefore receives exactly r samples, and each owner's expected share is r/D. When all
-  devices hold equally many samples every filled slot of the global buffer is equally
-  likely. When fills differ, a sample from owner i (F_i filled slots, F in total) is drawn
-  with probability 1/(D F_i) and carries the importance weight D F_i / F, so that in
-  expectation every filled slot weighs the same in the loss; the weight is 1 when fills are
-  equal and 0 when the owner holds nothing (an empty slot never reaches the loss).
+  (s: a random shift shared by all devices) with one more collective (a ragged all-to-all
+  where the backend has one; see `JaxCollectives`). Every device therefore receives
+  exactly r samples, and each owner's expected share is r/D. When all devices hold equally
+  many samples every filled slot of the global buffer is equally likely. When fills differ,
+  a sample from owner i (F_i filled slots, F in total) is drawn with probability 1/(D F_i)
+  and carries the importance weight D F_i / F, so that in expectation every filled slot
+  weighs the same in the loss; the weight is 1 when fills are equal and 0 when the owner
+  holds nothing (an empty slot never reaches the loss).
 
 `init`, `insert` and `sample` work on one device's state. Across D devices, the global
 state is every device's state concatenated along axis 0 (`init_sharded`), and `shard_map`
@@ -202,8 +203,8 @@ class RehearsalBuffer:
         module docstring).
 
         `key` must differ between devices and `shared_key` must be the same on all of them.
-        Each record travels as one row of bytes, so a step costs one `all_to_all` and at most
-        D - 1 collective permutes whatever the number of stored tensors.
+        Each record travels as one row of bytes, so a step costs two all-to-alls whatever the
+        number of stored tensors and whatever D.
         """
         num, num_devices = self.num_representatives, collectives.num_devices()
         bulk_rows = num // num_devices * num_devices

@@ -64,10 +64,16 @@ class SingleDevice:
 
 
 class JaxCollectives:
-    """`jax.lax` collectives over a named mesh axis."""
+    """`jax.lax` collectives over a named mesh axis.
 
-    def __init__(self, axis_name: str = AXIS):
+    `ragged` picks how `receive_shifted` moves its rows: True, one `ragged_all_to_all` that
+    carries exactly the rows asked for (GPU and TPU have it); False, one padded
+    `all_to_all` (XLA:CPU has no ragged all-to-all); None, by the default backend.
+    """
+
+    def __init__(self, axis_name: str = AXIS, ragged: bool | None = None):
         self.axis_name = axis_name
+        self.ragged = jax.default_backend() in RAGGED_BACKENDS if ragged is None else ragged
 
     def num_devices(self) -> int:
         return lax.axis_size(self.axis_name)
@@ -87,42 +93,60 @@ class JaxCollectives:
         )
 
     def receive_shifted(self, tree, shift: jax.Array):
-        """One collective permute per row."""
-        num_devices = self.num_devices()
+        if not self.ragged:
+            return _receive_shifted_padded(self, tree, shift)
+        num_rows = jax.tree.leaves(tree)[0].shape[0]
+        plan = shifted_plan(self.device_index(), shift, self.num_devices(), num_rows)
+        return jax.tree.map(
+            lambda leaf: self.ragged_all_to_all(leaf, jnp.zeros_like(leaf), *plan), tree
+        )
 
-        def receive_row(row, offset: int):
-            pairs = [(src, (src - offset) % num_devices) for src in range(num_devices)]
-            return lax.ppermute(row, self.axis_name, pairs)
+    def ragged_all_to_all(
+        self, operand, output, input_offsets, send_sizes, output_offsets, recv_sizes
+    ):
+        """`lax.ragged_all_to_all` over the mesh axis."""
+        return lax.ragged_all_to_all(
+            operand,
+            output,
+            input_offsets,
+            send_sizes,
+            output_offsets,
+            recv_sizes,
+            axis_name=self.axis_name,
+        )
 
-        return _receive_shifted_rows(tree, shift, num_devices, receive_row)
+
+RAGGED_BACKENDS = ("gpu", "tpu")
 
 
-def _receive_shifted_rows(tree, shift: jax.Array, num_devices: int, receive_row):
-    """Row t of the result is `receive_row(row t, offset)`, offset = (shift + t) mod D.
+def shifted_plan(index: jax.Array, shift: jax.Array, num_devices: int, num_rows: int):
+    """`ragged_all_to_all`'s (input offsets, send sizes, output offsets, receive sizes) for
+    `receive_shifted`: this device sends its row t to device (index - shift - t) mod D, where
+    it becomes row t; rows t >= `num_rows` do not exist."""
+    peers = jnp.arange(num_devices, dtype=jnp.int32)
+    sent_row = (index - shift - peers) % num_devices
+    send_sizes = (sent_row < num_rows).astype(jnp.int32)
+    offsets = jnp.where(send_sizes > 0, sent_row, 0).astype(jnp.int32)
+    recv_sizes = ((peers - index - shift) % num_devices < num_rows).astype(jnp.int32)
+    return offsets, send_sizes, offsets, recv_sizes
 
-    Collectives need static device offsets: `lax.switch` on the shared `shift` picks the
-    branch built for it.
-    """
+
+def _receive_shifted_padded(collectives: Collectives, tree, shift: jax.Array):
+    """`receive_shifted` with one `all_to_all` of one row per device: device d gets row
+    (index - shift - d) mod D, or an unused row where that is no row, and keeps the rows it
+    expects. Receives D rows to keep fewer than D, in one collective whatever D."""
     num_rows = jax.tree.leaves(tree)[0].shape[0]
     if num_rows == 0:
         return tree
-
-    def rows_for(base: int):
-        def run(tree):
-            received = [
-                receive_row(
-                    jax.tree.map(lambda leaf, t=row: leaf[t], tree), (base + row) % num_devices
-                )
-                for row in range(num_rows)
-            ]
-            return jax.tree.map(lambda *rows: jnp.stack(rows), *received)
-
-        return run
-
-    return lax.switch(shift, [rows_for(base) for base in range(num_devices)], tree)
+    num_devices, index = collectives.num_devices(), collectives.device_index()
+    peers = jnp.arange(num_devices)
+    sent_rows = jnp.minimum((index - shift - peers) % num_devices, num_rows - 1)
+    received = collectives.all_to_all(jax.tree.map(lambda leaf: leaf[sent_rows], tree))
+    owners = (index + shift + jnp.arange(num_rows)) % num_devices
+    return jax.tree.map(lambda leaf: leaf[owners], received)
 
 
-_RECEIVING = ("all_to_all", "ppermute", "psum", "psum_invariant", "all_gather")
+_RECEIVING = ("all_to_all", "ragged_all_to_all", "ppermute", "psum", "psum_invariant", "all_gather")
 
 
 def received_bytes(jaxpr: jax.extend.core.Jaxpr) -> int:
@@ -184,21 +208,4 @@ class MpiCollectives:
         return jax.tree.map(lambda x: mpi4jax.alltoall(x, comm=self.comm), tree)
 
     def receive_shifted(self, tree, shift: jax.Array):
-        """One sendrecv per row."""
-        import mpi4jax
-
-        size, rank = self.comm.Get_size(), self.comm.Get_rank()
-
-        def receive_row(row, offset: int):
-            return jax.tree.map(
-                lambda leaf: mpi4jax.sendrecv(
-                    leaf,
-                    leaf,
-                    source=(rank + offset) % size,
-                    dest=(rank - offset) % size,
-                    comm=self.comm,
-                ),
-                row,
-            )
-
-        return _receive_shifted_rows(tree, shift, size, receive_row)
+        return _receive_shifted_padded(self, tree, shift)
