@@ -35,7 +35,9 @@ from cljax.collectives import AXIS, JaxCollectives, received_bytes
 
 NUM_CLASSES = 10
 SAMPLE_SHAPE = (28, 28, 1)
-COLLECTIVE_OP = r"= \S+ (all-to-all|collective-permute|ragged-all-to-all|all-reduce|all-gather)\("
+COLLECTIVE_OP = (
+    r"\s(all-to-all|collective-permute|ragged-all-to-all|all-reduce|all-gather)(-start)?\("
+)
 
 
 def make_step(mesh: Mesh, buffer: buffer_lib.RehearsalBuffer):

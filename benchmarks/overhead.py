@@ -1,6 +1,7 @@
 """What rehearsal costs per step: ER against incremental training at batch b + r and b.
 
     python benchmarks/overhead.py [--devices 1] [--cases mlp cnn resnet18] [--rounds 20]
+    python benchmarks/overhead.py --cases resnet50 --profile /tmp/trace   # on a GPU
 
 Per case, three compiled train steps (cljax's own, on random device-resident batches, see
 stepbench.py) on a mesh of `--devices` devices:
@@ -18,6 +19,10 @@ Cases (per-device b, r, c; r = b/8 and c = b/4 as in the paper's b = 56, r = 7, 
 `mlp` (digits 8x8, the default experiment's b = 4, r = 4, c = 2), `cnn` (32x32x3, 100
 classes, b = 32, r = 4, c = 8), `resnet18` (32x32x3, 100 classes, b = 32, r = 4, c = 8) and
 `resnet50` (224x224x3, 1000 classes, bf16, b = 56, r = 7, c = 14; for a GPU).
+
+`--profile DIR` also writes a `jax.profiler` trace of a few ER steps per case under DIR
+(open it with TensorBoard's profile plugin or Perfetto) to see where the buffer's insert,
+draw and exchange run against the forward and backward passes.
 """
 
 import argparse
@@ -67,15 +72,19 @@ CASES = {
 }
 
 
+PROFILED_STEPS = 5
+
+
 def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--devices", type=int, default=1)
     parser.add_argument("--cases", nargs="+", default=["mlp", "cnn", "resnet18"])
     parser.add_argument("--rounds", type=int, default=20)
+    parser.add_argument("--profile", help="write a profiler trace of ER steps here")
     return parser.parse_args()
 
 
-def measure(name: str, devices: int, rounds: int) -> dict:
+def measure(name: str, devices: int, rounds: int, profile: str | None) -> dict:
     import stepbench
 
     args = CASES[name]
@@ -95,6 +104,9 @@ def measure(name: str, devices: int, rounds: int) -> dict:
         for key, bench in benches.items():
             times[key].append(bench.timed_step())
     median = {key: statistics.median(values) for key, values in times.items()}
+    if profile:
+        with jax.profiler.trace(f"{profile}/{name}"):
+            benches["er"].run(PROFILED_STEPS)
     return {
         "case": name,
         "devices": devices,
@@ -115,7 +127,7 @@ def main() -> None:
     args = parse_args()
     jax.config.update("jax_num_cpu_devices", args.devices)
     for name in args.cases:
-        print(json.dumps(measure(name, args.devices, args.rounds)), flush=True)
+        print(json.dumps(measure(name, args.devices, args.rounds, args.profile)), flush=True)
 
 
 if __name__ == "__main__":
