@@ -31,6 +31,14 @@ import statistics
 
 import jax
 
+CIFAR_SIZED = dict(
+    image_size=32,
+    num_classes=100,
+    batch_size=32,
+    num_representatives=4,
+    num_candidates=8,
+    dtype="float32",
+)
 CASES = {
     "mlp": dict(
         model="mlp",
@@ -42,24 +50,8 @@ CASES = {
         num_candidates=2,
         dtype="float32",
     ),
-    "cnn": dict(
-        model="cnn",
-        image_size=32,
-        num_classes=100,
-        batch_size=32,
-        num_representatives=4,
-        num_candidates=8,
-        dtype="float32",
-    ),
-    "resnet18": dict(
-        model="resnet18",
-        image_size=32,
-        num_classes=100,
-        batch_size=32,
-        num_representatives=4,
-        num_candidates=8,
-        dtype="float32",
-    ),
+    "cnn": dict(model="cnn", **CIFAR_SIZED),
+    "resnet18": dict(model="resnet18", **CIFAR_SIZED),
     "resnet50": dict(
         model="resnet50",
         image_size=224,

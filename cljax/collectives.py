@@ -93,9 +93,9 @@ class JaxCollectives:
         )
 
     def receive_shifted(self, tree, shift: jax.Array):
-        if not self.ragged:
-            return _receive_shifted_padded(self, tree, shift)
         num_rows = jax.tree.leaves(tree)[0].shape[0]
+        if not self.ragged or num_rows == 0:
+            return _receive_shifted_padded(self, tree, shift)
         plan = shifted_plan(self.device_index(), shift, self.num_devices(), num_rows)
         return jax.tree.map(
             lambda leaf: self.ragged_all_to_all(leaf, jnp.zeros_like(leaf), *plan), tree
@@ -124,11 +124,17 @@ def shifted_plan(index: jax.Array, shift: jax.Array, num_devices: int, num_rows:
     `receive_shifted`: this device sends its row t to device (index - shift - t) mod D, where
     it becomes row t; rows t >= `num_rows` do not exist."""
     peers = jnp.arange(num_devices, dtype=jnp.int32)
-    sent_row = (index - shift - peers) % num_devices
+    sent_row = _shifted_row(index, peers, shift, num_devices)
     send_sizes = (sent_row < num_rows).astype(jnp.int32)
     offsets = jnp.where(send_sizes > 0, sent_row, 0).astype(jnp.int32)
-    recv_sizes = ((peers - index - shift) % num_devices < num_rows).astype(jnp.int32)
+    recv_sizes = (_shifted_row(peers, index, shift, num_devices) < num_rows).astype(jnp.int32)
     return offsets, send_sizes, offsets, recv_sizes
+
+
+def _shifted_row(sender, receiver, shift: jax.Array, num_devices: int):
+    """Which row of `sender` `receive_shifted` delivers to `receiver` (none where >= the
+    number of rows): row t goes to device (sender - shift - t) mod D."""
+    return (sender - shift - receiver) % num_devices
 
 
 def _receive_shifted_padded(collectives: Collectives, tree, shift: jax.Array):
@@ -140,7 +146,7 @@ def _receive_shifted_padded(collectives: Collectives, tree, shift: jax.Array):
         return tree
     num_devices, index = collectives.num_devices(), collectives.device_index()
     peers = jnp.arange(num_devices)
-    sent_rows = jnp.minimum((index - shift - peers) % num_devices, num_rows - 1)
+    sent_rows = jnp.minimum(_shifted_row(index, peers, shift, num_devices), num_rows - 1)
     received = collectives.all_to_all(jax.tree.map(lambda leaf: leaf[sent_rows], tree))
     owners = (index + shift + jnp.arange(num_rows)) % num_devices
     return jax.tree.map(lambda leaf: leaf[owners], received)
@@ -162,11 +168,12 @@ def received_bytes(jaxpr: jax.extend.core.Jaxpr) -> int:
         elif eqn.primitive.name == "cond":
             total += max(received_bytes(branch.jaxpr) for branch in eqn.params["branches"])
         else:
-            total += sum(received_bytes(sub) for sub in _sub_jaxprs(eqn))
+            total += sum(received_bytes(sub) for sub in sub_jaxprs(eqn))
     return total
 
 
-def _sub_jaxprs(eqn):
+def sub_jaxprs(eqn):
+    """The jaxprs inside `eqn` (a cond's branches, a scan's body, ...)."""
     for param in eqn.params.values():
         for value in param if isinstance(param, list | tuple) else [param]:
             if isinstance(value, jax.extend.core.ClosedJaxpr):

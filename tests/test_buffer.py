@@ -18,7 +18,14 @@ from jax.sharding import PartitionSpec as P
 from scipy import stats
 
 from cljax import buffer as buffer_lib
-from cljax.collectives import AXIS, JaxCollectives, SingleDevice, received_bytes, shifted_plan
+from cljax.collectives import (
+    AXIS,
+    JaxCollectives,
+    SingleDevice,
+    received_bytes,
+    shifted_plan,
+    sub_jaxprs,
+)
 
 ID, LABEL, TASK = 0, 1, 2
 P_VALUE_FLOOR = 1e-4
@@ -351,12 +358,9 @@ def collective_counts(jaxpr) -> dict[str, int]:
         name = eqn.primitive.name
         if name in ("all_to_all", "ragged_all_to_all", "ppermute"):
             counts[name] = counts.get(name, 0) + 1
-        for param in eqn.params.values():
-            for value in param if isinstance(param, list | tuple) else [param]:
-                inner = getattr(value, "jaxpr", value)
-                if isinstance(inner, jax.extend.core.Jaxpr):
-                    for sub, count in collective_counts(inner).items():
-                        counts[sub] = counts.get(sub, 0) + count
+        for sub in sub_jaxprs(eqn):
+            for inner, count in collective_counts(sub).items():
+                counts[inner] = counts.get(inner, 0) + count
     return counts
 
 
