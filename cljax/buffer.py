@@ -13,12 +13,14 @@ slots and candidates seen.
 
 Per step and per device:
 - `insert` adds `num_candidates` (c) samples drawn uniformly from the valid rows of the
-  local batch. Policy `reservoir` (default) keeps, per class, a uniform sample of every
-  candidate of that class seen so far on this device: the k-th (0-based) goes to a free
-  slot if k < N, else replaces a uniform slot with probability N/(k+1). `random_replace`
-  (the reference implementation) also fills free slots first, then always replaces a
+  local batch. A candidate goes to a free slot of its class while there is one. Then policy
+  `reservoir` (default) keeps, per class, a uniform sample of every candidate of that
+  class seen so far on this device: the k-th (0-based) replaces a uniform slot with
+  probability N/(k+1). `random_replace` (the reference implementation) always replaces a
   uniform slot of the class, which favours recent samples. Candidates of one class in one
-  step are applied as if inserted one after another.
+  step are applied as if inserted one after another. (Free slots and k < N coincide,
+  except in a buffer re-partitioned onto more devices, whose classes are seen more often
+  than they are stored: see `checkpoint.repartition`.)
 - `sample` gives every device exactly `r` representatives drawn from the union of all
   devices' buffers, in one round of collectives and with no request: every owner draws r
   samples uniformly from its own filled slots and sends q = r // D of them to every device
@@ -171,8 +173,14 @@ class RehearsalBuffer:
         valid = mask[chosen]
         classes = labels[chosen]
 
-        position = _position_in_class_stream(state.seen, classes, valid)
-        slot, accepted = _choose_slots(position, self.budget_per_class, slot_key, self.policy)
+        earlier = _earlier_of_same_class(classes, valid)
+        slot, accepted = _choose_slots(
+            state.counts[classes] + earlier,
+            state.seen[classes] + earlier,
+            self.budget_per_class,
+            slot_key,
+            self.policy,
+        )
         target = classes * self.budget_per_class + slot
         write = valid & accepted & ~_overwritten_later(target, valid & accepted)
         target = jnp.where(write, target, self.num_classes * self.budget_per_class)
@@ -181,15 +189,15 @@ class RehearsalBuffer:
         def scatter(stored: jax.Array, values: jax.Array) -> jax.Array:
             return write_rows(stored, target, values)
 
-        seen = state.seen + jnp.zeros_like(state.seen).at[classes].add(valid.astype(jnp.int32))
+        arrivals = jnp.zeros_like(state.seen).at[classes].add(valid.astype(jnp.int32))
         return BufferState(
             data={
                 name: scatter(stored, batch[name][chosen]) for name, stored in state.data.items()
             },
             labels=scatter(state.labels, classes),
             task_ids=scatter(state.task_ids, task_ids[chosen]),
-            counts=jnp.minimum(seen, self.budget_per_class),
-            seen=seen,
+            counts=jnp.minimum(state.counts + arrivals, self.budget_per_class),
+            seen=state.seen + arrivals,
         )
 
     def sample(
@@ -300,22 +308,23 @@ def _host_read_rows(stored: jax.Array, slots: jax.Array) -> jax.Array:
     return jax.device_put(rows, jax.memory.Space.Device)
 
 
-def _position_in_class_stream(seen: jax.Array, classes: jax.Array, valid: jax.Array) -> jax.Array:
-    """0-based index of each candidate among all candidates of its class so far."""
+def _earlier_of_same_class(classes: jax.Array, valid: jax.Array) -> jax.Array:
+    """How many valid candidates of each candidate's class come before it in this step."""
     same_class = (classes[:, None] == classes[None, :]) & valid[None, :]
-    earlier_same_class = jnp.tril(same_class, k=-1).sum(axis=1)
-    return seen[classes] + earlier_same_class
+    return jnp.tril(same_class, k=-1).sum(axis=1)
 
 
 def _choose_slots(
-    position: jax.Array, budget: int, key: jax.Array, policy: str
+    free_slot: jax.Array, position: jax.Array, budget: int, key: jax.Array, policy: str
 ) -> tuple[jax.Array, jax.Array]:
-    """Slot per candidate and whether it is stored: free slots first, then by policy."""
+    """Slot per candidate and whether it is stored: the class's next free slot while
+    `free_slot` < `budget`, then by policy from `position`, the candidate's 0-based index
+    among all candidates of its class so far."""
     if policy == "reservoir":
         replaced = jax.random.randint(key, position.shape, 0, position + 1)
     else:
         replaced = jax.random.randint(key, position.shape, 0, budget)
-    slot = jnp.where(position < budget, position, replaced)
+    slot = jnp.where(free_slot < budget, free_slot, replaced)
     return slot, slot < budget
 
 

@@ -211,7 +211,8 @@ def repartition(
     (new_devices x new_budget) holds them all they are all kept, else a uniform subset of
     that size (drawn with `seed`). They are dealt round-robin over the new devices, so fills
     differ by at most one. Each device's `seen` counter becomes the class's total seen
-    divided evenly (at least its fill), so reservoir sampling goes on at the right rate.
+    divided evenly (at least its fill), so reservoir sampling goes on at the right rate;
+    slots left free (a class seen more often than the new devices store) fill first.
     """
     rng = np.random.default_rng(seed)
     old_budget = buffer.task_ids.shape[1]

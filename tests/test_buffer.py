@@ -104,6 +104,25 @@ class TestInsert:
                 else:
                     assert kept <= set(seen_ids[c]) and len(kept) == self.budget
 
+    def test_free_slots_left_by_repartition_fill_first_and_count_only_what_was_written(self):
+        """A class seen 12 times but holding 1 sample (as after resuming on more devices):
+        its next candidates go to the free slots, and the count grows by what was written."""
+        buffer = make_buffer(1, self.budget, num_candidates=2)
+        empty = buffer.init(EXAMPLE)
+        state = buffer_lib.BufferState(
+            data={"inputs": empty.data["inputs"].at[0, 0].set(jnp.array([100, 0, 0]))},
+            labels=empty.labels,
+            task_ids=empty.task_ids.at[0, 0].set(0),
+            counts=jnp.array([1], jnp.int32),
+            seen=jnp.array([12], jnp.int32),
+        )
+        inputs = id_batch(np.array([200, 201]), np.array([0, 0]), task=1)
+        state = insert(buffer, state, inputs, np.ones(2, bool), 1, jax.random.key(0))
+        assert state.counts.tolist() == [3] and state.seen.tolist() == [14]
+        stored = np.asarray(state.data["inputs"])[0, :3, ID]
+        assert sorted(stored.tolist()) == [100, 200, 201]
+        assert state.task_ids[0].tolist() == [0, 1, 1, -1, -1]
+
     def test_stored_samples_stay_aligned_and_masked_rows_never_enter(self):
         buffer = make_buffer(self.num_classes, self.budget, num_candidates=5)
         state = buffer.init(EXAMPLE)
