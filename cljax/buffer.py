@@ -167,9 +167,10 @@ class RehearsalBuffer:
                 f"num_candidates={self.num_candidates} exceeds the {labels.shape[0]} rows of "
                 "the batch"
             )
-        pick_key, slot_key = jax.random.split(key)
-        scores = jnp.where(mask, jax.random.uniform(pick_key, mask.shape), 2.0)
-        chosen = jnp.argsort(scores)[: self.num_candidates]
+        num_rows = labels.shape[0]
+        bits = jax.random.bits(key, (num_rows + 2 * self.num_candidates,))
+        valid_first_in_random_order = jnp.lexsort((bits[:num_rows], ~mask))
+        chosen = valid_first_in_random_order[: self.num_candidates]
         valid = mask[chosen]
         classes = labels[chosen]
 
@@ -178,7 +179,7 @@ class RehearsalBuffer:
             state.counts[classes] + earlier,
             state.seen[classes] + earlier,
             self.budget_per_class,
-            slot_key,
+            bits[num_rows:].reshape(2, self.num_candidates),
             self.policy,
         )
         target = classes * self.budget_per_class + slot
@@ -219,7 +220,7 @@ class RehearsalBuffer:
         outgoing, filled = self._draw_records(state, key)
         packed = _pack(outgoing)
         bulk = collectives.all_to_all(packed[:bulk_rows].reshape(num_devices, -1, packed.shape[1]))
-        shift = jax.random.randint(shared_key, (), 0, num_devices)
+        shift = _integers_below(jax.random.bits(shared_key, (2,)), num_devices)
         rest = collectives.receive_shifted(packed[bulk_rows:], shift)
         received = jnp.concatenate([bulk.reshape(-1, packed.shape[1]), rest])
         data, labels, task_ids, owner_filled = _unpack(received, outgoing)
@@ -315,15 +316,12 @@ def _earlier_of_same_class(classes: jax.Array, valid: jax.Array) -> jax.Array:
 
 
 def _choose_slots(
-    free_slot: jax.Array, position: jax.Array, budget: int, key: jax.Array, policy: str
+    free_slot: jax.Array, position: jax.Array, budget: int, bits: jax.Array, policy: str
 ) -> tuple[jax.Array, jax.Array]:
     """Slot per candidate and whether it is stored: the class's next free slot while
     `free_slot` < `budget`, then by policy from `position`, the candidate's 0-based index
-    among all candidates of its class so far."""
-    if policy == "reservoir":
-        replaced = jax.random.randint(key, position.shape, 0, position + 1)
-    else:
-        replaced = jax.random.randint(key, position.shape, 0, budget)
+    among all candidates of its class so far (`bits`: two random words per candidate)."""
+    replaced = _integers_below(bits, position + 1 if policy == "reservoir" else budget)
     slot = jnp.where(free_slot < budget, free_slot, replaced)
     return slot, slot < budget
 
@@ -343,11 +341,38 @@ def _draw_uniform(state: BufferState, key: jax.Array, num: int) -> tuple[jax.Arr
     num_classes = state.counts.shape[0]
     budget = state.labels.shape[1]
     filled = state.counts.sum()
-    rank = jax.random.randint(key, (num,), 0, jnp.maximum(filled, 1))
+    rank = _integers_below(jax.random.bits(key, (2, num)), jnp.maximum(filled, 1))
     ends = jnp.cumsum(state.counts)
-    classes = jnp.minimum(jnp.searchsorted(ends, rank, side="right"), num_classes - 1)
+    # One comparison per class and draw: a single fused op, where a binary search is a loop.
+    found = jnp.searchsorted(ends, rank, side="right", method="compare_all")
+    classes = jnp.minimum(found, num_classes - 1)
     offset = rank - (ends[classes] - state.counts[classes])
     return classes * budget + offset, filled
+
+
+def _integers_below(bits: jax.Array, bound: jax.Array | int) -> jax.Array:
+    """Integers uniform in [0, `bound`) (int32, `bound` >= 1) from random `bits` [2, ...]
+    (uint32): floor(x * bound / 2^64) for the 64-bit x each pair of words makes, so each
+    value's probability is 1/bound up to a relative error below bound / 2^64.
+
+    The buffer draws each step's random bits with one `jax.random.bits` call per key and
+    maps them here: every `jax.random` call is a loop of its own on XLA:CPU, and
+    `jax.random.randint` makes three.
+    """
+    high, low = bits
+    bound = jnp.asarray(bound, jnp.uint32)
+    low_part = high * bound
+    carry = (low_part + _high_word_of_product(low, bound)) < low_part
+    return (_high_word_of_product(high, bound) + carry).astype(jnp.int32)
+
+
+def _high_word_of_product(a: jax.Array, b: jax.Array) -> jax.Array:
+    """The upper 32 bits of the 64-bit product of uint32 `a` and `b`, from 16-bit halves
+    (`lax.mulhi` fails to lower inside `shard_map` in JAX 0.10)."""
+    a_high, a_low, b_high, b_low = a >> 16, a & 0xFFFF, b >> 16, b & 0xFFFF
+    cross_ab, cross_ba = a_high * b_low, a_low * b_high
+    middle = ((a_low * b_low) >> 16) + (cross_ab & 0xFFFF) + (cross_ba & 0xFFFF)
+    return a_high * b_high + (cross_ab >> 16) + (cross_ba >> 16) + (middle >> 16)
 
 
 def _pack(tree) -> jax.Array:

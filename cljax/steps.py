@@ -85,12 +85,22 @@ class StepConfig:
         )
 
 
-def step_keys(rng: jax.Array, device_index: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
-    """Three independent keys from the state's key: the next state's, this device's own
-    (its index folded into a parent that serves nothing else), and one shared by all
-    devices (the buffer's shared shift)."""
-    next_rng, device_parent, shared_key = jax.random.split(rng, 3)
-    return next_rng, jax.random.fold_in(device_parent, device_index), shared_key
+DEVICE_KEYS = ("insert", "sample", "augment", "dropout")
+
+
+def step_keys(
+    rng: jax.Array, device_index: jax.Array, num_devices: int
+) -> tuple[jax.Array, dict[str, jax.Array], jax.Array]:
+    """Independent keys from the state's key: the next state's, this device's own (one per
+    use in `DEVICE_KEYS`), and one shared by all devices (the buffer's shared shift).
+
+    All come from one split of the state's key, which holds every device's own keys
+    (`len(DEVICE_KEYS)` x `num_devices` of them): each `jax.random` call is a loop of its
+    own on XLA:CPU, and one call for all of them costs no more than one for a few.
+    """
+    keys = jax.random.split(rng, 2 + len(DEVICE_KEYS) * num_devices)
+    per_device = keys[2:].reshape(num_devices, len(DEVICE_KEYS))[device_index]
+    return keys[0], dict(zip(DEVICE_KEYS, per_device, strict=True)), keys[1]
 
 
 def create_train_state(settings: StepConfig, sample_input: jax.Array, key: jax.Array) -> TrainState:
@@ -118,9 +128,9 @@ def make_train_step(runtime: Runtime, settings: StepConfig) -> Callable[..., tup
     collectives, strategy, buffer = runtime.collectives, settings.strategy, settings.buffer
 
     def per_device(state: TrainState, rehearsal, batch, task_id, learning_rate):
-        rng, device_key, shared_key = step_keys(state.rng, collectives.device_index())
-        # The first two keys are those of split(device_key): buffer draws predate the others.
-        insert_key, sample_key, augment_key, dropout_key = jax.random.split(device_key, 4)
+        rng, keys, shared_key = step_keys(
+            state.rng, collectives.device_index(), collectives.num_devices()
+        )
         weights = batch[MASK].astype(jnp.float32)
         reps, replayed, rep_weight = None, None, jnp.float32(0)
         if rehearsal is not None:
@@ -132,7 +142,7 @@ def make_train_step(runtime: Runtime, settings: StepConfig) -> Callable[..., tup
             rep_weight = reps.weights.sum()
         totals = Totals(*collectives.sum((weights.sum(), rep_weight)))
         num_new = weights.shape[0]
-        rows = augment.augment(settings.augmentation, batch["inputs"], replayed, augment_key)
+        rows = augment.augment(settings.augmentation, batch["inputs"], replayed, keys["augment"])
         model_inputs = settings.normalise(rows)
         in_statistics = jnp.concatenate([weights, _rep_weight_rows(reps)]) > 0
 
@@ -145,7 +155,7 @@ def make_train_step(runtime: Runtime, settings: StepConfig) -> Callable[..., tup
                 model_inputs,
                 train=True,
                 mask=in_statistics,
-                rngs={"dropout": dropout_key},
+                rngs={"dropout": keys["dropout"]},
                 mutable=list(state.model_state),
             )
             logits = logits.astype(jnp.float32)
@@ -182,9 +192,11 @@ def make_train_step(runtime: Runtime, settings: StepConfig) -> Callable[..., tup
             # Named scopes label the buffer's ops in profiles (benchmarks/overhead.py).
             with jax.named_scope("buffer_insert"):
                 candidates = _candidates(batch, task_id, stored)
-                buffer_state = buffer.insert(rehearsal.buffer, candidates, insert_key)
+                buffer_state = buffer.insert(rehearsal.buffer, candidates, keys["insert"])
             with jax.named_scope("buffer_sample"):
-                representatives = buffer.sample(buffer_state, sample_key, shared_key, collectives)
+                representatives = buffer.sample(
+                    buffer_state, keys["sample"], shared_key, collectives
+                )
             rehearsal = RehearsalState(buffer_state, representatives)
         return state, rehearsal, {"loss": loss, **terms, "rep_weight": totals.reps}
 

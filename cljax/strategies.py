@@ -64,23 +64,32 @@ class StepOutputs:
 
     def cross_entropy(self, logits: jax.Array, labels: jax.Array, weights: jax.Array) -> jax.Array:
         """Weighted sum of the rows' cross-entropies, with the run's label smoothing."""
-        return cross_entropy(logits, labels, weights, self.label_smoothing)
+        return (row_cross_entropies(logits, labels, self.label_smoothing) * weights).sum()
+
+    def batch_and_replay_cross_entropy(self) -> tuple[jax.Array, jax.Array]:
+        """`cross_entropy` of the batch rows and of the representatives, from one
+        cross-entropy over [batch ‖ representatives]: one pass over the logits, not two."""
+        losses = row_cross_entropies(
+            jnp.concatenate([self.logits, self.rep_logits]),
+            jnp.concatenate([self.labels, self.reps.labels]),
+            self.label_smoothing,
+        )
+        num_new = self.logits.shape[0]
+        return (losses[:num_new] * self.weights).sum(), (losses[num_new:] * self.reps.weights).sum()
 
 
 LossTerms = dict[str, jax.Array]
 
 
-def cross_entropy(
-    logits: jax.Array, labels: jax.Array, weights: jax.Array, label_smoothing: float = 0.0
+def row_cross_entropies(
+    logits: jax.Array, labels: jax.Array, label_smoothing: float = 0.0
 ) -> jax.Array:
-    """Weighted sum of the rows' softmax cross-entropies, against labels smoothed by
-    `label_smoothing` (the target puts 1 - s + s/K on the label, s/K elsewhere)."""
+    """Each row's softmax cross-entropy, against its label smoothed by `label_smoothing`
+    (the target puts 1 - s + s/K on the label, s/K elsewhere)."""
     if label_smoothing == 0:
-        losses = optax.softmax_cross_entropy_with_integer_labels(logits, labels)
-    else:
-        targets = optax.smooth_labels(jax.nn.one_hot(labels, logits.shape[-1]), label_smoothing)
-        losses = optax.softmax_cross_entropy(logits, targets)
-    return (losses * weights).sum()
+        return optax.softmax_cross_entropy_with_integer_labels(logits, labels)
+    targets = optax.smooth_labels(jax.nn.one_hot(labels, logits.shape[-1]), label_smoothing)
+    return optax.softmax_cross_entropy(logits, targets)
 
 
 def safe(total: jax.Array) -> jax.Array:
@@ -141,9 +150,8 @@ class ER(Strategy):
     uses_buffer: ClassVar[bool] = True
 
     def loss(self, outputs: StepOutputs, state: Any) -> tuple[jax.Array, LossTerms]:
-        reps, totals = outputs.reps, outputs.totals
-        replayed = outputs.cross_entropy(outputs.rep_logits, reps.labels, reps.weights)
-        new = outputs.cross_entropy(outputs.logits, outputs.labels, outputs.weights)
+        totals = outputs.totals
+        new, replayed = outputs.batch_and_replay_cross_entropy()
         total = safe(totals.batch + totals.reps)
         return (new + replayed) / total, {"new_ce": new / total, "replay_ce": replayed / total}
 
@@ -164,12 +172,10 @@ class DER(Strategy):
         return {"logits": jax.lax.stop_gradient(outputs.logits).astype(jnp.float32)}
 
     def loss(self, outputs: StepOutputs, state: Any) -> tuple[jax.Array, LossTerms]:
-        reps, totals = outputs.reps, outputs.totals
         new = outputs.cross_entropy(outputs.logits, outputs.labels, outputs.weights) / safe(
-            totals.batch
+            outputs.totals.batch
         )
-        squared = ((outputs.rep_logits - reps.data["logits"]) ** 2).mean(axis=-1)
-        matching = (squared * reps.weights).sum() / safe(totals.reps)
+        matching = logit_matching(outputs)
         return new + self.alpha * matching, {"new_ce": new, "logit_mse": matching}
 
 
@@ -185,10 +191,19 @@ class DERpp(DER):
     beta: float = argument(0.5, "weight of the replayed labels' cross-entropy", minimum=0)
 
     def loss(self, outputs: StepOutputs, state: Any) -> tuple[jax.Array, LossTerms]:
-        reps, total = outputs.reps, safe(outputs.totals.reps)
-        replayed = outputs.cross_entropy(outputs.rep_logits, reps.labels, reps.weights)
-        der, terms = super().loss(outputs, state)
-        return der + self.beta * replayed / total, {**terms, "replay_ce": replayed / total}
+        new, replayed = outputs.batch_and_replay_cross_entropy()
+        new, replayed = new / safe(outputs.totals.batch), replayed / safe(outputs.totals.reps)
+        matching = logit_matching(outputs)
+        loss = new + self.alpha * matching + self.beta * replayed
+        return loss, {"new_ce": new, "logit_mse": matching, "replay_ce": replayed}
+
+
+def logit_matching(outputs: StepOutputs) -> jax.Array:
+    """DER's term: the representatives' mean squared distance between their logits now and
+    those stored with them, weighted, over the total weight of all devices' representatives."""
+    reps = outputs.reps
+    squared = ((outputs.rep_logits - reps.data["logits"]) ** 2).mean(axis=-1)
+    return (squared * reps.weights).sum() / safe(outputs.totals.reps)
 
 
 STRATEGIES: dict[str, type[Strategy]] = {

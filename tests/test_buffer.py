@@ -479,6 +479,20 @@ def sampling_received_bytes(mesh, example, num: int, collectives: JaxCollectives
     return received_bytes(jax.make_jaxpr(shard)(state, jax.random.key(0)).jaxpr)
 
 
+def test_integers_below_is_the_64_bit_word_times_the_bound_over_two_to_the_64():
+    """Exact against Python integers, carries included (all-ones words)."""
+    rng = np.random.default_rng(0)
+    words = rng.integers(0, 2**32, (2, 2000), dtype=np.uint64)
+    words[:, :50] = 2**32 - 1
+    words[1, 50:100] = 2**32 - 1
+    bounds = rng.choice([1, 2, 3, 7, 1000, 2**16 + 1, 2**31 - 1], 2000)
+    drawn = buffer_lib._integers_below(jnp.asarray(words, jnp.uint32), jnp.asarray(bounds))
+    expected = [
+        ((int(h) << 32 | int(w)) * int(b)) >> 64 for h, w, b in zip(*words, bounds, strict=True)
+    ]
+    np.testing.assert_array_equal(np.asarray(drawn), expected)
+
+
 class TestLibrary:
     """The buffer on its own: no mesh, no trainer, no launcher code."""
 

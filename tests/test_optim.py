@@ -96,9 +96,8 @@ def test_weight_decay_spares_biases_and_norm_scales_unless_asked(decay_norm_and_
 def test_label_smoothing_mixes_a_uniform_target_into_the_cross_entropy():
     logits = jnp.array([[2.0, 0.0, -1.0]])
     labels = jnp.array([0])
-    weights = jnp.ones(1)
     log_p = jax.nn.log_softmax(logits[0])
-    smoothed = strategies.cross_entropy(logits, labels, weights, label_smoothing=0.3)
+    smoothed = strategies.row_cross_entropies(logits, labels, label_smoothing=0.3)
     expected = -((1 - 0.3 + 0.1) * log_p[0] + 0.1 * log_p[1] + 0.1 * log_p[2])
-    np.testing.assert_allclose(smoothed, expected, rtol=1e-6)
-    np.testing.assert_allclose(strategies.cross_entropy(logits, labels, weights), -log_p[0])
+    np.testing.assert_allclose(smoothed, [expected], rtol=1e-6)
+    np.testing.assert_allclose(strategies.row_cross_entropies(logits, labels), [-log_p[0]])
