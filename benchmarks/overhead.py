@@ -1,6 +1,7 @@
 """What rehearsal costs per step: ER against incremental training at batch b + r and b.
 
-    python benchmarks/overhead.py [--devices 1] [--cases mlp cnn resnet18] [--rounds 20]
+    python benchmarks/overhead.py [--devices 1] [--cases mlp cnn resnet18] [--rounds 20] \
+        [--steps_per_sample 5]
     python benchmarks/overhead.py --cases resnet50 --profile /tmp/trace   # on a GPU
 
 Per case, three compiled train steps (cljax's own, on random device-resident batches, see
@@ -11,9 +12,13 @@ stepbench.py) on a mesh of `--devices` devices:
 - C: incremental at batch b.
 
 After one warm-up step each, they run interleaved, A B C A B C ... for `--rounds` rounds,
-so machine noise hits all three alike. Prints one JSON line per case with the median step
-times and P1 = A/B, the cost of the buffer itself (limit 1.00), and P2 = A/C, the cost of
-rehearsal, whose limit is the compute ratio (b + r)/b, also printed.
+so machine noise hits all three alike. Each letter is one timing sample:
+`--steps_per_sample` steps at the trainer's cadence (step n's metrics are waited for once
+step n + 1 is queued, so the host's dispatch of a step overlaps the devices' work on the
+one before, as in training), divided by their number. With `--steps_per_sample 1` each
+sample is one step's full latency, host dispatch included. Prints one JSON line per case
+with the median step times and P1 = A/B, the cost of the buffer itself (limit 1.00), and
+P2 = A/C, the cost of rehearsal, whose limit is the compute ratio (b + r)/b, also printed.
 
 Cases (per-device b, r, c; r = b/8 and c = b/4 as in the paper's b = 56, r = 7, c = 14):
 `mlp` (digits 8x8, the default experiment's b = 4, r = 4, c = 2), `cnn` (32x32x3, 100
@@ -72,11 +77,12 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--devices", type=int, default=1)
     parser.add_argument("--cases", nargs="+", default=["mlp", "cnn", "resnet18"])
     parser.add_argument("--rounds", type=int, default=20)
+    parser.add_argument("--steps_per_sample", type=int, default=5)
     parser.add_argument("--profile", help="write a profiler trace of ER steps here")
     return parser.parse_args()
 
 
-def measure(name: str, devices: int, rounds: int, profile: str | None) -> dict:
+def measure(name: str, devices: int, rounds: int, steps: int, profile: str | None) -> dict:
     import stepbench
 
     args = CASES[name]
@@ -94,7 +100,7 @@ def measure(name: str, devices: int, rounds: int, profile: str | None) -> dict:
     times = {key: [] for key in benches}
     for _ in range(rounds):
         for key, bench in benches.items():
-            times[key].append(bench.timed_step())
+            times[key].append(bench.timed_steps(steps))
     median = {key: statistics.median(values) for key, values in times.items()}
     if profile:
         with jax.profiler.trace(f"{profile}/{name}"):
@@ -106,6 +112,7 @@ def measure(name: str, devices: int, rounds: int, profile: str | None) -> dict:
         "b": b,
         "r": r,
         "c": args["num_candidates"],
+        "steps_per_sample": steps,
         **{f"{key}_step_s": round(value, 5) for key, value in median.items()},
         "P1": round(median["er"] / median["incremental_b_plus_r"], 4),
         "P2": round(median["er"] / median["incremental_b"], 4),
@@ -119,7 +126,12 @@ def main() -> None:
     args = parse_args()
     jax.config.update("jax_num_cpu_devices", args.devices)
     for name in args.cases:
-        print(json.dumps(measure(name, args.devices, args.rounds, args.profile)), flush=True)
+        print(
+            json.dumps(
+                measure(name, args.devices, args.rounds, args.steps_per_sample, args.profile)
+            ),
+            flush=True,
+        )
 
 
 if __name__ == "__main__":

@@ -61,7 +61,7 @@ def main() -> None:
         bench.compile()
         compile_s = time.perf_counter() - start
         bench.run(1)
-        times = [bench.timed_step() for _ in range(args.steps)]
+        times = [bench.timed_steps() for _ in range(args.steps)]
         step_s = statistics.median(times)
         print(
             json.dumps(

@@ -1,8 +1,9 @@
 """cljax's train step on random device-resident batches, for the step-time benchmarks.
 
 `build(Case(...))` returns a `Bench` holding the jitted step, its states and a batch already
-on the devices: `compile()`, then `timed_step()` runs one step to completion and returns
-its seconds. Importing this module starts JAX: set the CPU device count first.
+on the devices: `compile()`, then `timed_steps(count)` runs `count` steps as the trainer
+runs them and returns their seconds per step. Importing this module starts JAX: set the
+CPU device count first.
 """
 
 import dataclasses
@@ -75,16 +76,24 @@ class Bench:
         self.compiled = self.step.lower(*args).compile()
 
     def run(self, count: int) -> None:
+        """`count` steps at the trainer's cadence: each step's metrics are waited for once
+        the next step is queued (so the host dispatches step n + 1 while the devices run
+        step n), and the last step's states at the end."""
+        queued = None
         for _ in range(count):
             self.state, self.rehearsal, metrics = self.compiled(
                 self.state, self.rehearsal, self.batch, self.task_id, self.learning_rate
             )
+            if queued is not None:
+                jax.block_until_ready(queued)
+            queued = metrics
         jax.block_until_ready((self.state, self.rehearsal, metrics))
 
-    def timed_step(self) -> float:
+    def timed_steps(self, count: int = 1) -> float:
+        """Seconds per step of `run(count)`; with count = 1, one step's full latency."""
         start = time.perf_counter()
-        self.run(1)
-        return time.perf_counter() - start
+        self.run(count)
+        return (time.perf_counter() - start) / count
 
     def peak_memory_gib(self) -> float | None:
         stats = self.runtime.mesh.local_devices[0].memory_stats() or {}
