@@ -1,7 +1,7 @@
 """What rehearsal costs per step: ER against incremental training at batch b + r and b.
 
     python benchmarks/overhead.py [--devices 1] [--cases mlp cnn resnet18] [--rounds 20] \
-        [--steps_per_sample 5]
+        [--steps_per_sample 5] [--min_sample_s 0.05]
     python benchmarks/overhead.py --cases resnet50 --profile /tmp/trace   # on a GPU
 
 Per case, three compiled train steps (cljax's own, on random device-resident batches, see
@@ -12,13 +12,17 @@ stepbench.py) on a mesh of `--devices` devices:
 - C: incremental at batch b.
 
 After one warm-up step each, they run interleaved, A B C A B C ... for `--rounds` rounds,
-so machine noise hits all three alike. Each letter is one timing sample:
-`--steps_per_sample` steps at the trainer's cadence (step n's metrics are waited for once
-step n + 1 is queued, so the host's dispatch of a step overlaps the devices' work on the
-one before, as in training), divided by their number. With `--steps_per_sample 1` each
-sample is one step's full latency, host dispatch included. Prints one JSON line per case
-with the median step times and P1 = A/B, the cost of the buffer itself (limit 1.00), and
-P2 = A/C, the cost of rehearsal, whose limit is the compute ratio (b + r)/b, also printed.
+so machine noise hits all three alike. Each letter is one timing sample: at least
+`--steps_per_sample` steps, and enough of them (by a probe of A) to last `--min_sample_s`,
+so that a sample of a sub-millisecond step is not one burst of machine noise. The steps run
+at the trainer's cadence (step n's metrics are waited for once step n + 1 is queued, so the
+host's dispatch of a step overlaps the devices' work on the one before, as in training);
+a sample's time is divided by their number. With `--steps_per_sample 1 --min_sample_s 0`
+each sample is one step's full latency, host dispatch included.
+
+Prints one JSON line per case with the median step times and P1 = A/B, the cost of the
+buffer itself (limit 1.00), and P2 = A/C, the cost of rehearsal, whose limit is the compute
+ratio (b + r)/b, also printed.
 
 Cases (per-device b, r, c; r = b/8 and c = b/4 as in the paper's b = 56, r = 7, c = 14):
 `mlp` (digits 8x8, the default experiment's b = 4, r = 4, c = 2), `cnn` (32x32x3, 100
@@ -32,6 +36,7 @@ draw and exchange run against the forward and backward passes.
 
 import argparse
 import json
+import math
 import statistics
 
 import jax
@@ -78,32 +83,36 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--cases", nargs="+", default=["mlp", "cnn", "resnet18"])
     parser.add_argument("--rounds", type=int, default=20)
     parser.add_argument("--steps_per_sample", type=int, default=5)
+    parser.add_argument("--min_sample_s", type=float, default=0.05)
     parser.add_argument("--profile", help="write a profiler trace of ER steps here")
     return parser.parse_args()
 
 
-def measure(name: str, devices: int, rounds: int, steps: int, profile: str | None) -> dict:
+def measure(name: str, args: argparse.Namespace) -> dict:
     import stepbench
 
-    args = CASES[name]
-    b, r = args["batch_size"], args["num_representatives"]
+    devices = args.devices
+    case = CASES[name]
+    b, r = case["batch_size"], case["num_representatives"]
     benches = {
-        "er": stepbench.build(stepbench.Case(**args, strategy="er"), devices),
+        "er": stepbench.build(stepbench.Case(**case, strategy="er"), devices),
         "incremental_b_plus_r": stepbench.build(
-            stepbench.Case(**{**args, "batch_size": b + r}, strategy="incremental"), devices
+            stepbench.Case(**{**case, "batch_size": b + r}, strategy="incremental"), devices
         ),
-        "incremental_b": stepbench.build(stepbench.Case(**args, strategy="incremental"), devices),
+        "incremental_b": stepbench.build(stepbench.Case(**case, strategy="incremental"), devices),
     }
     for bench in benches.values():
         bench.compile()
         bench.run(1)
+    probe = benches["er"].timed_steps(args.steps_per_sample)
+    steps = max(args.steps_per_sample, math.ceil(args.min_sample_s / probe))
     times = {key: [] for key in benches}
-    for _ in range(rounds):
+    for _ in range(args.rounds):
         for key, bench in benches.items():
             times[key].append(bench.timed_steps(steps))
     median = {key: statistics.median(values) for key, values in times.items()}
-    if profile:
-        with jax.profiler.trace(f"{profile}/{name}"):
+    if args.profile:
+        with jax.profiler.trace(f"{args.profile}/{name}"):
             benches["er"].run(PROFILED_STEPS)
     return {
         "case": name,
@@ -111,9 +120,9 @@ def measure(name: str, devices: int, rounds: int, steps: int, profile: str | Non
         "backend": jax.default_backend(),
         "b": b,
         "r": r,
-        "c": args["num_candidates"],
+        "c": case["num_candidates"],
         "steps_per_sample": steps,
-        **{f"{key}_step_s": round(value, 5) for key, value in median.items()},
+        **{f"{key}_step_s": round(value, 7) for key, value in median.items()},
         "P1": round(median["er"] / median["incremental_b_plus_r"], 4),
         "P2": round(median["er"] / median["incremental_b"], 4),
         "P2_compute_limit": round((b + r) / b, 4),
@@ -127,9 +136,7 @@ def main() -> None:
     jax.config.update("jax_num_cpu_devices", args.devices)
     for name in args.cases:
         print(
-            json.dumps(
-                measure(name, args.devices, args.rounds, args.steps_per_sample, args.profile)
-            ),
+            json.dumps(measure(name, args)),
             flush=True,
         )
 
