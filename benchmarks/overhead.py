@@ -135,10 +135,7 @@ def main() -> None:
     args = parse_args()
     jax.config.update("jax_num_cpu_devices", args.devices)
     for name in args.cases:
-        print(
-            json.dumps(measure(name, args)),
-            flush=True,
-        )
+        print(json.dumps(measure(name, args)), flush=True)
 
 
 if __name__ == "__main__":

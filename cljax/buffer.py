@@ -162,12 +162,11 @@ class RehearsalBuffer:
         labels = batch[LABELS]
         mask = batch.get(MASK, jnp.ones(labels.shape, bool))
         task_ids = jnp.broadcast_to(jnp.asarray(batch.get(TASK_ID, 0), jnp.int32), labels.shape)
-        if self.num_candidates > labels.shape[0]:
-            raise ValueError(
-                f"num_candidates={self.num_candidates} exceeds the {labels.shape[0]} rows of "
-                "the batch"
-            )
         num_rows = labels.shape[0]
+        if self.num_candidates > num_rows:
+            raise ValueError(
+                f"num_candidates={self.num_candidates} exceeds the {num_rows} rows of the batch"
+            )
         bits = jax.random.bits(key, (num_rows + 2 * self.num_candidates,))
         valid_first_in_random_order = jnp.lexsort((bits[:num_rows], ~mask))
         chosen = valid_first_in_random_order[: self.num_candidates]
