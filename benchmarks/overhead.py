@@ -1,7 +1,7 @@
 """What rehearsal costs per step: ER against incremental training at batch b + r and b.
 
     python benchmarks/overhead.py [--devices 1] [--cases mlp cnn resnet18] [--rounds 20] \
-        [--steps_per_sample 5] [--min_sample_s 0.05]
+        [--steps_per_sample 5] [--min_sample_s 0.2] [--replicas 2]
     python benchmarks/overhead.py --cases resnet50 --profile /tmp/trace   # on a GPU
 
 Per case, three compiled train steps (cljax's own, on random device-resident batches, see
@@ -11,18 +11,24 @@ stepbench.py) on a mesh of `--devices` devices:
 - B: incremental at batch b + r (the same compute as A, without the buffer);
 - C: incremental at batch b.
 
-After one warm-up step each, they run interleaved, A B C A B C ... for `--rounds` rounds,
-so machine noise hits all three alike. Each letter is one timing sample: at least
-`--steps_per_sample` steps, and enough of them (by a probe of A) to last `--min_sample_s`,
-so that a sample of a sub-millisecond step is not one burst of machine noise. The steps run
-at the trainer's cadence (step n's metrics are waited for once step n + 1 is queued, so the
-host's dispatch of a step overlaps the devices' work on the one before, as in training);
-a sample's time is divided by their number. With `--steps_per_sample 1 --min_sample_s 0`
-each sample is one step's full latency, host dispatch included.
+Each is built `--replicas` times: the same step, compiled and placed anew, runs a few
+percent faster or slower on this machine for no reason in the step itself (memory
+placement), and averaging over replicas shrinks that. After one warm-up step each, they run
+interleaved, A B C A B C ... for `--rounds` rounds, each round starting one step further
+along, so that machine noise, and whatever comes with running first or after a given other
+step, hit all alike. Each letter is one timing sample: at least `--steps_per_sample` steps,
+and enough of them (by a probe of A) to last `--min_sample_s`, so that a sample of a
+sub-millisecond step is not one burst of machine noise. The steps run at the trainer's
+cadence (step n's metrics are waited for once step n + 1 is queued, so the host's dispatch
+of a step overlaps the devices' work on the one before, as in training); a sample's time is
+divided by their number. With `--steps_per_sample 1 --min_sample_s 0` each sample is one
+step's full latency, host dispatch included.
 
-Prints one JSON line per case with the median step times and P1 = A/B, the cost of the
-buffer itself (limit 1.00), and P2 = A/C, the cost of rehearsal, whose limit is the compute
-ratio (b + r)/b, also printed.
+Prints one JSON line per case with the median step times (over all samples of all
+replicas) and P1 = A/B, the cost of the buffer itself (limit 1.00), and P2 = A/C, the cost
+of rehearsal, whose limit is the compute ratio (b + r)/b, also printed. `replica_spread` is
+the largest gap between two replicas of one step (1.07 / 1.00 gives 0.07): a P1 within it of
+1.00 is no measurable cost.
 
 Cases (per-device b, r, c; r = b/8 and c = b/4 as in the paper's b = 56, r = 7, c = 14):
 `mlp` (digits 8x8, the default experiment's b = 4, r = 4, c = 2), `cnn` (32x32x3, 100
@@ -83,7 +89,8 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--cases", nargs="+", default=["mlp", "cnn", "resnet18"])
     parser.add_argument("--rounds", type=int, default=20)
     parser.add_argument("--steps_per_sample", type=int, default=5)
-    parser.add_argument("--min_sample_s", type=float, default=0.05)
+    parser.add_argument("--min_sample_s", type=float, default=0.2)
+    parser.add_argument("--replicas", type=int, default=2)
     parser.add_argument("--profile", help="write a profiler trace of ER steps here")
     return parser.parse_args()
 
@@ -94,26 +101,40 @@ def measure(name: str, args: argparse.Namespace) -> dict:
     devices = args.devices
     case = CASES[name]
     b, r = case["batch_size"], case["num_representatives"]
-    benches = {
-        "er": stepbench.build(stepbench.Case(**case, strategy="er"), devices),
-        "incremental_b_plus_r": stepbench.build(
-            stepbench.Case(**{**case, "batch_size": b + r}, strategy="incremental"), devices
+    cases = {
+        "er": stepbench.Case(**case, strategy="er"),
+        "incremental_b_plus_r": stepbench.Case(
+            **{**case, "batch_size": b + r}, strategy="incremental"
         ),
-        "incremental_b": stepbench.build(stepbench.Case(**case, strategy="incremental"), devices),
+        "incremental_b": stepbench.Case(**case, strategy="incremental"),
     }
-    for bench in benches.values():
+    benches = [
+        (key, stepbench.build(bench_case, devices))
+        for _ in range(args.replicas)
+        for key, bench_case in cases.items()
+    ]
+    for _, bench in benches:
         bench.compile()
         bench.run(1)
-    probe = benches["er"].timed_steps(args.steps_per_sample)
+    probe = benches[0][1].timed_steps(args.steps_per_sample)
     steps = max(args.steps_per_sample, math.ceil(args.min_sample_s / probe))
-    times = {key: [] for key in benches}
-    for _ in range(args.rounds):
-        for key, bench in benches.items():
-            times[key].append(bench.timed_steps(steps))
-    median = {key: statistics.median(values) for key, values in times.items()}
+    samples = [[] for _ in benches]
+    for round_index in range(args.rounds):
+        for position in range(len(benches)):
+            index = (round_index + position) % len(benches)
+            samples[index].append(benches[index][1].timed_steps(steps))
+    median = {
+        key: statistics.median(
+            value
+            for (other, _), times in zip(benches, samples, strict=True)
+            if other == key
+            for value in times
+        )
+        for key in cases
+    }
     if args.profile:
         with jax.profiler.trace(f"{args.profile}/{name}"):
-            benches["er"].run(PROFILED_STEPS)
+            benches[0][1].run(PROFILED_STEPS)
     return {
         "case": name,
         "devices": devices,
@@ -122,13 +143,26 @@ def measure(name: str, args: argparse.Namespace) -> dict:
         "r": r,
         "c": case["num_candidates"],
         "steps_per_sample": steps,
+        "replicas": args.replicas,
         **{f"{key}_step_s": round(value, 7) for key, value in median.items()},
         "P1": round(median["er"] / median["incremental_b_plus_r"], 4),
         "P2": round(median["er"] / median["incremental_b"], 4),
         "P2_compute_limit": round((b + r) / b, 4),
+        "replica_spread": _replica_spread(benches, samples),
         "er_images_per_s": round(b * devices / median["er"], 1),
-        "peak_memory_gib": benches["er"].peak_memory_gib(),
+        "peak_memory_gib": benches[0][1].peak_memory_gib(),
     }
+
+
+def _replica_spread(benches: list, samples: list[list[float]]) -> float | None:
+    """The largest ratio, minus 1, between the median step times of two replicas of the same
+    step: what the machine alone makes of identical work (None with one replica)."""
+    by_key: dict[str, list[float]] = {}
+    for (key, _), times in zip(benches, samples, strict=True):
+        by_key.setdefault(key, []).append(statistics.median(times))
+    if len(next(iter(by_key.values()))) < 2:
+        return None
+    return round(max(max(medians) / min(medians) for medians in by_key.values()) - 1, 4)
 
 
 def main() -> None:
