@@ -212,7 +212,7 @@ class RehearsalBuffer:
 
         `key` must differ between devices and `shared_key` must be the same on all of them.
         Each record travels as one row of bytes, so a step costs two all-to-alls whatever the
-        number of stored tensors and whatever D.
+        number of stored tensors and whatever D, and a sum of fill counts where r < D.
         """
         num, num_devices = self.num_representatives, collectives.num_devices()
         bulk_rows = num // num_devices * num_devices
@@ -224,7 +224,14 @@ class RehearsalBuffer:
         received = jnp.concatenate([bulk.reshape(-1, packed.shape[1]), rest])
         data, labels, task_ids, owner_filled = _unpack(received, outgoing)
 
-        total = collectives.sum(filled).astype(jnp.float32)
+        if bulk_rows:
+            # Every owner sent this device r // D records, each carrying its fill count: their
+            # sum over owners is the global fill, and needs no collective of its own.
+            fills = owner_filled[:bulk_rows].reshape(num_devices, -1)[:, 0]
+            total = fills.astype(filled.dtype).sum()
+        else:
+            total = collectives.sum(filled)
+        total = total.astype(jnp.float32)
         weights = num_devices * owner_filled.astype(jnp.float32) / jnp.maximum(total, 1.0)
         return Representatives(data, labels, task_ids, weights)
 
