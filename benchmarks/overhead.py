@@ -123,14 +123,10 @@ def measure(name: str, args: argparse.Namespace) -> dict:
         for position in range(len(benches)):
             index = (round_index + position) % len(benches)
             samples[index].append(benches[index][1].timed_steps(steps))
+    by_step = _replicas_by_step(benches, samples)
     median = {
-        key: statistics.median(
-            value
-            for (other, _), times in zip(benches, samples, strict=True)
-            if other == key
-            for value in times
-        )
-        for key in cases
+        key: statistics.median(value for times in replicas for value in times)
+        for key, replicas in by_step.items()
     }
     if args.profile:
         with jax.profiler.trace(f"{args.profile}/{name}"):
@@ -148,21 +144,27 @@ def measure(name: str, args: argparse.Namespace) -> dict:
         "P1": round(median["er"] / median["incremental_b_plus_r"], 4),
         "P2": round(median["er"] / median["incremental_b"], 4),
         "P2_compute_limit": round((b + r) / b, 4),
-        "replica_spread": _replica_spread(benches, samples),
+        "replica_spread": _replica_spread(by_step),
         "er_images_per_s": round(b * devices / median["er"], 1),
         "peak_memory_gib": benches[0][1].peak_memory_gib(),
     }
 
 
-def _replica_spread(benches: list, samples: list[list[float]]) -> float | None:
+def _replicas_by_step(benches: list, samples: list[list[float]]) -> dict[str, list[list[float]]]:
+    """Each step's timing samples, one list per replica."""
+    by_step: dict[str, list[list[float]]] = {}
+    for (key, _), times in zip(benches, samples, strict=True):
+        by_step.setdefault(key, []).append(times)
+    return by_step
+
+
+def _replica_spread(by_step: dict[str, list[list[float]]]) -> float | None:
     """The largest ratio, minus 1, between the median step times of two replicas of the same
     step: what the machine alone makes of identical work (None with one replica)."""
-    by_key: dict[str, list[float]] = {}
-    for (key, _), times in zip(benches, samples, strict=True):
-        by_key.setdefault(key, []).append(statistics.median(times))
-    if len(next(iter(by_key.values()))) < 2:
+    medians = [[statistics.median(times) for times in replicas] for replicas in by_step.values()]
+    if len(medians[0]) < 2:
         return None
-    return round(max(max(medians) / min(medians) for medians in by_key.values()) - 1, 4)
+    return round(max(max(step) / min(step) for step in medians) - 1, 4)
 
 
 def main() -> None:
