@@ -1,7 +1,8 @@
 """A model of step time and whole-run time at D = 1 ... 128 GPUs for incremental, ER and
 from-scratch training, from one device's compute time and stated link bandwidths.
 
-    python benchmarks/scaling_model.py [--images_per_s 2500] [--p1 1.0] [--overlap 0 1]
+    python benchmarks/scaling_model.py [--images_per_s 2500] [--p1 1.0] [--overlap 0 1] \
+        [--batch_norm global]
 
 Defaults describe the paper's run (ResNet-50 on ImageNet-1k in 4 tasks of 30 epochs, b = 56,
 r = 7 per GPU) on the paper's ThetaGPU: DGX A100 nodes of 8 GPUs joined by NVLink through
@@ -14,8 +15,10 @@ Per step and per device:
 - gradient all-reduce of `params` fp32 gradients, hierarchical: reduce-scatter and
   all-gather inside a node over NVLink, a ring across nodes over InfiniBand on 1/g of the
   gradients per GPU; `overlap` of it hides behind the backward pass (2/3 of compute);
-- cross-device BatchNorm (cljax sums BatchNorm statistics over all devices): two small
-  all-reduces per BatchNorm layer, latency-bound (a tree: 2 log2 D hops), on the critical path;
+- BatchNorm (cljax's `model.batch_norm`): `global` sums its statistics over all devices,
+  two small all-reduces per BatchNorm layer, latency-bound (a tree: 2 log2 D hops), on the
+  critical path; `per_device` has none, and the running statistics (`batchnorm_statistics`
+  fp32 numbers) ride on the gradient all-reduce;
 - ER's buffer exchange: r records per device, (D - g)/D of them from other nodes, in one
   collective; it does not depend on the gradients, so `overlap` of it hides too.
 
@@ -31,6 +34,7 @@ import math
 IMAGENET_TRAIN_IMAGES = 1_281_167
 RESNET50_PARAMS = 25_557_032
 RESNET50_BATCHNORM_LAYERS = 53
+RESNET50_BATCHNORM_STATISTICS = 53_120
 
 
 def parse_args() -> argparse.Namespace:
@@ -45,6 +49,8 @@ def parse_args() -> argparse.Namespace:
     add("--record_bytes", type=int, default=224 * 224 * 3 + 8)
     add("--params", type=int, default=RESNET50_PARAMS)
     add("--batchnorm_layers", type=int, default=RESNET50_BATCHNORM_LAYERS)
+    add("--batchnorm_statistics", type=int, default=RESNET50_BATCHNORM_STATISTICS)
+    add("--batch_norm", choices=["global", "per_device"], default="global")
     add("--gpus_per_node", type=int, default=8)
     add("--nvlink_gb_s", type=float, default=230.0, help="per GPU and direction, achieved")
     add("--ib_gb_s", type=float, default=23.0, help="per GPU and direction, achieved")
@@ -74,8 +80,8 @@ def allreduce_s(size_bytes: float, devices: int, args) -> float:
 
 
 def batchnorm_s(devices: int, args) -> float:
-    """Two latency-bound all-reduces per BatchNorm layer, as a tree of 2 log2 D hops."""
-    if devices == 1:
+    """Global BatchNorm: two latency-bound all-reduces per layer, as a tree of 2 log2 D hops."""
+    if devices == 1 or args.batch_norm == "per_device":
         return 0.0
     latency = args.ib_latency_us if devices > args.gpus_per_node else args.nvlink_latency_us
     return 2 * args.batchnorm_layers * 2 * math.ceil(math.log2(devices)) * latency * 1e-6
@@ -97,11 +103,18 @@ def step_s(rows: int, devices: int, overlap: float, args, buffer: bool) -> float
     """One step: compute, the critical-path BatchNorm all-reduces, and the part of the
     gradient all-reduce (and buffer exchange) that does not hide behind the backward pass."""
     compute = rows / args.images_per_s * (args.p1 if buffer else 1.0)
-    hideable = allreduce_s(4 * args.params, devices, args)
+    hideable = allreduce_s(gradient_bytes(args), devices, args)
     if buffer:
         hideable += exchange_s(devices, args)
     exposed = max(hideable - overlap * compute * 2 / 3, hideable * (1 - overlap))
     return compute + batchnorm_s(devices, args) + exposed
+
+
+def gradient_bytes(args) -> int:
+    """What the gradient all-reduce carries: fp32 gradients, and with per-device BatchNorm
+    the running statistics it averages."""
+    statistics = args.batchnorm_statistics if args.batch_norm == "per_device" else 0
+    return 4 * (args.params + statistics)
 
 
 def run_minutes(step: float, devices: int, args, from_scratch: bool) -> float:
@@ -126,7 +139,8 @@ def model(devices: int, overlap: float, args) -> dict:
         "overlap": overlap,
         "incremental_step_ms": round(1e3 * incremental, 2),
         "er_step_ms": round(1e3 * er, 2),
-        "gradient_allreduce_ms": round(1e3 * allreduce_s(4 * args.params, devices, args), 3),
+        "batch_norm": args.batch_norm,
+        "gradient_allreduce_ms": round(1e3 * allreduce_s(gradient_bytes(args), devices, args), 3),
         "batchnorm_allreduces_ms": round(1e3 * batchnorm_s(devices, args), 3),
         "buffer_exchange_ms": round(1e3 * exchange_s(devices, args), 3),
         "incremental_scaling_efficiency": round(single_device / incremental, 3),

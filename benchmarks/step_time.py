@@ -1,7 +1,8 @@
 """Compile time, step time, images/s and peak memory of the train step, by model and strategy.
 
     python benchmarks/step_time.py --model resnet50 --image_size 224 --batch_size 56 \\
-        --dtype bfloat16 --strategies incremental er [--steps 5] [--devices 1]
+        --dtype bfloat16 --strategies incremental er [--steps 5] [--devices 1] \
+        [--batch_norm global]
 
 The step is cljax's own (`steps.make_train_step`) on one mesh of `--devices` devices, fed
 random uint8 images already on the devices (the input pipeline is measured by
@@ -10,7 +11,8 @@ benchmarks/input_pipeline.py). ER uses r representatives and c candidates per de
 replayed samples are augmented on the device as in training (`inception`). Prints one JSON
 line per strategy: compile seconds, median step seconds over `--steps` steps after one
 warm-up, images/s (new samples per second, all devices), and peak device memory where the
-backend reports it.
+backend reports it. `--batch_norm` is the config's `model.batch_norm`: BatchNorm statistics
+over every device's rows (`global`) or each device's own (`per_device`).
 """
 
 import argparse
@@ -35,6 +37,7 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--strategies", nargs="+", default=["incremental", "er"])
     parser.add_argument("--steps", type=int, default=5)
     parser.add_argument("--devices", type=int, default=1)
+    parser.add_argument("--batch_norm", default="global", choices=["global", "per_device"])
     return parser.parse_args()
 
 
@@ -55,6 +58,7 @@ def main() -> None:
             num_representatives=args.num_representatives,
             buffer_per_class=args.buffer_per_class,
             dtype=args.dtype,
+            batch_norm=args.batch_norm,
         )
         bench = stepbench.build(case, devices=args.devices)
         start = time.perf_counter()

@@ -38,6 +38,7 @@ class Case:
     buffer_per_class: int = 2
     dtype: str = "bfloat16"
     channels: int = 3
+    batch_norm: str = "global"
 
     @property
     def uses_buffer(self) -> bool:
@@ -56,6 +57,7 @@ class Case:
             "batch_size": self.batch_size,
             "strategy": self.strategy,
             "dtype": self.dtype,
+            "batch_norm": self.batch_norm,
         }
         if self.uses_buffer:
             summary.update(c=self.num_candidates, r=self.num_representatives)
@@ -124,7 +126,7 @@ def build(case: Case, devices: int | None = None) -> Bench:
         runtime.mesh = jax.sharding.Mesh(np.asarray(jax.devices()[:devices]), ("data",))
     dtype = jnp.dtype(case.dtype)
     model_config = ml_collections.ConfigDict(
-        {"name": case.model, case.model: dict(case.model_args)}
+        {"name": case.model, case.model: dict(case.model_args), "batch_norm": case.batch_norm}
     )
     shape = (case.image_size, case.image_size, case.channels)
     buffer = None
@@ -144,6 +146,7 @@ def build(case: Case, devices: int | None = None) -> Bench:
         dtype=dtype,
         augmentation=case.augmentation,
         buffer=buffer,
+        average_model_state=case.batch_norm == "per_device",
     )
     sample = jnp.zeros((1, *shape), jnp.uint8)
     state = jax.jit(

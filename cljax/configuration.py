@@ -20,7 +20,7 @@ from cljax.data.pipeline import BAD_IMAGES, WORKER_KINDS
 from cljax.data.scenarios import SCENARIOS, class_groups
 from cljax.data.sources import BUILTIN_BUILDERS
 from cljax.messages import ConfigError
-from cljax.models import MODELS
+from cljax.models import BATCH_NORM, MODELS
 from cljax.runtime import BACKENDS
 from cljax.strategies import STRATEGIES
 
@@ -98,6 +98,10 @@ FIELD_DOCS = {
     "buffer.memory_kind": "where the buffer's slots live: device, or pinned_host (host"
     " memory; only the r drawn records move to the device)",
     "model.name": f"one of {sorted(MODELS)}; model.<name>.* are its arguments",
+    "model.batch_norm": "global: BatchNorm statistics over every device's rows (a step on D"
+    " devices equals one on the global batch; 2 all-reduces per BatchNorm layer on the"
+    " critical path); per_device: over each device's own rows, as PyTorch without"
+    " SyncBatchNorm (running statistics averaged over devices with the gradients)",
     "distributed.backend": "jax (jax.distributed) or mpi (mpirun + mpi4jax, one device per"
     " process)",
     "distributed.coordinator_address": "host:port of process 0 for an explicit"
@@ -169,6 +173,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
     )
     _one_of("strategy.name", config.strategy.name, STRATEGIES)
     _one_of("model.name", config.model.name, MODELS)
+    _one_of("model.batch_norm", config.model.batch_norm, BATCH_NORM)
     for kind, registry in (("strategy", STRATEGIES), ("model", MODELS)):
         name = config[kind].name
         try:

@@ -64,7 +64,9 @@ class StepConfig:
 
     `max_value`, `mean` and `std` normalise the stored inputs (per channel); `dtype` is the
     model's computation dtype; `augmentation` is one of `augment.MODES` (resolved: not
-    `auto`).
+    `auto`). `average_model_state` averages the model's other variables over devices every
+    step, with the gradients: set it where the model computes its BatchNorm statistics per
+    device, so that the running statistics stay replicated.
     """
 
     model: nn.Module
@@ -78,6 +80,7 @@ class StepConfig:
     label_smoothing: float = 0.0
     buffer: RehearsalBuffer | None = None
     augment_from_task: int = 0
+    average_model_state: bool = False
 
     def normalise(self, inputs: jax.Array) -> jax.Array:
         return augment.normalise(
@@ -176,7 +179,10 @@ def make_train_step(runtime: Runtime, settings: StepConfig) -> Callable[..., tup
 
         grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
         (loss, (terms, model_state, stored)), grads = grad_fn(collectives.per_device(state.params))
-        grads, loss, terms = collectives.sum((grads, loss, terms))
+        varying_state = model_state if settings.average_model_state else None
+        grads, loss, terms, state_sum = collectives.sum((grads, loss, terms, varying_state))
+        if settings.average_model_state:
+            model_state = jax.tree.map(lambda total: total / collectives.num_devices(), state_sum)
         opt_state = optim.with_learning_rate(state.opt_state, learning_rate)
         updates, opt_state = settings.optimizer.update(grads, opt_state, state.params)
         state = state.replace(

@@ -530,6 +530,7 @@ def _build(
         label_smoothing=config.label_smoothing,
         buffer=buffer,
         augment_from_task=config.buffer.augment_from_task,
+        average_model_state=config.model.batch_norm == "per_device",
     )
     sample = pipeline.read_inputs(dataset.train, np.arange(1), views, dataset.input_shape)
     init_state = jax.jit(

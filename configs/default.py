@@ -58,6 +58,7 @@ def get_config(strategy: str = "er") -> ml_collections.ConfigDict:
 
     config.model = components.default_config(MODELS)
     config.model.name = "mlp"
+    config.model.batch_norm = "global"
 
     config.distributed = ml_collections.ConfigDict()
     config.distributed.backend = "jax"

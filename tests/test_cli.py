@@ -59,6 +59,7 @@ def test_cli_writes_well_formed_metrics_json(tmp_path, data_dir):
         (["--config.buffer.rehearsal_ratio=0.01"], "buffer.rehearsal_ratio="),
         (["--config.model.name=cnn", "--config.model.cnn.dense_size=0"], "model.cnn.dense_size="),
         (["--config.model.cnn.dense_sizes=3"], "--config.model.cnn.dense_sizes is not a"),
+        (["--config.model.batch_norm=sync"], "model.batch_norm="),
         (["--config.strategy.der.alpha=-1", "--config.strategy.name=der"], "strategy.der.alpha="),
     ],
 )

@@ -1,7 +1,10 @@
 """Models: parameter counts, cross-device BatchNorm exactness, bfloat16 against float32."""
 
+import re
+
 import jax
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
 import optax
 import pytest
@@ -9,9 +12,10 @@ import pytest
 from cljax import buffer as buffer_lib
 from cljax import steps, strategies
 from cljax.collectives import SingleDevice
+from cljax.models import create_model
 from cljax.models.ghostnet import GhostNet
 from cljax.models.layers import BatchNorm, count_parameters
-from cljax.models.resnet import ResNet18, ResNet18Cifar, ResNet50
+from cljax.models.resnet import ResNet18, ResNet50
 
 IMAGE = (8, 8, 3)
 NUM_CLASSES, BATCH, CANDIDATES, REPS = 4, 4, 2, 3
@@ -64,11 +68,13 @@ def image_batch(step: int, num_devices: int) -> dict[str, np.ndarray]:
     }
 
 
-def resnet_setup(runtime, dtype=jnp.float32, learning_rate: float = 0.5):
-    """ER with a small ResNet-18 for 32x32 inputs, its BatchNorm summed over `runtime`."""
-    model = ResNet18Cifar(
-        num_classes=NUM_CLASSES, width=4, dtype=dtype, collectives=runtime.collectives
+def resnet_setup(runtime, dtype=jnp.float32, learning_rate: float = 0.5, batch_norm="global"):
+    """ER with a small ResNet-18 for 32x32 inputs, built as the trainer builds it, its
+    BatchNorm statistics over every device's rows (`global`) or each device's own."""
+    model_config = ml_collections.ConfigDict(
+        {"name": "resnet18_cifar", "resnet18_cifar": {"width": 4}, "batch_norm": batch_norm}
     )
+    model = create_model(model_config, NUM_CLASSES, dtype, runtime.collectives)
     buffer = buffer_lib.rehearsal_buffer(NUM_CLASSES, 3, CANDIDATES, REPS)
     settings = steps.StepConfig(
         model=model,
@@ -79,6 +85,7 @@ def resnet_setup(runtime, dtype=jnp.float32, learning_rate: float = 0.5):
         std=STD,
         dtype=dtype,
         buffer=buffer,
+        average_model_state=batch_norm == "per_device",
     )
     sample = jnp.zeros((1, *IMAGE), jnp.uint8)
     state = jax.device_put(
@@ -92,11 +99,18 @@ def resnet_setup(runtime, dtype=jnp.float32, learning_rate: float = 0.5):
     return settings, state, rehearsal, steps.make_train_step(runtime, settings)
 
 
-def test_a_step_on_d_devices_with_batch_norm_equals_one_step_on_the_global_batch(runtime):
+@pytest.mark.parametrize("batch_norm", ["global", "per_device"])
+def test_a_step_with_batch_norm_equals_single_device_passes_over_the_rows_it_normalises_together(
+    runtime, batch_norm
+):
     """Parameters and BatchNorm statistics after a step with representatives equal those of
-    a single-device step over every device's rows, masked rows excluded."""
+    single-device passes, masked rows excluded: one pass over every device's rows (`global`),
+    or one per device over its own rows, their running statistics averaged (`per_device`).
+    Only `global` BatchNorm sums statistics across devices."""
     learning_rate = 0.5
-    settings, state, rehearsal, train_step = resnet_setup(runtime, learning_rate=learning_rate)
+    settings, state, rehearsal, train_step = resnet_setup(
+        runtime, learning_rate=learning_rate, batch_norm=batch_norm
+    )
     devices = runtime.num_devices
     for step in range(2):
         state, rehearsal, _ = train_step(
@@ -105,26 +119,15 @@ def test_a_step_on_d_devices_with_batch_norm_equals_one_step_on_the_global_batch
     before, reps = jax.device_get((state, rehearsal.representatives))
     assert reps.weights.sum() > 0
     batch = image_batch(2, devices)
-    state, _, metrics = train_step(state, rehearsal, batch, jnp.int32(0), learning_rate)
+    args = (state, rehearsal, batch, jnp.int32(0), learning_rate)
+    hlo = train_step.lower(*args).compile().as_text()
+    state, _, metrics = train_step(*args)
 
-    single = settings.model.clone(collectives=SingleDevice())
-    inputs = settings.normalise(np.concatenate([batch["inputs"], reps.data["inputs"]]))
-    weights = np.concatenate([batch["mask"].astype(np.float32), reps.weights])
-    labels = np.concatenate([batch["labels"], reps.labels])
-
-    def global_loss(params):
-        logits, new_state = single.apply(
-            {**before.model_state, "params": params},
-            inputs,
-            train=True,
-            mask=weights > 0,
-            mutable=["batch_stats"],
-        )
-        losses = optax.softmax_cross_entropy_with_integer_labels(logits, labels)
-        return (losses * weights).sum() / weights.sum(), new_state
-
-    (loss, expected_state), grads = jax.value_and_grad(global_loss, has_aux=True)(before.params)
-    expected_params = jax.tree.map(lambda p, g: p - learning_rate * g, before.params, grads)
+    groups = devices if batch_norm == "per_device" else 1
+    normalised_together = rows_by_group(batch, reps, groups)
+    loss, expected_params, expected_state = single_device_step(
+        settings, before, normalised_together, learning_rate
+    )
     np.testing.assert_allclose(metrics["loss"], loss, rtol=1e-5)
     jax.tree.map(
         lambda a, b: np.testing.assert_allclose(a, b, rtol=2e-4, atol=2e-6),
@@ -136,6 +139,50 @@ def test_a_step_on_d_devices_with_batch_norm_equals_one_step_on_the_global_batch
         jax.device_get(state.model_state),
         expected_state,
     )
+    summed_statistics = re.findall(r"all-reduce\(.*BatchNorm", hlo)
+    assert bool(summed_statistics) == (batch_norm == "global")
+
+
+def rows_by_group(batch: dict, reps, groups: int) -> list[tuple[np.ndarray, ...]]:
+    """(inputs, labels, weights) of each of `groups` equal groups of devices: their new rows,
+    then their representatives, as the step puts them together."""
+    new = [np.split(batch[name], groups) for name in ("inputs", "labels", "mask")]
+    old = [np.split(value, groups) for value in (reps.data["inputs"], reps.labels, reps.weights)]
+    return [
+        tuple(
+            np.concatenate([new_part[g].astype(old_part[g].dtype), old_part[g]])
+            for new_part, old_part in zip(new, old, strict=True)
+        )
+        for g in range(groups)
+    ]
+
+
+def single_device_step(settings, before, groups, learning_rate: float):
+    """Loss, parameters and BatchNorm statistics after one SGD step on one device whose
+    BatchNorm normalises each group of rows (inputs, labels, weights) by its own statistics;
+    the loss weighs every row over all groups, the running statistics are the groups' mean."""
+    single = settings.model.clone(collectives=SingleDevice())
+    total_weight = sum(weights.sum() for _, _, weights in groups)
+
+    def loss_fn(params):
+        loss, new_states = 0.0, []
+        for inputs, labels, weights in groups:
+            logits, new_state = single.apply(
+                {**before.model_state, "params": params},
+                settings.normalise(inputs),
+                train=True,
+                mask=weights > 0,
+                mutable=["batch_stats"],
+            )
+            losses = optax.softmax_cross_entropy_with_integer_labels(logits, labels)
+            loss += (losses * weights).sum()
+            new_states.append(new_state)
+        mean_state = jax.tree.map(lambda *leaves: sum(leaves) / len(leaves), *new_states)
+        return loss / total_weight, mean_state
+
+    (loss, new_state), grads = jax.value_and_grad(loss_fn, has_aux=True)(before.params)
+    params = jax.tree.map(lambda p, g: p - learning_rate * g, before.params, grads)
+    return loss, params, new_state
 
 
 def test_bfloat16_and_float32_steps_agree_within_bfloat16_precision(runtime):

@@ -4,7 +4,8 @@ Every model maps a float batch (B, *input_shape) to logits, as `model(x, train=.
 `train` selects batch statistics over running averages in models with BatchNorm (and turns
 dropout on), and `mask` marks the rows (new samples and representatives) those statistics
 are computed over. cljax supplies the number of classes, and to models that take them the
-computation dtype and the collectives BatchNorm sums its statistics with.
+computation dtype and the collectives BatchNorm sums its statistics with: every device's
+(`batch_norm='global'`) or none (`'per_device'`, each device's own rows).
 """
 
 import dataclasses
@@ -28,6 +29,7 @@ MODELS: dict[str, type[nn.Module]] = {
     "resnet18_cifar": ResNet18Cifar,
     "ghostnet": GhostNet,
 }
+BATCH_NORM = ("global", "per_device")
 
 
 def create_model(
@@ -36,7 +38,10 @@ def create_model(
     dtype: Any = None,
     collectives: Collectives = SingleDevice(),  # noqa: B008 (stateless)
 ) -> nn.Module:
-    """Model `config.name` with its arguments `config[config.name]`."""
+    """Model `config.name` with its arguments `config[config.name]`; its BatchNorm sums
+    statistics over `collectives` unless `config.batch_norm` is `per_device`."""
+    if config.get("batch_norm", "global") == "per_device":
+        collectives = SingleDevice()
     cls = MODELS[config.name]
     fields = {field.name for field in dataclasses.fields(cls)}
     supplied = {"dtype": dtype, "collectives": collectives}
