@@ -2,7 +2,7 @@
 from-scratch training, from one device's compute time and stated link bandwidths.
 
     python benchmarks/scaling_model.py [--images_per_s 2500] [--p1 1.0] [--overlap 0 1] \
-        [--batch_norm global]
+        [--batch_norm per_device]
 
 Defaults describe the paper's run (ResNet-50 on ImageNet-1k in 4 tasks of 30 epochs, b = 56,
 r = 7 per GPU) on the paper's ThetaGPU: DGX A100 nodes of 8 GPUs joined by NVLink through
@@ -15,7 +15,8 @@ Per step and per device:
 - gradient all-reduce of `params` fp32 gradients, hierarchical: reduce-scatter and
   all-gather inside a node over NVLink, a ring across nodes over InfiniBand on 1/g of the
   gradients per GPU; `overlap` of it hides behind the backward pass (2/3 of compute);
-- BatchNorm (cljax's `model.batch_norm`): `global` sums its statistics over all devices,
+- BatchNorm (cljax's `model.batch_norm`; the paper's configs: `per_device`, as the authors'
+  scripts): `global` sums its statistics over all devices,
   two small all-reduces per BatchNorm layer, latency-bound (a tree: 2 log2 D hops), on the
   critical path; `per_device` has none, and the running statistics (`batchnorm_statistics`
   fp32 numbers) ride on the gradient all-reduce;
@@ -50,7 +51,7 @@ def parse_args() -> argparse.Namespace:
     add("--params", type=int, default=RESNET50_PARAMS)
     add("--batchnorm_layers", type=int, default=RESNET50_BATCHNORM_LAYERS)
     add("--batchnorm_statistics", type=int, default=RESNET50_BATCHNORM_STATISTICS)
-    add("--batch_norm", choices=["global", "per_device"], default="global")
+    add("--batch_norm", choices=["global", "per_device"], default="per_device")
     add("--gpus_per_node", type=int, default=8)
     add("--nvlink_gb_s", type=float, default=230.0, help="per GPU and direction, achieved")
     add("--ib_gb_s", type=float, default=23.0, help="per GPU and direction, achieved")
