@@ -33,7 +33,8 @@ the largest gap between two replicas of one step (1.07 / 1.00 gives 0.07): a P1 
 Cases (per-device b, r, c; r = b/8 and c = b/4 as in the paper's b = 56, r = 7, c = 14):
 `mlp` (digits 8x8, the default experiment's b = 4, r = 4, c = 2), `cnn` (32x32x3, 100
 classes, b = 32, r = 4, c = 8), `resnet18` (32x32x3, 100 classes, b = 32, r = 4, c = 8) and
-`resnet50` (224x224x3, 1000 classes, bf16, b = 56, r = 7, c = 14; for a GPU).
+`resnet50` (224x224x3, 1000 classes, bf16, b = 56, r = 7, c = 14, BatchNorm statistics per
+device as in the paper's config; for a GPU).
 
 `--profile DIR` also writes a `jax.profiler` trace of a few ER steps per case under DIR
 (open it with TensorBoard's profile plugin or Perfetto) to see where the buffer's insert,
@@ -76,6 +77,7 @@ CASES = {
         num_representatives=7,
         num_candidates=14,
         dtype="bfloat16",
+        batch_norm="per_device",
     ),
 }
 
