@@ -43,6 +43,7 @@ records, so only those cross between host and device.
 """
 
 import dataclasses
+import inspect
 from collections.abc import Callable, Mapping
 
 import jax
@@ -299,19 +300,29 @@ def _read_rows(stored: jax.Array, slots: jax.Array) -> jax.Array:
     return stored.reshape(-1, *stored.shape[2:])[slots]
 
 
-_on_host = compute_on("device_host")
+def _on_host(function: Callable) -> Callable:
+    """`function`, jitted, run by the host, its outputs left in host memory.
+
+    From JAX 0.11 on, `compute_on` wraps the function and names the outputs' memory; before,
+    it is a context manager that only sets where the computation runs.
+    """
+    if "out_memory_spaces" in inspect.signature(compute_on).parameters:
+        return compute_on(
+            jax.jit(function), compute_type="device_host", out_memory_spaces=jax.memory.Space.Host
+        )
+    return compute_on("device_host")(jax.jit(function))
 
 
 def _host_write_rows(stored: jax.Array, target: jax.Array, values: jax.Array) -> jax.Array:
     """`_write_rows` run by the host on slots in host memory."""
     host = jax.memory.Space.Host
-    write = _on_host(jax.jit(_write_rows))
+    write = _on_host(_write_rows)
     return write(stored, jax.device_put(target, host), jax.device_put(values, host))
 
 
 def _host_read_rows(stored: jax.Array, slots: jax.Array) -> jax.Array:
     """`_read_rows` run by the host on slots in host memory; the rows go to the device."""
-    rows = _on_host(jax.jit(_read_rows))(stored, jax.device_put(slots, jax.memory.Space.Host))
+    rows = _on_host(_read_rows)(stored, jax.device_put(slots, jax.memory.Space.Host))
     return jax.device_put(rows, jax.memory.Space.Device)
 
 
