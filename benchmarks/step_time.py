@@ -22,6 +22,8 @@ import time
 
 import jax
 
+from cljax.models import BATCH_NORM
+
 
 def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -37,7 +39,7 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--strategies", nargs="+", default=["incremental", "er"])
     parser.add_argument("--steps", type=int, default=5)
     parser.add_argument("--devices", type=int, default=1)
-    parser.add_argument("--batch_norm", default="global", choices=["global", "per_device"])
+    parser.add_argument("--batch_norm", default="global", choices=BATCH_NORM)
     return parser.parse_args()
 
 

@@ -19,7 +19,7 @@ from cljax import buffer as buffer_lib
 from cljax import optim, steps
 from cljax import runtime as runtime_lib
 from cljax.data import sources
-from cljax.models import create_model
+from cljax.models import create_model, per_device_batch_norm
 from cljax.strategies import STRATEGIES
 
 
@@ -146,7 +146,7 @@ def build(case: Case, devices: int | None = None) -> Bench:
         dtype=dtype,
         augmentation=case.augmentation,
         buffer=buffer,
-        average_model_state=case.batch_norm == "per_device",
+        average_model_state=per_device_batch_norm(model_config),
     )
     sample = jnp.zeros((1, *shape), jnp.uint8)
     state = jax.jit(

@@ -26,7 +26,7 @@ from cljax import runtime as runtime_lib
 from cljax import workdir as workdir_lib
 from cljax.data import pipeline, scenarios, sources
 from cljax.messages import ConfigError, Preempted, RunFailed, warn
-from cljax.models import create_model
+from cljax.models import create_model, per_device_batch_norm
 from cljax.strategies import STRATEGIES, Strategy
 
 TOP_K = 5
@@ -530,7 +530,7 @@ def _build(
         label_smoothing=config.label_smoothing,
         buffer=buffer,
         augment_from_task=config.buffer.augment_from_task,
-        average_model_state=config.model.batch_norm == "per_device",
+        average_model_state=per_device_batch_norm(config.model),
     )
     sample = pipeline.read_inputs(dataset.train, np.arange(1), views, dataset.input_shape)
     init_state = jax.jit(

@@ -12,7 +12,7 @@ import pytest
 from cljax import buffer as buffer_lib
 from cljax import steps, strategies
 from cljax.collectives import SingleDevice
-from cljax.models import create_model
+from cljax.models import create_model, per_device_batch_norm
 from cljax.models.ghostnet import GhostNet
 from cljax.models.layers import BatchNorm, count_parameters
 from cljax.models.resnet import ResNet18, ResNet50
@@ -85,7 +85,7 @@ def resnet_setup(runtime, dtype=jnp.float32, learning_rate: float = 0.5, batch_n
         std=STD,
         dtype=dtype,
         buffer=buffer,
-        average_model_state=batch_norm == "per_device",
+        average_model_state=per_device_batch_norm(model_config),
     )
     sample = jnp.zeros((1, *IMAGE), jnp.uint8)
     state = jax.device_put(

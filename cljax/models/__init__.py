@@ -32,6 +32,13 @@ MODELS: dict[str, type[nn.Module]] = {
 BATCH_NORM = ("global", "per_device")
 
 
+def per_device_batch_norm(config: ml_collections.ConfigDict) -> bool:
+    """Whether the models of `config` (a `model` section) normalise by each device's own
+    rows; the train step must then average their running statistics over devices
+    (`StepConfig.average_model_state`)."""
+    return config.get("batch_norm", "global") == "per_device"
+
+
 def create_model(
     config: ml_collections.ConfigDict,
     num_classes: int,
@@ -40,7 +47,7 @@ def create_model(
 ) -> nn.Module:
     """Model `config.name` with its arguments `config[config.name]`; its BatchNorm sums
     statistics over `collectives` unless `config.batch_norm` is `per_device`."""
-    if config.get("batch_norm", "global") == "per_device":
+    if per_device_batch_norm(config):
         collectives = SingleDevice()
     cls = MODELS[config.name]
     fields = {field.name for field in dataclasses.fields(cls)}
