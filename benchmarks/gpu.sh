@@ -1,11 +1,14 @@
 #!/usr/bin/env bash
-# The GPU measurements of the performance issue, in two calls of a lent GPU machine that has
+# The GPU measurements of the performance issue, in three calls of a lent GPU machine that has
 # JAX, Flax and optax but no package index.
 #
 #   PYTHON=.venv/bin/python bash benchmarks/gpu.sh wheels   # here: cljax's other imports as
 #       # Python 3.12 wheels in .whl/ (git-ignored, about 11 MB; carry it to the machine)
 #   bash benchmarks/gpu.sh overhead [ARGS]   # there: 3 runs of overhead.py (ResNet-50 bf16,
-#       # b = 56, r = 7, c = 14: P1, P2, images/s, peak memory) and a profile of ER steps
+#       # b = 56, r = 7, c = 14: P1, P2, images/s, peak memory)
+#   bash benchmarks/gpu.sh profile [ARGS]   # there: a profile of ER steps and its summary (where
+#       # each buffer op runs, how much of it nothing hides), with command buffers off so that
+#       # every kernel is tagged with its own HLO instruction
 #   bash benchmarks/gpu.sh step_and_input [ARGS]   # there: step_time.py for ResNet-50 and
 #       # input_pipeline.py with 4, 8 and 16 workers
 #
@@ -56,12 +59,15 @@ wheels)
     ;;
 overhead)
     prepare_machine
-    for run in 1 2 3; do
-        profile=()
-        if [ "$run" = 1 ]; then profile=(--profile /tmp/cljax-trace); fi
-        "$PYTHON" benchmarks/overhead.py --cases resnet50 "${profile[@]}" "${@:2}" \
-            | tee -a "$OUT/overhead.jsonl"
+    for _ in 1 2 3; do
+        "$PYTHON" benchmarks/overhead.py --cases resnet50 "${@:2}" | tee -a "$OUT/overhead.jsonl"
     done
+    ;;
+profile)
+    prepare_machine
+    XLA_FLAGS="${XLA_FLAGS:-} --xla_gpu_enable_command_buffer=" "$PYTHON" benchmarks/overhead.py \
+        --cases resnet50 --rounds 5 --replicas 1 --profile /tmp/cljax-trace "${@:2}" \
+        | tee "$OUT/profile.jsonl"
     tar -czf "$OUT/trace.tar.gz" -C /tmp cljax-trace
     ;;
 step_and_input)
@@ -73,7 +79,7 @@ step_and_input)
         | tee "$OUT/input_pipeline.jsonl"
     ;;
 *)
-    echo "usage: bash benchmarks/gpu.sh wheels | overhead [ARGS] | step_and_input [ARGS]" >&2
+    echo "usage: bash benchmarks/gpu.sh wheels | overhead|profile|step_and_input [ARGS]" >&2
     exit 2
     ;;
 esac

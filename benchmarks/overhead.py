@@ -37,13 +37,16 @@ classes, b = 32, r = 4, c = 8), `resnet18` (32x32x3, 100 classes, b = 32, r = 4,
 device as in the paper's config; for a GPU).
 
 `--profile DIR` also writes a `jax.profiler` trace of a few ER steps per case under DIR
-(open it with TensorBoard's profile plugin or Perfetto) to see where the buffer's insert,
-draw and exchange run against the forward and backward passes.
+(open it with TensorBoard's profile plugin or Perfetto), with the compiled step's HLO text
+beside it, and adds to the case's line a `profile`: trace_summary.py's account of where the
+buffer's insert, draw and exchange run against the forward and backward passes, and how much
+of their time no other work of the step hides.
 """
 
 import argparse
 import json
 import math
+import pathlib
 import statistics
 
 import jax
@@ -130,9 +133,7 @@ def measure(name: str, args: argparse.Namespace) -> dict:
         key: statistics.median(value for times in replicas for value in times)
         for key, replicas in by_step.items()
     }
-    if args.profile:
-        with jax.profiler.trace(f"{args.profile}/{name}"):
-            benches[0][1].run(PROFILED_STEPS)
+    profile = _profile(benches[0][1], f"{args.profile}/{name}") if args.profile else {}
     return {
         "case": name,
         "devices": devices,
@@ -149,7 +150,21 @@ def measure(name: str, args: argparse.Namespace) -> dict:
         "replica_spread": _replica_spread(by_step),
         "er_images_per_s": round(b * devices / median["er"], 1),
         "peak_memory_gib": benches[0][1].peak_memory_gib(),
+        **profile,
     }
+
+
+def _profile(bench, trace_dir: str) -> dict:
+    """Traces a few ER steps into `trace_dir`, with the compiled step's HLO text beside the
+    trace, and summarises where the step's time goes (trace_summary.py)."""
+    import trace_summary
+
+    with jax.profiler.trace(trace_dir):
+        bench.run(PROFILED_STEPS)
+    hlo_text = bench.compiled.as_text()
+    pathlib.Path(trace_dir, "step.hlo.txt").write_text(hlo_text)
+    events = trace_summary.read_trace_events(pathlib.Path(trace_dir))
+    return {"profile": trace_summary.summarize(events, hlo_text, PROFILED_STEPS)}
 
 
 def _replicas_by_step(benches: list, samples: list[list[float]]) -> dict[str, list[list[float]]]:

@@ -1,0 +1,194 @@
+"""Where a profiled train step spends its time, and how much of the buffer's work is exposed.
+
+    python benchmarks/trace_summary.py TRACE_DIR STEP_HLO [--steps 5]
+
+TRACE_DIR is a `jax.profiler.trace` directory (the newest `*.trace.json.gz` under it is read);
+STEP_HLO is the compiled step's HLO text (`jitted.lower(...).compile().as_text()`), which
+`overhead.py --profile` writes next to its trace. Both XLA:CPU and XLA:GPU tag each executed
+HLO instruction (a thunk on CPU, a kernel on GPU) with `hlo_op` and `hlo_module`; the HLO
+text gives each instruction's `op_name`, the path of JAX named scopes it came from. Each
+instruction falls in one category:
+
+- `buffer_insert`, `buffer_sample`: under cljax's named scopes of the same names (the sample
+  includes the exchange of representatives between devices);
+- `backward` (under `transpose(jvp(...))`), `forward` (under `jvp(...)`);
+- `all_reduce`: the gradients' (and the metrics') all-reduce;
+- `other`: the rest (optimizer update, PRNG splitting, augmentation, bookkeeping);
+- `unlabelled`: instructions the compiler left without an `op_name` (XLA:CPU's wrapped
+  single-op kernels, such as a max-pool's reduce-window).
+
+Prints one JSON line: per category, `busy_us` is the time per step and device during which at
+least one of its instructions runs; for the buffer's categories, `exposed_us` is the part of
+it during which no instruction outside the buffer runs on the same device (on another stream
+or thread): the time the buffer adds to the step if nothing else waits on it. `buffer_ops`
+lists the buffer's instructions by time. Caveats: a fusion carries one op_name, so a fusion
+mixing scopes counts whole in one category; a collective's time includes its wait for the
+slowest device; a loop and the instructions of its body are both listed; kernels tagged with
+an instruction missing from STEP_HLO are counted in `unattributed_us`. On a GPU, kernels that
+XLA runs as one command buffer (a CUDA graph) are tagged with the command buffer, not their
+own instruction: profile with `XLA_FLAGS=--xla_gpu_enable_command_buffer=` to see each one
+(`benchmarks/gpu.sh profile`).
+"""
+
+import argparse
+import gzip
+import json
+import pathlib
+import re
+from collections import defaultdict
+from collections.abc import Iterable
+
+BUFFER_CATEGORIES = ("buffer_insert", "buffer_sample")
+TRAINING_CATEGORIES = ("forward", "backward", "all_reduce", "other", "unlabelled")
+CATEGORIES = BUFFER_CATEGORIES + TRAINING_CATEGORIES
+_INSTRUCTION = re.compile(r"^\s*(?:ROOT )?%(\S+) = .*? ([a-z][\w-]*)\(")
+_OP_NAME = re.compile(r'op_name="([^"]*)"')
+_MODULE = re.compile(r"^HloModule (\S+?),")
+
+Interval = tuple[float, float]
+
+
+def categories_by_instruction(hlo_text: str) -> tuple[str, dict[str, tuple[str, str]]]:
+    """The HLO module's name, and each instruction's (category, op_name)."""
+    module = _MODULE.search(hlo_text)
+    if module is None:
+        raise ValueError("the step's HLO text has no 'HloModule NAME,' line")
+    labelled = {}
+    for line in hlo_text.splitlines():
+        match = _INSTRUCTION.match(line)
+        if match:
+            name, opcode = match.groups()
+            op_name = _OP_NAME.search(line)
+            op_name = op_name.group(1) if op_name else ""
+            labelled[name] = (_category(opcode, op_name), op_name)
+    return module.group(1), labelled
+
+
+def _category(opcode: str, op_name: str) -> str:
+    if not op_name:
+        return "unlabelled"
+    scopes = op_name.split("/")
+    for category in BUFFER_CATEGORIES:
+        if category in scopes:
+            return category
+    if "transpose(jvp(" in op_name:
+        return "backward"
+    if "jvp(" in op_name:
+        return "forward"
+    if opcode.startswith("all-reduce"):
+        return "all_reduce"
+    return "other"
+
+
+def read_trace_events(trace_dir: pathlib.Path) -> list[dict]:
+    """The complete events of the newest trace under `trace_dir`."""
+    traces = sorted(trace_dir.rglob("*.trace.json.gz"), key=lambda path: path.stat().st_mtime)
+    if not traces:
+        raise FileNotFoundError(f"no *.trace.json.gz under {trace_dir}")
+    with gzip.open(traces[-1]) as file:
+        events = json.load(file)["traceEvents"]
+    return [event for event in events if event.get("ph") == "X"]
+
+
+def summarize(events: Iterable[dict], hlo_text: str, steps: int) -> dict:
+    """Busy and exposed time per category, and per buffer instruction, per step and device."""
+    module, labelled = categories_by_instruction(hlo_text)
+    by_device: dict[str, list[tuple[str, Interval]]] = defaultdict(list)
+    unattributed = 0.0
+    for event in events:
+        args = event.get("args", {})
+        if args.get("hlo_module") != module or "hlo_op" not in args:
+            continue
+        if args["hlo_op"] not in labelled:
+            unattributed += event["dur"]
+            continue
+        device = str(args.get("device_ordinal", event["pid"]))
+        by_device[device].append((args["hlo_op"], (event["ts"], event["ts"] + event["dur"])))
+    busy = dict.fromkeys(CATEGORIES, 0.0)
+    exposed = dict.fromkeys(BUFFER_CATEGORIES, 0.0)
+    op_busy: dict[str, float] = defaultdict(float)
+    op_exposed: dict[str, float] = defaultdict(float)
+    for executed in by_device.values():
+        spans = defaultdict(list)
+        for name, span in executed:
+            spans[labelled[name][0]].append(span)
+        rest = union(span for category in TRAINING_CATEGORIES for span in spans[category])
+        for category in CATEGORIES:
+            merged = union(spans[category])
+            busy[category] += length(merged)
+            if category in BUFFER_CATEGORIES:
+                exposed[category] += length(merged) - overlap(merged, rest)
+        for name, (start, end) in executed:
+            if labelled[name][0] in BUFFER_CATEGORIES:
+                op_busy[name] += end - start
+                op_exposed[name] += end - start - overlap([(start, end)], rest)
+    per_step = 1 / (steps * max(len(by_device), 1))
+    return {
+        "steps": steps,
+        "devices": len(by_device),
+        "categories": {
+            category: {
+                "busy_us": round(busy[category] * per_step, 2),
+                **(
+                    {"exposed_us": round(exposed[category] * per_step, 2)}
+                    if category in BUFFER_CATEGORIES
+                    else {}
+                ),
+            }
+            for category in CATEGORIES
+        },
+        "buffer_ops": [
+            {
+                "hlo_op": name,
+                "category": labelled[name][0],
+                "busy_us": round(total * per_step, 2),
+                "exposed_us": round(op_exposed[name] * per_step, 2),
+                "op_name": labelled[name][1],
+            }
+            for name, total in sorted(op_busy.items(), key=lambda item: -item[1])
+        ],
+        "unattributed_us": round(unattributed * per_step, 2),
+    }
+
+
+def union(spans: Iterable[Interval]) -> list[Interval]:
+    """Sorted, disjoint intervals covering the same time as `spans`."""
+    merged: list[Interval] = []
+    for start, end in sorted(spans):
+        if merged and start <= merged[-1][1]:
+            merged[-1] = (merged[-1][0], max(merged[-1][1], end))
+        else:
+            merged.append((start, end))
+    return merged
+
+
+def length(merged: list[Interval]) -> float:
+    return sum(end - start for start, end in merged)
+
+
+def overlap(first: list[Interval], second: list[Interval]) -> float:
+    """The time covered by both lists of sorted, disjoint intervals."""
+    total, i, j = 0.0, 0, 0
+    while i < len(first) and j < len(second):
+        start = max(first[i][0], second[j][0])
+        end = min(first[i][1], second[j][1])
+        total += max(0.0, end - start)
+        if first[i][1] < second[j][1]:
+            i += 1
+        else:
+            j += 1
+    return total
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("trace_dir", type=pathlib.Path)
+    parser.add_argument("step_hlo", type=pathlib.Path)
+    parser.add_argument("--steps", type=int, default=5, help="steps the trace holds")
+    args = parser.parse_args()
+    events = read_trace_events(args.trace_dir)
+    print(json.dumps(summarize(events, args.step_hlo.read_text(), args.steps)))
+
+
+if __name__ == "__main__":
+    main()
