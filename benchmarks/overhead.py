@@ -38,18 +38,19 @@ device as in the paper's config; for a GPU).
 
 `--profile DIR` also writes a `jax.profiler` trace of a few ER steps per case under DIR
 (open it with TensorBoard's profile plugin or Perfetto), with the compiled step's HLO text
-beside it, and adds to the case's line a `profile`: trace_summary.py's account of where the
-buffer's insert, draw and exchange run against the forward and backward passes, and how much
-of their time no other work of the step hides.
+and the summary of cljax/profiling.py beside it, and adds that summary to the case's line as
+`profile`: where the buffer's insert, draw and exchange run against the forward and backward
+passes, and how much of their time no other work of the step hides.
 """
 
 import argparse
 import json
 import math
-import pathlib
 import statistics
 
 import jax
+
+from cljax import profiling
 
 CIFAR_SIZED = dict(
     image_size=32,
@@ -155,16 +156,13 @@ def measure(name: str, args: argparse.Namespace) -> dict:
 
 
 def _profile(bench, trace_dir: str) -> dict:
-    """Traces a few ER steps into `trace_dir`, with the compiled step's HLO text beside the
-    trace, and summarises where the step's time goes (trace_summary.py)."""
-    import trace_summary
-
-    with jax.profiler.trace(trace_dir):
-        bench.run(PROFILED_STEPS)
-    hlo_text = bench.compiled.as_text()
-    pathlib.Path(trace_dir, "step.hlo.txt").write_text(hlo_text)
-    events = trace_summary.read_trace_events(pathlib.Path(trace_dir))
-    return {"profile": trace_summary.summarize(events, hlo_text, PROFILED_STEPS)}
+    """Traces a few ER steps into `trace_dir`, with the compiled step's HLO text and the
+    summary of where the step's time goes beside the trace (cljax/profiling.py)."""
+    profile = profiling.StepProfile(trace_dir, first=0, count=PROFILED_STEPS)
+    profile.start(0)
+    bench.run(PROFILED_STEPS)
+    _, summary = profile.finish(PROFILED_STEPS, bench.compiled.as_text)
+    return {"profile": summary}
 
 
 def _replicas_by_step(benches: list, samples: list[list[float]]) -> dict[str, list[list[float]]]:

@@ -122,6 +122,12 @@ FIELD_DOCS = {
     "logging.wandb_entity": "the W&B team or user that owns the project (None: your default)",
     "logging.wandb_group": "the W&B group of the run, e.g. the sweep it belongs to",
     "logging.wandb_mode": "online, or offline (files under <workdir>/wandb, for `wandb sync`)",
+    "logging.profile_from_step": "trace logging.profile_steps training steps from this step of"
+    " the run (>= 1; step 0 compiles) into <workdir>/profile/process_<i> for TensorBoard's"
+    " profile plugin, with a summary.json of where the step's time goes (cljax/profiling.py);"
+    " None: no trace",
+    "logging.profile_steps": "training steps traced from logging.profile_from_step (fewer if"
+    " their task ends first)",
 }
 
 
@@ -216,6 +222,8 @@ def validate(config: ml_collections.ConfigDict) -> None:
     _positive("checkpoint.keep", config.checkpoint.keep)
     _positive("logging.every_steps", config.logging.every_steps)
     _one_of("logging.wandb_mode", config.logging.wandb_mode, WANDB_MODES)
+    _optional_positive("logging.profile_from_step", config.logging.profile_from_step)
+    _positive("logging.profile_steps", config.logging.profile_steps)
     _require(
         config.logging.wandb_project is None or importlib.util.find_spec("wandb") is not None,
         f"logging.wandb_project={config.logging.wandb_project} needs wandb, which is not"

@@ -10,6 +10,7 @@ import copy
 import dataclasses
 import json
 import math
+import os
 import time
 from collections.abc import Callable
 
@@ -21,7 +22,17 @@ from tqdm import tqdm
 
 from cljax import buffer as buffer_lib
 from cljax import checkpoint as checkpoint_lib
-from cljax import components, configuration, metrics, optim, plots, preemption, steps, tracking
+from cljax import (
+    components,
+    configuration,
+    metrics,
+    optim,
+    plots,
+    preemption,
+    profiling,
+    steps,
+    tracking,
+)
 from cljax import runtime as runtime_lib
 from cljax import workdir as workdir_lib
 from cljax.data import pipeline, scenarios, sources
@@ -731,6 +742,11 @@ class _TaskLoop:
         self.clock = clock
         self.bar = bar
         self.scalars = _StepScalars(run, report.tracker, feed)
+        self.profile = profiling.StepProfile(
+            os.path.join(run.directory.file("profile"), f"process_{run.runtime.process_index}"),
+            run.config.logging.profile_from_step,
+            run.config.logging.profile_steps,
+        )
 
     def train(self, state, rehearsal, task: int, first: pipeline.Position):
         """Runs `task`'s steps from `first`, taking their batches from the feed; returns
@@ -748,52 +764,69 @@ class _TaskLoop:
         self.bar.set_description(f"task {task + 1}/{len(clock.task_steps)}")
         timed_start = time.perf_counter() if begin == 0 and task == 0 else None
         unchecked, skipped = None, []
-        for index in range(begin, steps):
-            host_batch = next(self.feed)
-            skipped.extend(host_batch.pop("skipped").tolist())
-            batch = runtime.place(host_batch)
-            epoch, step = divmod(index, steps_per_epoch)
-            learning_rate = run.schedule(
-                optim.scope_epoch(
-                    config.optimizer.schedule_scope,
-                    task,
-                    epoch,
-                    step,
-                    steps_per_epoch,
-                    config.epochs_per_task,
+        with self.profile:
+            for index in range(begin, steps):
+                host_batch = next(self.feed)
+                skipped.extend(host_batch.pop("skipped").tolist())
+                batch = runtime.place(host_batch)
+                epoch, step = divmod(index, steps_per_epoch)
+                learning_rate = run.schedule(
+                    optim.scope_epoch(
+                        config.optimizer.schedule_scope,
+                        task,
+                        epoch,
+                        step,
+                        steps_per_epoch,
+                        config.epochs_per_task,
+                    )
                 )
-            )
-            state, rehearsal, step_metrics = run.train_step(
-                state, rehearsal, batch, task_id, jnp.float32(learning_rate)
-            )
-            if unchecked is not None:
-                self._check_finite(*unchecked, task)
-            unchecked = (step_metrics, index)
-            self.bar.update(run.global_batch_size)
-            self.watchdog.progress()
-            after = pipeline.Position(task, *divmod(index + 1, steps_per_epoch))
-            done = clock.done_steps(after)
-            if index == begin:
-                self.scalars.restart(done)
-            if timed_start is not None and index == 0:
-                jax.block_until_ready(step_metrics)
-                seconds = time.perf_counter() - timed_start
-                run.log(f"first train step done in {seconds:.1f}s (compilation included)")
-            if (index + 1) % steps_per_epoch == 0:
-                self.bar.set_postfix(loss=f"{float(step_metrics['loss']):.3f}")
-            self.scalars.at(done, step_metrics, float(learning_rate))
-            stop = self.preempt.requested(done)
-            every = config.checkpoint.every_steps
-            if index + 1 < steps and (stop or (every and done % every == 0)):
-                self._check_finite(*unchecked, task)
-                unchecked = None
-                self.save(done, state, rehearsal, after)
-            if stop:
-                raise Preempted(_preempted_message(self.preempt, self.report, after))
+                done_before = clock.done_steps(pipeline.Position(task, epoch, step))
+                if self.profile.starts_at(done_before):
+                    jax.block_until_ready((state, rehearsal))
+                    self.profile.start(done_before)
+                state, rehearsal, step_metrics = run.train_step(
+                    state, rehearsal, batch, task_id, jnp.float32(learning_rate)
+                )
+                if unchecked is not None:
+                    self._check_finite(*unchecked, task)
+                unchecked = (step_metrics, index)
+                self.bar.update(run.global_batch_size)
+                self.watchdog.progress()
+                after = pipeline.Position(task, *divmod(index + 1, steps_per_epoch))
+                done = clock.done_steps(after)
+                if index == begin:
+                    self.scalars.restart(done)
+                if timed_start is not None and index == 0:
+                    jax.block_until_ready(step_metrics)
+                    seconds = time.perf_counter() - timed_start
+                    run.log(f"first train step done in {seconds:.1f}s (compilation included)")
+                if (index + 1) % steps_per_epoch == 0:
+                    self.bar.set_postfix(loss=f"{float(step_metrics['loss']):.3f}")
+                self.scalars.at(done, step_metrics, float(learning_rate))
+                if self.profile.ends_at(done, task_ends=index + 1 == steps):
+                    step_args = (state, rehearsal, batch, task_id, jnp.float32(learning_rate))
+                    self._finish_profile(done, step_args)
+                stop = self.preempt.requested(done)
+                every = config.checkpoint.every_steps
+                if index + 1 < steps and (stop or (every and done % every == 0)):
+                    self._check_finite(*unchecked, task)
+                    unchecked = None
+                    self.save(done, state, rehearsal, after)
+                if stop:
+                    raise Preempted(_preempted_message(self.preempt, self.report, after))
         if unchecked is not None:
             self._check_finite(*unchecked, task)
         jax.block_until_ready((state, rehearsal))
         return state, rehearsal, skipped
+
+    def _finish_profile(self, done: int, step_args: tuple) -> None:
+        """Ends the profile once the traced steps have run; the step's HLO text comes from
+        the compiled step already in memory."""
+        jax.block_until_ready(step_args)
+        folder, summary = self.profile.finish(
+            done, lambda: self.run.train_step.lower(*step_args).compile().as_text()
+        )
+        self.run.log(f"profiled {summary['steps']} steps: {folder} (summary.json, TensorBoard)")
 
     def save(self, done: int, state, rehearsal, position: pipeline.Position) -> None:
         elapsed = self.clock.elapsed(self.feed.wait_s)

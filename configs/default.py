@@ -94,6 +94,8 @@ def get_config(strategy: str = "er") -> ml_collections.ConfigDict:
     config.logging.wandb_entity = placeholder(str)
     config.logging.wandb_group = placeholder(str)
     config.logging.wandb_mode = "online"
+    config.logging.profile_from_step = placeholder(int)
+    config.logging.profile_steps = 5
 
     config.batch_size = 4
     config.eval_batch_size = 512

@@ -60,6 +60,7 @@ def test_cli_writes_well_formed_metrics_json(tmp_path, data_dir):
         (["--config.model.name=cnn", "--config.model.cnn.dense_size=0"], "model.cnn.dense_size="),
         (["--config.model.cnn.dense_sizes=3"], "--config.model.cnn.dense_sizes is not a"),
         (["--config.model.batch_norm=sync"], "model.batch_norm="),
+        (["--config.logging.profile_from_step=0"], "logging.profile_from_step="),
         (["--config.strategy.der.alpha=-1", "--config.strategy.name=der"], "strategy.der.alpha="),
     ],
 )

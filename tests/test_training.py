@@ -7,7 +7,7 @@ import re
 import numpy as np
 import pytest
 
-from cljax import configuration, metrics, plots, report, trainer
+from cljax import configuration, metrics, plots, profiling, report, trainer
 from tests.helpers import REPO, tensorboard_scalars
 
 
@@ -32,10 +32,15 @@ def workdirs(tmp_path_factory) -> dict:
     }
 
 
+PROFILED = {"profile_from_step": 3, "profile_steps": 2}
+
+
 @pytest.fixture(scope="module")
 def results(data_dir, workdirs):
+    configs = {strategy: digits_config(data_dir, strategy) for strategy in workdirs}
+    configs["er"].logging.update(PROFILED)
     return {
-        strategy: trainer.train_and_evaluate(digits_config(data_dir, strategy), str(workdir))
+        strategy: trainer.train_and_evaluate(configs[strategy], str(workdir))
         for strategy, workdir in workdirs.items()
     }
 
@@ -65,6 +70,17 @@ def test_written_metrics_equal_returned_metrics(results, workdirs):
         written = json.loads((workdirs[name] / "metrics.json").read_text())
         assert written["accuracy_matrix"] == run["accuracy_matrix"]
         assert written["num_devices"] == 8
+
+
+def test_a_profiled_run_leaves_a_trace_and_its_summary(results, workdirs):
+    summaries = list((workdirs["er"] / "profile" / "process_0").rglob(profiling.SUMMARY_NAME))
+    assert len(summaries) == 1
+    summary = json.loads(summaries[0].read_text())
+    assert summary["steps"] == PROFILED["profile_steps"]
+    assert summary["categories"]["buffer_sample"]["busy_us"] > 0
+    assert list(summaries[0].parent.glob("*.xplane.pb")), "TensorBoard's profile plugin reads it"
+    assert (summaries[0].parent / profiling.HLO_NAME).exists()
+    assert not (workdirs["incremental"] / "profile").exists()
 
 
 def test_rerunning_into_a_finished_workdir_is_refused(results, data_dir, workdirs):

@@ -1,9 +1,12 @@
-"""The profile summary of benchmarks/overhead.py: its time accounting, and a real trace."""
+"""The profile of training steps: its time accounting, and real traces."""
+
+import json
 
 import jax
 import pytest
 
-from benchmarks import overhead, stepbench, trace_summary
+from benchmarks import overhead, stepbench
+from cljax import profiling
 
 HLO = """HloModule jit_step, is_scheduled=true, entry_computation_layout={()->f32[]}
 
@@ -25,7 +28,7 @@ def _event(device: int, hlo_op: str, start: float, end: float, module: str = "ji
 
 
 def test_instructions_fall_in_the_category_of_their_scope():
-    module, labelled = trace_summary.categories_by_instruction(HLO)
+    module, labelled = profiling.categories_by_instruction(HLO)
     assert module == "jit_step"
     assert {name: category for name, (category, _) in labelled.items()} == {
         "sort.1": "buffer_insert",
@@ -55,7 +58,7 @@ def test_buffer_time_hidden_by_other_work_on_its_device_is_not_exposed():
         _event(0, "sort.1", 0, 1000, module="jit_other"),
         _event(1, "fusion.99", 50, 58),
     ]
-    summary = trace_summary.summarize(events, HLO, steps=2)
+    summary = profiling.summarize(events, HLO, steps=2)
     per_step = 1 / (2 * 2)
     assert summary["devices"] == 2
     categories = summary["categories"]
@@ -80,10 +83,15 @@ def test_a_profiled_er_step_has_every_buffer_instruction_attributed(tmp_path):
     bench = stepbench.build(case)
     bench.compile()
     bench.run(1)
-    with jax.profiler.trace(str(tmp_path)):
-        bench.run(2)
-    events = trace_summary.read_trace_events(tmp_path)
-    summary = trace_summary.summarize(events, bench.compiled.as_text(), steps=2)
+    profile = profiling.StepProfile(str(tmp_path), first=0, count=2)
+    assert profile.starts_at(0)
+    profile.start(0)
+    bench.run(2)
+    folder, summary = profile.finish(2, bench.compiled.as_text)
+    assert json.loads((folder / profiling.SUMMARY_NAME).read_text()) == summary
+    assert (folder / profiling.HLO_NAME).read_text() == bench.compiled.as_text()
+    assert not profile.starts_at(0), "a run is profiled once"
+    assert summary["steps"] == 2
     assert summary["devices"] == len(jax.devices())
     assert summary["unattributed_us"] == 0
     for category in ("buffer_insert", "buffer_sample", "forward", "backward", "all_reduce"):
@@ -94,4 +102,18 @@ def test_a_profiled_er_step_has_every_buffer_instruction_attributed(tmp_path):
 
 def test_a_directory_without_a_trace_is_named(tmp_path):
     with pytest.raises(FileNotFoundError, match=f"no .*trace.json.gz under {tmp_path}"):
-        trace_summary.read_trace_events(tmp_path)
+        profiling.read_trace_events(tmp_path)
+
+
+def test_a_profile_ends_with_its_task_and_stops_the_profiler_if_a_step_fails(tmp_path):
+    profile = profiling.StepProfile(str(tmp_path / "run"), first=3, count=5)
+    assert not profile.starts_at(2)
+    with pytest.raises(RuntimeError, match="a failed step"), profile:
+        profile.start(3)
+        assert not profile.ends_at(4, task_ends=False)
+        assert profile.ends_at(4, task_ends=True)
+        assert profile.ends_at(8, task_ends=False)
+        raise RuntimeError("a failed step")
+    assert not profile.active
+    with jax.profiler.trace(str(tmp_path / "next")):
+        pass

@@ -1,13 +1,15 @@
 """Where a profiled train step spends its time, and how much of the buffer's work is exposed.
 
-    python benchmarks/trace_summary.py TRACE_DIR STEP_HLO [--steps 5]
+`StepProfile` traces a few training steps of a run (`logging.profile_from_step`); by hand:
+
+    python -m cljax.profiling TRACE_DIR STEP_HLO [--steps 5]
 
 TRACE_DIR is a `jax.profiler.trace` directory (the newest `*.trace.json.gz` under it is read);
-STEP_HLO is the compiled step's HLO text (`jitted.lower(...).compile().as_text()`), which
-`overhead.py --profile` writes next to its trace. Both XLA:CPU and XLA:GPU tag each executed
-HLO instruction (a thunk on CPU, a kernel on GPU) with `hlo_op` and `hlo_module`; the HLO
-text gives each instruction's `op_name`, the path of JAX named scopes it came from. Each
-instruction falls in one category:
+STEP_HLO is the compiled step's HLO text (`jitted.lower(...).compile().as_text()`), which the
+trainer and `benchmarks/overhead.py --profile` write next to their traces. Both XLA:CPU and
+XLA:GPU tag each executed HLO instruction (a thunk on CPU, a kernel on GPU) with `hlo_op` and
+`hlo_module`; the HLO text gives each instruction's `op_name`, the path of JAX named scopes it
+came from. Each instruction falls in one category:
 
 - `buffer_insert`, `buffer_sample`: under cljax's named scopes of the same names (the sample
   includes the exchange of representatives between devices);
@@ -17,17 +19,18 @@ instruction falls in one category:
 - `unlabelled`: instructions the compiler left without an `op_name` (XLA:CPU's wrapped
   single-op kernels, such as a max-pool's reduce-window).
 
-Prints one JSON line: per category, `busy_us` is the time per step and device during which at
-least one of its instructions runs; for the buffer's categories, `exposed_us` is the part of
-it during which no instruction outside the buffer runs on the same device (on another stream
-or thread): the time the buffer adds to the step if nothing else waits on it. `buffer_ops`
-lists the buffer's instructions by time. Caveats: a fusion carries one op_name, so a fusion
-mixing scopes counts whole in one category; a collective's time includes its wait for the
-slowest device; a loop and the instructions of its body are both listed; kernels tagged with
-an instruction missing from STEP_HLO are counted in `unattributed_us`. On a GPU, kernels that
-XLA runs as one command buffer (a CUDA graph) are tagged with the command buffer, not their
-own instruction: profile with `XLA_FLAGS=--xla_gpu_enable_command_buffer=` to see each one
-(`benchmarks/gpu.sh profile`).
+The summary (one JSON line by hand, `summary.json` beside a run's trace): per category,
+`busy_us` is the time per step and device during which at least one of its instructions runs;
+for the buffer's categories, `exposed_us` is the part of it during which no instruction
+outside the buffer runs on the same device (on another stream or thread): the time the buffer
+adds to the step if nothing else waits on it. `buffer_ops` lists the buffer's instructions by
+time. Caveats: a fusion carries one op_name, so a fusion mixing scopes counts whole in one
+category; a collective's time includes its wait for the slowest device; a loop and the
+instructions of its body are both listed; kernels tagged with an instruction missing from
+STEP_HLO are counted in `unattributed_us`. On a GPU, kernels that XLA runs as one command
+buffer (a CUDA graph) are tagged with the command buffer, not their own instruction: profile
+with `XLA_FLAGS=--xla_gpu_enable_command_buffer=` to see each one (`benchmarks/gpu.sh
+profile`).
 """
 
 import argparse
@@ -36,7 +39,9 @@ import json
 import pathlib
 import re
 from collections import defaultdict
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
+
+import jax
 
 BUFFER_CATEGORIES = ("buffer_insert", "buffer_sample")
 TRAINING_CATEGORIES = ("forward", "backward", "all_reduce", "other", "unlabelled")
@@ -45,7 +50,55 @@ _INSTRUCTION = re.compile(r"^\s*(?:ROOT )?%(\S+) = .*? ([a-z][\w-]*)\(")
 _OP_NAME = re.compile(r'op_name="([^"]*)"')
 _MODULE = re.compile(r"^HloModule (\S+?),")
 
+HLO_NAME = "step.hlo.txt"
+SUMMARY_NAME = "summary.json"
+
 Interval = tuple[float, float]
+
+
+class StepProfile:
+    """Traces `count` training steps of a run from step `first` (steps of the run done
+    before it) with `jax.profiler` into `directory`, where TensorBoard's profile plugin
+    finds it, and writes beside the trace the compiled step's HLO text and its summary."""
+
+    def __init__(self, directory: str, first: int | None, count: int):
+        self.directory, self.first, self.count = directory, first, count
+        self.traced_from: int | None = None
+        self.active = False
+
+    def starts_at(self, done: int) -> bool:
+        """Whether tracing starts with the step after `done` steps of the run."""
+        return done == self.first and self.traced_from is None
+
+    def start(self, done: int) -> None:
+        jax.profiler.start_trace(self.directory)
+        self.traced_from, self.active = done, True
+
+    def ends_at(self, done: int, task_ends: bool) -> bool:
+        """Whether tracing ends after `done` steps of the run (or, if sooner, with the
+        last step of the task)."""
+        return self.active and (task_ends or done == self.traced_from + self.count)
+
+    def finish(self, done: int, step_hlo: Callable[[], str]) -> tuple[pathlib.Path, dict]:
+        """Ends the trace once `done` steps of the run have finished, and writes the HLO
+        text (from `step_hlo`) and the summary of the traced steps beside it."""
+        jax.profiler.stop_trace()
+        self.active = False
+        folder = newest_trace(pathlib.Path(self.directory)).parent
+        hlo_text = step_hlo()
+        (folder / HLO_NAME).write_text(hlo_text)
+        summary = summarize(read_trace_events(folder), hlo_text, done - self.traced_from)
+        (folder / SUMMARY_NAME).write_text(json.dumps(summary, indent=1) + "\n")
+        return folder, summary
+
+    def __enter__(self) -> "StepProfile":
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        """Ends a trace that a failed step interrupted, leaving it unsummarised."""
+        if self.active:
+            jax.profiler.stop_trace()
+            self.active = False
 
 
 def categories_by_instruction(hlo_text: str) -> tuple[str, dict[str, tuple[str, str]]]:
@@ -58,15 +111,13 @@ def categories_by_instruction(hlo_text: str) -> tuple[str, dict[str, tuple[str, 
         match = _INSTRUCTION.match(line)
         if match:
             name, opcode = match.groups()
-            op_name = _OP_NAME.search(line)
-            op_name = op_name.group(1) if op_name else ""
+            metadata = _OP_NAME.search(line)
+            op_name = metadata.group(1) if metadata else ""
             labelled[name] = (_category(opcode, op_name), op_name)
     return module.group(1), labelled
 
 
 def _category(opcode: str, op_name: str) -> str:
-    if not op_name:
-        return "unlabelled"
     scopes = op_name.split("/")
     for category in BUFFER_CATEGORIES:
         if category in scopes:
@@ -77,15 +128,21 @@ def _category(opcode: str, op_name: str) -> str:
         return "forward"
     if opcode.startswith("all-reduce"):
         return "all_reduce"
-    return "other"
+    return "other" if op_name else "unlabelled"
+
+
+def newest_trace(trace_dir: pathlib.Path) -> pathlib.Path:
+    """The newest `*.trace.json.gz` under `trace_dir` (`jax.profiler` writes each trace in
+    a folder of its own, named by the time)."""
+    traces = sorted(trace_dir.rglob("*.trace.json.gz"), key=lambda path: path.stat().st_mtime)
+    if not traces:
+        raise FileNotFoundError(f"no *.trace.json.gz under {trace_dir}")
+    return traces[-1]
 
 
 def read_trace_events(trace_dir: pathlib.Path) -> list[dict]:
     """The complete events of the newest trace under `trace_dir`."""
-    traces = sorted(trace_dir.rglob("*.trace.json.gz"), key=lambda path: path.stat().st_mtime)
-    if not traces:
-        raise FileNotFoundError(f"no *.trace.json.gz under {trace_dir}")
-    with gzip.open(traces[-1]) as file:
+    with gzip.open(newest_trace(trace_dir)) as file:
         events = json.load(file)["traceEvents"]
     return [event for event in events if event.get("ph") == "X"]
 
@@ -97,7 +154,8 @@ def summarize(events: Iterable[dict], hlo_text: str, steps: int) -> dict:
     unattributed = 0.0
     for event in events:
         args = event.get("args", {})
-        if args.get("hlo_module") != module or "hlo_op" not in args:
+        # XLA:GPU's profiler may name the module with its program id: jit_step(123).
+        if args.get("hlo_module", "").split("(")[0] != module or "hlo_op" not in args:
             continue
         if args["hlo_op"] not in labelled:
             unattributed += event["dur"]
