@@ -1,6 +1,6 @@
 """What rehearsal costs per step: ER against incremental training at batch b + r and b.
 
-    python benchmarks/overhead.py [--devices 1] [--cases mlp cnn resnet18] [--rounds 20] \
+    python benchmarks/overhead.py [--devices 1] [--cases mlp cnn resnet18] [--rounds 20] \\
         [--steps_per_sample 5] [--min_sample_s 0.2] [--replicas 2]
     python benchmarks/overhead.py --cases resnet50 --profile /tmp/trace   # on a GPU
 

@@ -1,7 +1,7 @@
 """A model of step time and whole-run time at D = 1 ... 128 GPUs for incremental, ER and
 from-scratch training, from one device's compute time and stated link bandwidths.
 
-    python benchmarks/scaling_model.py [--images_per_s 2500] [--p1 1.0] [--overlap 0 1] \
+    python benchmarks/scaling_model.py [--images_per_s 2500] [--p1 1.0] [--overlap 0 1] \\
         [--batch_norm per_device]
 
 Defaults describe the paper's run (ResNet-50 on ImageNet-1k in 4 tasks of 30 epochs, b = 56,

@@ -1,7 +1,7 @@
 """Compile time, step time, images/s and peak memory of the train step, by model and strategy.
 
     python benchmarks/step_time.py --model resnet50 --image_size 224 --batch_size 56 \\
-        --dtype bfloat16 --strategies incremental er [--steps 5] [--devices 1] \
+        --dtype bfloat16 --strategies incremental er [--steps 5] [--devices 1] \\
         [--batch_norm global]
 
 The step is cljax's own (`steps.make_train_step`) on one mesh of `--devices` devices, fed

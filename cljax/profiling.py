@@ -84,10 +84,11 @@ class StepProfile:
         text (from `step_hlo`) and the summary of the traced steps beside it."""
         jax.profiler.stop_trace()
         self.active = False
-        folder = newest_trace(pathlib.Path(self.directory)).parent
+        trace = newest_trace(pathlib.Path(self.directory))
+        folder = trace.parent
         hlo_text = step_hlo()
         (folder / HLO_NAME).write_text(hlo_text)
-        summary = summarize(read_trace_events(folder), hlo_text, done - self.traced_from)
+        summary = summarize(read_trace_events(trace), hlo_text, done - self.traced_from)
         (folder / SUMMARY_NAME).write_text(json.dumps(summary, indent=1) + "\n")
         return folder, summary
 
@@ -140,9 +141,9 @@ def newest_trace(trace_dir: pathlib.Path) -> pathlib.Path:
     return traces[-1]
 
 
-def read_trace_events(trace_dir: pathlib.Path) -> list[dict]:
-    """The complete events of the newest trace under `trace_dir`."""
-    with gzip.open(newest_trace(trace_dir)) as file:
+def read_trace_events(trace: pathlib.Path) -> list[dict]:
+    """The complete events of a `*.trace.json.gz`."""
+    with gzip.open(trace) as file:
         events = json.load(file)["traceEvents"]
     return [event for event in events if event.get("ph") == "X"]
 
@@ -244,7 +245,7 @@ def main() -> None:
     parser.add_argument("step_hlo", type=pathlib.Path)
     parser.add_argument("--steps", type=int, default=5, help="steps the trace holds")
     args = parser.parse_args()
-    events = read_trace_events(args.trace_dir)
+    events = read_trace_events(newest_trace(args.trace_dir))
     print(json.dumps(summarize(events, args.step_hlo.read_text(), args.steps)))
 
 

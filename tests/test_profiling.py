@@ -102,7 +102,7 @@ def test_a_profiled_er_step_has_every_buffer_instruction_attributed(tmp_path):
 
 def test_a_directory_without_a_trace_is_named(tmp_path):
     with pytest.raises(FileNotFoundError, match=f"no .*trace.json.gz under {tmp_path}"):
-        profiling.read_trace_events(tmp_path)
+        profiling.newest_trace(tmp_path)
 
 
 def test_a_profile_ends_with_its_task_and_stops_the_profiler_if_a_step_fails(tmp_path):
