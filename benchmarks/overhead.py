@@ -3,6 +3,14 @@
     python benchmarks/overhead.py [--devices 1] [--cases mlp cnn resnet18] [--rounds 20] \\
         [--steps_per_sample 5] [--min_sample_s 0.2] [--replicas 2]
     python benchmarks/overhead.py --cases resnet50 --profile /tmp/trace   # on a GPU
+    srun --nodes 2 --ntasks-per-node 8 --gpus-per-task 1 \\
+        python benchmarks/overhead.py --devices 16 --cases resnet50   # 2 nodes of 8 GPUs
+    mpirun -n 2 python benchmarks/overhead.py --devices 4   # 2 processes on a CPU
+
+Under a launcher (`srun`, `mpirun`, `mpiexec`) the processes join by jax.distributed as a
+training run's do, and the mesh spans all `--devices` devices of all of them (on a CPU,
+`--devices` simulated devices split evenly over the processes, their collectives over gloo):
+the exchange and the all-reduce then cross processes, and nodes. Only process 0 prints.
 
 Per case, three compiled train steps (cljax's own, on random device-resident batches, see
 stepbench.py) on a mesh of `--devices` devices:
@@ -101,7 +109,7 @@ def parse_args() -> argparse.Namespace:
     return parser.parse_args()
 
 
-def measure(name: str, args: argparse.Namespace) -> dict:
+def measure(name: str, args: argparse.Namespace, runtime) -> dict:
     import stepbench
 
     devices = args.devices
@@ -123,7 +131,9 @@ def measure(name: str, args: argparse.Namespace) -> dict:
         bench.compile()
         bench.run(1)
     probe = benches[0][1].timed_steps(args.steps_per_sample)
+    # Every process must run the same steps: process 0's count is everyone's.
     steps = max(args.steps_per_sample, math.ceil(args.min_sample_s / probe))
+    steps = int(runtime.broadcast_text(str(steps)))
     samples = [[] for _ in benches]
     for round_index in range(args.rounds):
         for position in range(len(benches)):
@@ -134,10 +144,16 @@ def measure(name: str, args: argparse.Namespace) -> dict:
         key: statistics.median(value for times in replicas for value in times)
         for key, replicas in by_step.items()
     }
-    profile = _profile(benches[0][1], f"{args.profile}/{name}") if args.profile else {}
+    profile = {}
+    if args.profile:
+        trace_dir = f"{args.profile}/{name}"
+        if runtime.process_count > 1:
+            trace_dir += f"/process_{runtime.process_index}"
+        profile = _profile(benches[0][1], trace_dir)
     return {
         "case": name,
         "devices": devices,
+        "processes": runtime.process_count,
         "backend": jax.default_backend(),
         "b": b,
         "r": r,
@@ -184,9 +200,13 @@ def _replica_spread(by_step: dict[str, list[list[float]]]) -> float | None:
 
 def main() -> None:
     args = parse_args()
-    jax.config.update("jax_num_cpu_devices", args.devices)
+    import stepbench
+
+    runtime = stepbench.start(args.devices)
     for name in args.cases:
-        print(json.dumps(measure(name, args)), flush=True)
+        line = measure(name, args, runtime)
+        if runtime.is_main:
+            print(json.dumps(line), flush=True)
 
 
 if __name__ == "__main__":

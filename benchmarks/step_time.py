@@ -45,9 +45,9 @@ def parse_args() -> argparse.Namespace:
 
 def main() -> None:
     args = parse_args()
-    jax.config.update("jax_num_cpu_devices", args.devices)
     import stepbench
 
+    runtime = stepbench.start(args.devices)
     for strategy in args.strategies:
         case = stepbench.Case(
             model=args.model,
@@ -69,6 +69,8 @@ def main() -> None:
         bench.run(1)
         times = [bench.timed_steps() for _ in range(args.steps)]
         step_s = statistics.median(times)
+        if not runtime.is_main:
+            continue
         print(
             json.dumps(
                 {

@@ -1,9 +1,9 @@
 """cljax's train step on random device-resident batches, for the step-time benchmarks.
 
+`start(devices)` starts JAX as a training run does, before anything else of JAX runs;
 `build(Case(...))` returns a `Bench` holding the jitted step, its states and a batch already
 on the devices: `compile()`, then `timed_steps(count)` runs `count` steps as the trainer
-runs them and returns their seconds per step. Importing this module starts JAX: set the
-CPU device count first.
+runs them and returns their seconds per step.
 """
 
 import dataclasses
@@ -103,6 +103,40 @@ class Bench:
         return None if peak is None else round(peak / 2**30, 2)
 
 
+def start(devices: int) -> runtime_lib.JaxRuntime:
+    """Starts JAX for a benchmark on `devices` devices in all: on a CPU, that many simulated
+    devices split evenly over the processes a launcher started (`srun`, `mpirun`), which
+    join by jax.distributed as in training; on GPUs, the first `devices` of them, or, in a
+    job of several processes, all of every process."""
+    processes = runtime_lib.launched_processes()[0]
+    if devices < 1 or devices % processes:
+        raise SystemExit(
+            f"--devices={devices} cannot be split evenly over the {processes} processes the"
+            f" launcher started; use a multiple of {processes}"
+        )
+    config = ml_collections.ConfigDict(
+        {
+            "num_cpu_devices": devices,
+            "distributed": {
+                "backend": "jax",
+                "coordinator_address": None,
+                "num_processes": None,
+                "process_id": None,
+                "timeout_s": 600,
+            },
+        }
+    )
+    runtime = runtime_lib.JaxRuntime.start(config)
+    available = len(jax.devices())
+    if devices > available or (runtime.process_count > 1 and devices != available):
+        raise SystemExit(
+            f"--devices={devices} does not fit this job's {available} devices"
+            f" ({runtime.process_count} processes); use {available}"
+            + (" or fewer" if runtime.process_count == 1 else "")
+        )
+    return runtime
+
+
 def _optimizer_config() -> ml_collections.ConfigDict:
     """The paper's optimizer: SGD with momentum 0.9 and weight decay 5e-5."""
     config = ml_collections.ConfigDict()
@@ -120,7 +154,8 @@ def _optimizer_config() -> ml_collections.ConfigDict:
 
 
 def build(case: Case, devices: int | None = None) -> Bench:
-    """The step of `case` on the first `devices` devices (all by default)."""
+    """The step of `case` on the first `devices` devices (all by default; all of every
+    process in a job of several)."""
     runtime = runtime_lib.JaxRuntime(timeout_s=600)
     if devices is not None:
         runtime.mesh = jax.sharding.Mesh(np.asarray(jax.devices()[:devices]), ("data",))
@@ -163,12 +198,14 @@ def build(case: Case, devices: int | None = None) -> Bench:
             buffer.init_sharded(example, runtime.sharded),
             buffer.empty_representatives_sharded(example, runtime.sharded),
         )
-    batch = runtime.place(_host_batch(case, runtime.num_devices, shape, buffer is not None))
+    local_devices = len(runtime.mesh.local_devices)
+    batch = runtime.place(_host_batch(case, local_devices, shape, buffer is not None))
     bench = Bench(steps.make_train_step(runtime, settings), state, rehearsal, batch, runtime)
     return bench
 
 
 def _host_batch(case: Case, num_devices: int, shape, with_candidates: bool) -> dict[str, Any]:
+    """This process's rows of a batch: `batch_size` per device of `num_devices`."""
     rng = np.random.default_rng(0)
     rows = case.batch_size * num_devices
     batch = {

@@ -13,6 +13,7 @@ only place in cljax that knows which communication backend runs:
 
 import abc
 import contextlib
+import itertools
 import logging
 import os
 import socket
@@ -44,9 +45,13 @@ _CLUSTER_SIZE_VARIABLES = {
     "PALS_NRANKS": "mpi4py",
 }
 _CPU_COLLECTIVE_TIMEOUT_FLAG = "--xla_cpu_collective_call_terminate_timeout_seconds"
-_BROADCAST_KEY = "cljax/broadcast"
+_BROADCAST_PREFIX = "cljax/broadcast/"
 _ALIVE_PREFIX = "cljax/alive/"
 _GATHER_PREFIX = "cljax/gather/"
+# Numbers the key-value exchanges of this process (broadcasts, gathers), whichever runtime
+# object makes them: every process makes the same ones in the same order, so the numbers
+# agree, and a second run in one job (a notebook) reuses no key.
+_exchange_numbers = itertools.count(1)
 
 
 class Runtime(abc.ABC):
@@ -176,7 +181,6 @@ class JaxRuntime(Runtime):
 
     def __init__(self, timeout_s: float):
         super().__init__(Mesh(np.asarray(jax.devices()), (AXIS,)), JaxCollectives(), timeout_s)
-        self._gathers = 0
 
     @classmethod
     def start(cls, config: ml_collections.ConfigDict) -> "JaxRuntime":
@@ -196,19 +200,21 @@ class JaxRuntime(Runtime):
         return cls(distributed.timeout_s)
 
     def broadcast_text(self, text: str | None) -> str:
+        """Through the coordinator's key-value store, under a key numbered by call: a
+        process that reads late still gets the text of the same call."""
         if self.process_count == 1:
             return text
         client = jax_distributed.global_state.client
+        key = f"{_BROADCAST_PREFIX}{next(_exchange_numbers)}"
         if self.is_main:
-            client.key_value_set(_BROADCAST_KEY, text, allow_overwrite=True)
+            client.key_value_set(key, text)
             return text
-        return client.blocking_key_value_get(_BROADCAST_KEY, int(self.timeout_s * 1000))
+        return client.blocking_key_value_get(key, int(self.timeout_s * 1000))
 
     def _gather_texts(self, text: str) -> list[str]:
         """Through the coordinator's key-value store, under keys numbered by call."""
         client = jax_distributed.global_state.client
-        self._gathers += 1
-        prefix = f"{_GATHER_PREFIX}{self._gathers}/"
+        prefix = f"{_GATHER_PREFIX}{next(_exchange_numbers)}/"
         client.key_value_set(f"{prefix}{self.process_index}", text)
         timeout = int(self.timeout_s * 1000)
         return [

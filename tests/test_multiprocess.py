@@ -4,6 +4,7 @@ Each run is a short digits experiment; multi-process accuracy matrices must equa
 a single process with the same global batch and seed.
 """
 
+import itertools
 import json
 import os
 import signal
@@ -12,9 +13,12 @@ import subprocess
 import sys
 import time
 
+import jax
 import numpy as np
 import pytest
+from jax._src import distributed as jax_distributed
 
+from cljax import runtime as runtime_lib
 from tests.helpers import wait_for_line
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -99,6 +103,60 @@ def test_mpirun_with_the_mpi_backend_equals_one_process_of_two_devices(tmp_path,
     with open(workdir / "metrics.json") as file:
         assert json.load(file)["num_devices"] == 2
     np.testing.assert_array_equal(accuracy(workdir), single_process(tmp_path, env, 2))
+
+
+def test_overhead_benchmark_times_steps_across_mpirun_processes(data_dir):
+    """Both processes of `mpirun -n 2` time the same steps of one mesh over their 4
+    devices; only process 0 prints its line."""
+    pytest.importorskip("mpi4py", reason="pip install -e '.[mpi]' (see README)")
+    command = [f"{BIN}/mpirun", "-n", "2", sys.executable, "benchmarks/overhead.py"]
+    quick = ["--rounds=1", "--replicas=1", "--steps_per_sample=1", "--min_sample_s=0"]
+    result = run([*command, "--devices=4", "--cases", "mlp", *quick], environment(data_dir))
+    lines = [json.loads(line) for line in result.stdout.splitlines() if line.startswith("{")]
+    assert [(line["devices"], line["processes"]) for line in lines] == [(4, 2)]
+    assert lines[0]["er_step_s"] > 0 and lines[0]["incremental_b_step_s"] > 0
+
+
+def test_benchmark_devices_that_do_not_split_over_the_processes_stop_it(data_dir):
+    pytest.importorskip("mpi4py", reason="pip install -e '.[mpi]' (see README)")
+    command = [f"{BIN}/mpirun", "-n", "2", sys.executable, "benchmarks/overhead.py"]
+    result = subprocess.run(
+        [*command, "--devices=3"],
+        cwd=REPO,
+        env=environment(data_dir),
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert result.returncode != 0
+    assert "--devices=3 cannot be split evenly over the 2 processes" in result.stderr
+
+
+class KeyValueStore:
+    """jax.distributed's key-value store, in memory: one for the processes of a test."""
+
+    def __init__(self):
+        self.values: dict[str, str] = {}
+
+    def key_value_set(self, key: str, value: str, allow_overwrite: bool = False) -> None:
+        assert allow_overwrite or key not in self.values, f"{key} is set twice"
+        self.values[key] = value
+
+    def blocking_key_value_get(self, key: str, timeout_ms: int) -> str:
+        return self.values[key]
+
+
+def test_every_broadcast_reaches_a_process_that_reads_it_late(monkeypatch):
+    """Process 0 broadcasts twice before process 1 reads: process 1 gets both, in order."""
+    runtimes = {index: runtime_lib.JaxRuntime(timeout_s=1) for index in (0, 1)}
+    monkeypatch.setattr(jax_distributed.global_state, "client", KeyValueStore())
+    monkeypatch.setattr(jax, "process_count", lambda: 2)
+    received = {}
+    for index, runtime in runtimes.items():
+        monkeypatch.setattr(jax, "process_index", lambda index=index: index)
+        monkeypatch.setattr(runtime_lib, "_exchange_numbers", itertools.count(1))
+        received[index] = [runtime.broadcast_text(f"{text} of {index}") for text in "ab"]
+    assert received == {0: ["a of 0", "b of 0"], 1: ["a of 0", "b of 0"]}
 
 
 def start_process(rank: int, port: int, timeout_s: int, workdir, env) -> subprocess.Popen:
