@@ -16,7 +16,7 @@ import ml_collections
 import numpy as np
 
 from cljax import buffer as buffer_lib
-from cljax import optim, steps
+from cljax import configuration, optim, steps
 from cljax import runtime as runtime_lib
 from cljax.data import sources
 from cljax.models import create_model, per_device_batch_norm
@@ -114,18 +114,8 @@ def start(devices: int) -> runtime_lib.JaxRuntime:
             f"--devices={devices} cannot be split evenly over the {processes} processes the"
             f" launcher started; use a multiple of {processes}"
         )
-    config = ml_collections.ConfigDict(
-        {
-            "num_cpu_devices": devices,
-            "distributed": {
-                "backend": "jax",
-                "coordinator_address": None,
-                "num_processes": None,
-                "process_id": None,
-                "timeout_s": 600,
-            },
-        }
-    )
+    config = configuration.load_config()
+    config.num_cpu_devices, config.distributed.timeout_s = devices, 600
     runtime = runtime_lib.JaxRuntime.start(config)
     available = len(jax.devices())
     if devices > available or (runtime.process_count > 1 and devices != available):
