@@ -372,11 +372,14 @@ def _initialize_jax_distributed(config: ml_collections.ConfigDict) -> None:
     if (not explicit and launched == 1) or jax.distributed.is_initialized():
         return
     jax.config.update("jax_cpu_collectives_implementation", "gloo")
-    # JAX's own heartbeat check stops a process with a long crash dump; it is set to fire
-    # only after the watchdog, which says in one line which process was lost.
+    # JAX's own heartbeat check aborts every process with a long crash dump once a process
+    # has sent no heartbeat for heartbeat_timeout_seconds. Heartbeats go every half of that
+    # (measured on jaxlib 0.10: aborts came 23 to 40 s after a kill with 40 s, 59 to 63 s
+    # with 80 s), so the first abort can come half of it after a death. Half is set to
+    # 2 timeout_s + 10, well after the watchdog (timeout_s), which names the lost process.
     timeouts = {
         "initialization_timeout": config.timeout_s,
-        "heartbeat_timeout_seconds": 2 * config.timeout_s + 10,
+        "heartbeat_timeout_seconds": 4 * config.timeout_s + 20,
         "shutdown_timeout_seconds": config.timeout_s,
     }
     print(
@@ -395,32 +398,45 @@ def _initialize_jax_distributed(config: ml_collections.ConfigDict) -> None:
 
 class _KeyValueLiveness:
     """Each process posts the time every second in the coordination service's key-value
-    store; a process whose post is older than a few seconds has gone silent."""
+    store and notes, by its own clock, when each process's post last changed: a process
+    whose post stopped changing has gone silent. Its own clock, so that the clocks of
+    different nodes need not agree and a post left by an earlier run in the same job counts
+    only from when this watchdog first saw it."""
 
     STALE_S = 5.0
 
     def __init__(self, client, process_index: int, process_count: int):
         self.client = client
         self.process_index = process_index
-        self.process_count = process_count
+        self.reachable = True
+        started = time.monotonic()
+        self._seen: dict[int, tuple[str | None, float]] = {
+            index: (None, started) for index in range(process_count)
+        }
 
     def report_alive(self) -> None:
         key = f"{_ALIVE_PREFIX}{self.process_index}"
         self.client.key_value_set(key, repr(time.time()), allow_overwrite=True)
 
-    def silent_processes(self) -> list[int] | None:
-        """Processes whose last post is stale or missing; None if the store is unreachable
-        (process 0, which hosts it, is gone)."""
+    def observe(self) -> None:
+        """Reads every process's post; the store is unreachable when process 0, which hosts
+        it, is gone."""
         try:
             posts = dict(self.client.key_value_dir_get(_ALIVE_PREFIX))
         except Exception:  # any failure here means the coordinator is unreachable
-            return None
-        now = time.time()
-        return [
-            index
-            for index in range(self.process_count)
-            if now - float(posts.get(f"{_ALIVE_PREFIX}{index}", "0")) > self.STALE_S
-        ]
+            self.reachable = False
+            return
+        self.reachable = True
+        now = time.monotonic()
+        for index, (seen, _) in self._seen.items():
+            post = posts.get(f"{_ALIVE_PREFIX}{index}")
+            if post != seen:
+                self._seen[index] = (post, now)
+
+    def silent_processes(self, longer_than_s: float) -> list[int]:
+        """Processes whose post has not changed for `longer_than_s`."""
+        now = time.monotonic()
+        return [index for index, (_, since) in self._seen.items() if now - since > longer_than_s]
 
 
 class Watchdog:
@@ -428,13 +444,14 @@ class Watchdog:
 
     In a multi-process run, a process that died or cannot be reached leaves the others
     blocked in a collective; the watchdog turns that hang into an exit with status 3 and
-    says which process went silent. It arms at the first reported progress, so that
-    compiling the first step (which can take long for a large model) never counts; until
-    then JAX's start-up timeout and heartbeats stand guard. An inactive watchdog (a single
-    process) does nothing.
+    says which process went silent. The stall check arms at the first reported progress, so
+    that compiling the first step (which can take long for a large model) never counts;
+    until then the watchdog stops only when another process has gone silent for
+    `timeout_s`. An inactive watchdog (a single process) does nothing.
     """
 
     EXIT_STATUS = EXIT_LOST_PROCESS
+    ADVICE = "check its log (distributed.log_dir) and start the job again; stopping"
 
     def __init__(
         self, timeout_s: float, process_index: int = 0, what: str = "training", active=True
@@ -454,18 +471,31 @@ class Watchdog:
     def _watch(self) -> None:
         while not self._stop.wait(min(1.0, self.timeout_s / 4)):
             if self.liveness is not None:
-                with contextlib.suppress(Exception):  # the stall check below reports it
+                with contextlib.suppress(Exception):  # observe() notices an unreachable store
                     self.liveness.report_alive()
+                self.liveness.observe()
             if self._last is None:
+                self._stop_if_another_went_silent()
                 continue
             idle = time.monotonic() - self._last
             if idle > self.timeout_s:
-                print(self._lost_message(idle), file=sys.stderr, flush=True)
-                os._exit(self.EXIT_STATUS)
+                self._stop_process(self._stall_message(idle))
 
-    def _lost_message(self, idle: float) -> str:
-        silent = self.liveness.silent_processes() if self.liveness is not None else []
-        if silent is None:
+    def _stop_if_another_went_silent(self) -> None:
+        if self.liveness is None or not self.liveness.reachable:
+            return
+        silent = self.liveness.silent_processes(self.timeout_s)
+        if silent:
+            self._stop_process(
+                f"cljax: process {self.process_index} lost process"
+                f" {', '.join(map(str, silent))} before its first {self.what} progress: silent"
+                f" for more than distributed.timeout_s={self.timeout_s} s; {self.ADVICE}"
+            )
+
+    def _stall_message(self, idle: float) -> str:
+        liveness = self.liveness
+        silent = liveness.silent_processes(liveness.STALE_S) if liveness is not None else []
+        if liveness is not None and not liveness.reachable:
             lost = "lost contact with process 0 (the coordinator)"
         elif silent:
             lost = f"lost process {', '.join(map(str, silent))}"
@@ -473,9 +503,13 @@ class Watchdog:
             lost = "another process probably died or cannot be reached"
         return (
             f"cljax: process {self.process_index} made no {self.what} progress for {idle:.0f} s"
-            f" (distributed.timeout_s={self.timeout_s}): {lost}; check its log"
-            " (distributed.log_dir) and start the job again; stopping"
+            f" (distributed.timeout_s={self.timeout_s}): {lost}; {self.ADVICE}"
         )
+
+    @staticmethod
+    def _stop_process(message: str) -> None:
+        print(message, file=sys.stderr, flush=True)
+        os._exit(Watchdog.EXIT_STATUS)
 
     def __enter__(self) -> "Watchdog":
         if self.active:

@@ -193,7 +193,7 @@ def test_survivor_of_a_killed_process_stops_with_a_clear_error_within_the_timeou
     victim.send_signal(signal.SIGKILL)
     killed_at = time.monotonic()
     _, stderr = survivor.communicate(timeout=timeout_s + 60)
-    assert survivor.returncode == 3
+    assert survivor.returncode == 3, stderr[-3000:]
     assert time.monotonic() - killed_at < timeout_s + 60
     lines = stderr.strip().splitlines()
     assert lines[-1].startswith("cljax: process 0 made no training progress")
@@ -229,6 +229,56 @@ def test_watchdog_stops_a_process_that_makes_no_progress_once_armed(tmp_path):
     assert "not armed yet" in result.stdout
     assert "made no training progress" in result.stderr
     assert time.monotonic() - start < 20
+
+
+# A key-value store in which process 1's post changes only after `$CHANGES_AFTER_S`
+# (never when unset); process 1's first post is left over from an earlier run.
+KEY_VALUE_STORE = """
+import os, time
+from cljax.runtime import Watchdog, _KeyValueLiveness
+changes_after_s = float(os.environ.get("CHANGES_AFTER_S", "inf"))
+started = time.monotonic()
+class Store:
+    posts = {"cljax/alive/1": "left by an earlier run"}
+    def key_value_set(self, key, value, allow_overwrite=False):
+        self.posts[key] = value
+    def key_value_dir_get(self, prefix):
+        if time.monotonic() - started > changes_after_s:
+            self.posts["cljax/alive/1"] = repr(time.monotonic())
+        return list(self.posts.items())
+watchdog = Watchdog(timeout_s=2)
+watchdog.liveness = _KeyValueLiveness(Store(), 0, 2)
+with watchdog:
+    time.sleep(6)
+print("still running", flush=True)
+"""
+
+
+@pytest.mark.parametrize("changes_after_s", [None, 1.0])
+def test_watchdog_stops_before_the_first_progress_only_when_another_process_went_silent(
+    changes_after_s,
+):
+    """Compiling the first step reports no progress; a silent peer must still stop the run,
+    and a peer whose first post is old but which then posts must not."""
+    env = dict(os.environ)
+    if changes_after_s is not None:
+        env["CHANGES_AFTER_S"] = str(changes_after_s)
+    result = subprocess.run(
+        [sys.executable, "-c", KEY_VALUE_STORE],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=60,
+    )
+    if changes_after_s is None:
+        assert result.returncode == 3, result.stderr[-2000:]
+        assert result.stderr.strip().startswith(
+            "cljax: process 0 lost process 1 before its first training progress"
+        )
+        assert "still running" not in result.stdout
+    else:
+        assert result.returncode == 0, result.stderr[-2000:]
+        assert "still running" in result.stdout
 
 
 def test_two_local_jobs_started_together_pick_their_own_ports(tmp_path, data_dir):
