@@ -1,7 +1,10 @@
 """Live scalars of a run: TensorBoard event files always, Weights & Biases when asked.
 
 TensorBoard files go to `<workdir>/tensorboard` through tensorboardX, which writes the
-event format without TensorFlow. With `logging.wandb_project`, the same scalars and the
+event format without TensorFlow. They are written through its `EventsWriter`, in the calling
+thread: its `SummaryWriter` hands events to a thread through a queue, and its `flush()`
+returns while events still wait there, so a run killed after a checkpoint lost points
+logged before it. With `logging.wandb_project`, the same scalars and the
 resolved config also go to a W&B run whose files live in `<workdir>/wandb`; a resumed run
 continues the same W&B run (its id is kept in `<workdir>/wandb_id`). Only process 0 writes.
 """
@@ -9,9 +12,11 @@ continues the same W&B run (its id is kept in `<workdir>/wandb_id`). Only proces
 import json
 import os
 import secrets
+import time
 
-from tensorboardX import SummaryWriter
-from tensorboardX.summary import hparams
+from tensorboardX.event_file_writer import EventsWriter
+from tensorboardX.proto.event_pb2 import Event, SessionLog
+from tensorboardX.summary import hparams, scalar, text
 
 from cljax import checkpoint
 
@@ -51,12 +56,19 @@ class Tracker:
             return
         directory = os.path.join(workdir, TENSORBOARD_DIRECTORY)
         fresh = not os.path.isdir(directory)
-        self.tensorboard = SummaryWriter(directory, purge_step=first_step + 1)
+        os.makedirs(directory, exist_ok=True)
+        # A file of its own, even for a second attempt started by this process within the
+        # same second (the name holds the time in seconds).
+        self.tensorboard = EventsWriter(
+            os.path.join(directory, "events"), f".{os.getpid()}.{secrets.token_hex(3)}"
+        )
+        # TensorBoard drops what earlier attempts logged from this step on.
+        self._write(first_step + 1, session_log=SessionLog(status=SessionLog.START))
         flat = hparams_of(resolved_config)
         if fresh:
             for summary in hparams(flat, dict.fromkeys(summary_metrics, 0.0)):
-                self.tensorboard.file_writer.add_summary(summary)
-            self.tensorboard.add_text("config", _as_markdown(flat))
+                self._write(0, summary=summary)
+            self._write(0, summary=text("config", _as_markdown(flat)))
         if logging_config.wandb_project:
             self.wandb_run = _start_wandb(workdir, logging_config, flat)
 
@@ -71,13 +83,16 @@ class Tracker:
         if not self.is_main:
             return
         for tag, value in values.items():
-            self.tensorboard.add_scalar(tag, float(value), step)
+            self._write(step, summary=scalar(tag, float(value)))
         if self.wandb_run is not None:
             self.wandb_run.log({tag: float(value) for tag, value in values.items()}, step=step)
 
+    def _write(self, step: int, **fields) -> None:
+        self.tensorboard.write_event(Event(wall_time=time.time(), step=step, **fields))
+
     def flush(self) -> None:
-        """Writes out what is queued: called with every checkpoint, so that a run killed
-        later has on disk every point up to the step it resumes from."""
+        """Hands what was written to the operating system: called with every checkpoint, so
+        that a run killed later has on disk every point up to the step it resumes from."""
         if self.is_main:
             self.tensorboard.flush()
 

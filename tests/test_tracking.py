@@ -1,12 +1,13 @@
-"""What a run shows while it runs: its console output and its Weights & Biases files."""
+"""What a run shows while it runs: its console output, its TensorBoard and W&B files."""
 
 import glob
 import pathlib
 import re
+import signal
 import subprocess
 import sys
 
-from tests.helpers import REPO, subprocess_env
+from tests.helpers import REPO, subprocess_env, tensorboard_scalars
 
 TABLE_LINE = re.compile(r"^(top\d accuracy|after \\ on|\s+T\d+ )")
 
@@ -56,3 +57,31 @@ def test_wandb_offline_writes_its_run_with_no_network(tmp_path, data_dir):
     written = pathlib.Path(run_file).read_bytes()  # W&B's records keep their keys as text
     for key in ("strategy.name", "train/loss", "perf/samples_per_s", "top1/average_accuracy"):
         assert key.encode() in written, key
+
+
+# Writes 40 scalars at each of steps 1 to 3, flushes as before a checkpoint, and is killed.
+KILLED_AFTER_FLUSH = """
+import os, signal, sys
+import ml_collections
+from cljax.tracking import Tracker
+logging_config = ml_collections.ConfigDict({"wandb_project": None})
+tracker = Tracker(sys.argv[1], logging_config, {"seed": 0}, ["final"], True, first_step=0)
+for step in (1, 2, 3):
+    tracker.scalars(step, {f"tag{index}": step for index in range(40)})
+tracker.flush()
+os.kill(os.getpid(), signal.SIGKILL)
+"""
+
+
+def test_a_run_killed_right_after_a_flush_leaves_every_point_it_flushed(tmp_path):
+    """What is flushed before a checkpoint must be on disk when the process dies."""
+    result = subprocess.run(
+        [sys.executable, "-c", KILLED_AFTER_FLUSH, str(tmp_path)],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert result.returncode == -signal.SIGKILL, result.stderr[-2000:]
+    scalars = tensorboard_scalars(tmp_path)
+    assert scalars == {f"tag{index}": [(1, 1.0), (2, 2.0), (3, 3.0)] for index in range(40)}
