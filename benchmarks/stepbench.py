@@ -71,7 +71,9 @@ class Bench:
         self.step, self.state, self.rehearsal, self.batch = step, state, rehearsal, batch
         self.runtime = runtime
         self.compiled = None
-        self.task_id, self.learning_rate = jnp.int32(1), jnp.float32(0.1)
+        # Placed once, as the trainer places them (Runtime.replicate).
+        self.task_id = runtime.replicate(np.int32(1))
+        self.learning_rate = runtime.replicate(np.float32(0.1))
 
     def compile(self) -> None:
         args = (self.state, self.rehearsal, self.batch, self.task_id, self.learning_rate)

@@ -105,13 +105,24 @@ class Runtime(abc.ABC):
         """`fn` as per-device code over the mesh axis."""
 
     def place(self, local: dict[str, np.ndarray]) -> dict:
-        """This process's rows of a global batch, on the mesh as global arrays."""
-        return {
-            key: jax.make_array_from_process_local_data(
-                self.sharded, value, (len(value) * jax.process_count(), *value.shape[1:])
-            )
-            for key, value in local.items()
-        }
+        """This process's rows of a global batch, on the mesh as global arrays.
+
+        One call for all of them: in a job of one process that is one batched transfer,
+        cheaper than one per array (README, "Parallelism").
+        """
+        return jax.make_array_from_process_local_data(self.sharded, local)
+
+    def replicate(self, value: np.ndarray | np.generic) -> jax.Array:
+        """A host value that every process holds alike, copied to every device of the mesh.
+
+        A step's scalar arguments (task id, learning rate) placed this way once cost the
+        steps that reuse them nothing; passed as host values, jit copies them to every
+        device again at every call, through Python (README, "Parallelism").
+        """
+        value = np.asarray(value)
+        return jax.make_array_from_callback(
+            value.shape, self.replicated, lambda index: value[index]
+        )
 
     def memory_kinds(self) -> list[str]:
         """The kinds of memory this process's devices have (device, pinned_host, ...)."""

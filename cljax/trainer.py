@@ -728,6 +728,23 @@ class _StepScalars:
         self.restart(done)
 
 
+class _Replicated:
+    """One step argument's host value on every device, copied there again only when it
+    changes: the task id once per task, a learning rate once for as long as it stays the
+    same (see `Runtime.replicate`)."""
+
+    def __init__(self, runtime: runtime_lib.Runtime, dtype: type[np.generic]):
+        self.runtime = runtime
+        self.dtype = dtype
+        self.value, self.placed = None, None
+
+    def __call__(self, value: float) -> jax.Array:
+        value = self.dtype(value)
+        if value != self.value:
+            self.value, self.placed = value, self.runtime.replicate(value)
+        return self.placed
+
+
 class _TaskLoop:
     """The training steps of one task, with the checkpoints, the preemption checks and the
     training scalars between them."""
@@ -742,6 +759,8 @@ class _TaskLoop:
         self.clock = clock
         self.bar = bar
         self.scalars = _StepScalars(run, report.tracker, feed)
+        self.task_id = _Replicated(run.runtime, np.int32)
+        self.learning_rate = _Replicated(run.runtime, np.float32)
         self.profile = profiling.StepProfile(
             os.path.join(run.directory.file("profile"), f"process_{run.runtime.process_index}"),
             run.config.logging.profile_from_step,
@@ -758,7 +777,7 @@ class _TaskLoop:
         """
         run, clock = self.run, self.clock
         config, runtime = run.config, run.runtime
-        task_id = jnp.int32(task)
+        task_id = self.task_id(task)
         steps, steps_per_epoch = clock.task_steps[task], clock.steps_per_epoch(task)
         begin = first.epoch * steps_per_epoch + first.step
         self.bar.set_description(f"task {task + 1}/{len(clock.task_steps)}")
@@ -784,9 +803,8 @@ class _TaskLoop:
                 if self.profile.starts_at(done_before):
                     jax.block_until_ready((state, rehearsal))
                     self.profile.start(done_before)
-                state, rehearsal, step_metrics = run.train_step(
-                    state, rehearsal, batch, task_id, jnp.float32(learning_rate)
-                )
+                step_args = (batch, task_id, self.learning_rate(learning_rate))
+                state, rehearsal, step_metrics = run.train_step(state, rehearsal, *step_args)
                 if unchecked is not None:
                     self._check_finite(*unchecked, task)
                 unchecked = (step_metrics, index)
@@ -804,8 +822,7 @@ class _TaskLoop:
                     self.bar.set_postfix(loss=f"{float(step_metrics['loss']):.3f}")
                 self.scalars.at(done, step_metrics, float(learning_rate))
                 if self.profile.ends_at(done, task_ends=index + 1 == steps):
-                    step_args = (state, rehearsal, batch, task_id, jnp.float32(learning_rate))
-                    self._finish_profile(done, step_args)
+                    self._finish_profile(done, (state, rehearsal, *step_args))
                 stop = self.preempt.requested(done)
                 every = config.checkpoint.every_steps
                 if index + 1 < steps and (stop or (every and done % every == 0)):

@@ -1,5 +1,6 @@
 """End-to-end training on digits with 8 devices: strategies order as the method predicts."""
 
+import itertools
 import json
 import pathlib
 import re
@@ -7,7 +8,7 @@ import re
 import numpy as np
 import pytest
 
-from cljax import configuration, metrics, plots, profiling, report, trainer
+from cljax import configuration, metrics, plots, profiling, report, steps, trainer
 from tests.helpers import REPO, tensorboard_scalars
 
 
@@ -109,6 +110,45 @@ def test_tfds_image_dataset_trains_end_to_end_with_augmentation(tmp_path, synthe
     assert run["config"]["model"]["name"] == "cnn"
     assert run["config"]["dataset"]["augment"] == "crop_flip"
     assert len(run["task_timings"]) == 2 and run["data_wait_s"] >= 0
+
+
+def test_the_step_gets_its_scalars_on_every_device_placed_again_only_when_they_change(
+    tmp_path, data_dir, monkeypatch
+):
+    """The task id and the learning rate reach the step as arrays on every device of the
+    run, with the task's and the schedule's values, and are copied to the devices again only
+    when their value changes (a copy per step would cost every step)."""
+    make_train_step, calls = steps.make_train_step, []
+
+    def recording(*args):
+        step = make_train_step(*args)
+
+        def wrapped(state, rehearsal, batch, task_id, learning_rate):
+            calls.append((task_id, learning_rate))
+            return step(state, rehearsal, batch, task_id, learning_rate)
+
+        return wrapped
+
+    monkeypatch.setattr(steps, "make_train_step", recording)
+    config = configuration.load_config("default:incremental")
+    config.dataset.data_dir = data_dir
+    config.scenario.num_tasks, config.epochs_per_task = 2, 2
+    config.optimizer.update(lr_scaling="linear", warmup_epochs=1.0)
+    devices = trainer.train_and_evaluate(config, str(tmp_path / "run"))["num_devices"]
+
+    for argument in (arg for call in calls for arg in call):
+        assert argument.sharding.is_fully_replicated
+        assert len(argument.sharding.device_set) == devices
+    task_ids, rates = ([call[i] for call in calls] for i in (0, 1))
+    assert [int(task_id) for task_id in task_ids] == sorted(int(t) for t in task_ids)
+    assert {int(task_id) for task_id in task_ids} == {0, 1}
+    peak = config.optimizer.learning_rate * devices
+    assert float(rates[0]) == pytest.approx(config.optimizer.learning_rate)
+    assert float(rates[-1]) == pytest.approx(peak)
+    for arguments in (task_ids, rates):
+        assert len({float(value) for value in arguments}) > 1
+        for before, after in itertools.pairwise(arguments):
+            assert (after is before) == (float(after) == float(before))
 
 
 # What ER logs every logging.every_steps steps, and after every task (T<j>: each task).
