@@ -111,6 +111,7 @@ def _run_tasks(run: "_Run", scenario: scenarios.Scenario, wall_start: float) -> 
                 state, rehearsal, skipped = loop.train(state, rehearsal, task, first)
                 eval_start, eval_wait = time.perf_counter(), feed.wait_s
                 correct, valid, eval_skipped = _evaluate(run, feed, state)
+                watchdog.progress()
                 accuracies = {
                     name: [hits[rows][valid[rows]].mean() for rows in scenario.test_rows]
                     for name, hits in correct.items()
@@ -121,6 +122,7 @@ def _run_tasks(run: "_Run", scenario: scenarios.Scenario, wall_start: float) -> 
                 report.add_task(accuracies, clock.end_task(task, eval_start, eval_wait), done)
                 save_start = time.perf_counter()
                 checkpoints.save(done, state, rehearsal, next_task, report.progress())
+                watchdog.progress()
                 report.publish(task, time.perf_counter() - save_start)
                 watchdog.progress()
                 if task + 1 < scenario.num_tasks and preempt.requested():
