@@ -458,11 +458,18 @@ class Watchdog:
     says which process went silent. The stall check arms at the first reported progress, so
     that compiling the first step (which can take long for a large model) never counts;
     until then the watchdog stops only when another process has gone silent for
-    `timeout_s`. An inactive watchdog (a single process) does nothing.
+    `timeout_s`. Once armed, a stall of `timeout_s` stops the process when another process
+    has gone silent (or, without liveness posts, when it cannot tell): a slow phase of a
+    live process (process 0 writing plots alone, a loaded machine) is no loss. A stall of
+    `STUCK_FACTOR` x `timeout_s` stops it regardless. An inactive watchdog (a single
+    process) does nothing.
     """
 
     EXIT_STATUS = EXIT_LOST_PROCESS
     ADVICE = "check its log (distributed.log_dir) and start the job again; stopping"
+    #: A stall this many times `timeout_s` stops the process even while every other
+    #: process is alive: the job is stuck (a hang inside one of them).
+    STUCK_FACTOR = 3
 
     def __init__(
         self, timeout_s: float, process_index: int = 0, what: str = "training", active=True
@@ -489,8 +496,18 @@ class Watchdog:
                 self._stop_if_another_went_silent()
                 continue
             idle = time.monotonic() - self._last
-            if idle > self.timeout_s:
+            if idle > self.timeout_s and self._another_may_be_lost():
                 self._stop_process(self._stall_message(idle))
+            if idle > self.STUCK_FACTOR * self.timeout_s:
+                self._stop_process(self._stuck_message(idle))
+
+    def _another_may_be_lost(self) -> bool:
+        """Whether a stall may come from a lost process: one whose liveness post has
+        stopped changing, the coordinator out of reach, or no posts to tell by."""
+        liveness = self.liveness
+        if liveness is None or not liveness.reachable:
+            return True
+        return bool(liveness.silent_processes(liveness.STALE_S))
 
     def _stop_if_another_went_silent(self) -> None:
         if self.liveness is None or not self.liveness.reachable:
@@ -515,6 +532,13 @@ class Watchdog:
         return (
             f"cljax: process {self.process_index} made no {self.what} progress for {idle:.0f} s"
             f" (distributed.timeout_s={self.timeout_s}): {lost}; {self.ADVICE}"
+        )
+
+    def _stuck_message(self, idle: float) -> str:
+        return (
+            f"cljax: process {self.process_index} made no {self.what} progress for {idle:.0f} s"
+            f" ({self.STUCK_FACTOR} x distributed.timeout_s={self.timeout_s}) while every"
+            f" process is alive: the job is stuck; {self.ADVICE}"
         )
 
     @staticmethod

@@ -232,7 +232,9 @@ def test_watchdog_stops_a_process_that_makes_no_progress_once_armed(tmp_path):
 
 
 # A key-value store in which process 1's post changes only after `$CHANGES_AFTER_S`
-# (never when unset); process 1's first post is left over from an earlier run.
+# (never when unset); process 1's first post is left over from an earlier run. Process 0's
+# watchdog (`$TIMEOUT_S`, armed at once if `$ARMED`) watches while it sleeps `$RUN_S`, says
+# it is still running, then sleeps `$THEN_S`.
 KEY_VALUE_STORE = """
 import os, time
 from cljax.runtime import Watchdog, _KeyValueLiveness
@@ -246,12 +248,28 @@ class Store:
         if time.monotonic() - started > changes_after_s:
             self.posts["cljax/alive/1"] = repr(time.monotonic())
         return list(self.posts.items())
-watchdog = Watchdog(timeout_s=2)
+watchdog = Watchdog(timeout_s=float(os.environ.get("TIMEOUT_S", "2")))
 watchdog.liveness = _KeyValueLiveness(Store(), 0, 2)
 with watchdog:
-    time.sleep(6)
-print("still running", flush=True)
+    if os.environ.get("ARMED"):
+        watchdog.progress()
+    time.sleep(float(os.environ.get("RUN_S", "6")))
+    print("still running", flush=True)
+    time.sleep(float(os.environ.get("THEN_S", "0")))
 """
+
+
+def watch(**variables: str) -> tuple[subprocess.CompletedProcess, float]:
+    """KEY_VALUE_STORE's process run with these variables, and how long it ran."""
+    start = time.monotonic()
+    result = subprocess.run(
+        [sys.executable, "-c", KEY_VALUE_STORE],
+        capture_output=True,
+        text=True,
+        env={**os.environ, **variables},
+        timeout=60,
+    )
+    return result, time.monotonic() - start
 
 
 @pytest.mark.parametrize("changes_after_s", [None, 1.0])
@@ -260,16 +278,8 @@ def test_watchdog_stops_before_the_first_progress_only_when_another_process_went
 ):
     """Compiling the first step reports no progress; a silent peer must still stop the run,
     and a peer whose first post is old but which then posts must not."""
-    env = dict(os.environ)
-    if changes_after_s is not None:
-        env["CHANGES_AFTER_S"] = str(changes_after_s)
-    result = subprocess.run(
-        [sys.executable, "-c", KEY_VALUE_STORE],
-        capture_output=True,
-        text=True,
-        env=env,
-        timeout=60,
-    )
+    variables = {} if changes_after_s is None else {"CHANGES_AFTER_S": str(changes_after_s)}
+    result, _ = watch(**variables)
     if changes_after_s is None:
         assert result.returncode == 3, result.stderr[-2000:]
         assert result.stderr.strip().startswith(
@@ -279,6 +289,20 @@ def test_watchdog_stops_before_the_first_progress_only_when_another_process_went
     else:
         assert result.returncode == 0, result.stderr[-2000:]
         assert "still running" in result.stdout
+
+
+def test_an_armed_watchdog_waits_out_a_slow_live_process_but_not_a_silent_one():
+    """A stall of timeout_s stops the run only when another process went silent; with every
+    process alive (process 0 plotting alone, a loaded machine) it takes 3 x timeout_s."""
+    alive, ran_s = watch(CHANGES_AFTER_S="0", TIMEOUT_S="1", ARMED="1", RUN_S="2", THEN_S="30")
+    assert alive.returncode == 3, alive.stderr[-2000:]
+    assert "still running" in alive.stdout
+    assert "while every process is alive: the job is stuck" in alive.stderr
+    assert ran_s < 20
+    silent, ran_s = watch(TIMEOUT_S="3", ARMED="1", RUN_S="30")
+    assert silent.returncode == 3, silent.stderr[-2000:]
+    assert "(distributed.timeout_s=3.0): lost process 1;" in silent.stderr
+    assert ran_s < 20
 
 
 def test_two_local_jobs_started_together_pick_their_own_ports(tmp_path, data_dir):
