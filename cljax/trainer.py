@@ -27,7 +27,6 @@ from cljax import (
     configuration,
     metrics,
     optim,
-    plots,
     preemption,
     profiling,
     steps,
@@ -379,6 +378,8 @@ class _Report:
         results = self.results("running")
         if self.run.runtime.is_main:
             self.run.directory.write_json(workdir_lib.METRICS_NAME, results)
+            from cljax import plots  # matplotlib takes 0.5 s to import: only where it draws
+
             plots.write_run_plots(self.run.directory.path, results)
         if self.skipped_images and self.run.runtime.is_main:
             warn(

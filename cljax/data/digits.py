@@ -8,8 +8,6 @@ from typing import ClassVar
 
 import numpy as np
 import tensorflow_datasets as tfds
-from sklearn.datasets import load_digits
-from sklearn.model_selection import train_test_split
 
 TEST_FRACTION = 0.2
 SPLIT_SEED = 0
@@ -39,6 +37,10 @@ class Digits(tfds.core.GeneratorBasedBuilder):
 
     def _split_generators(self, dl_manager):
         del dl_manager
+        # scikit-learn takes a second to import: only a build of the dataset needs it.
+        from sklearn.datasets import load_digits
+        from sklearn.model_selection import train_test_split
+
         digits = load_digits()
         ids = np.arange(len(digits.target))
         train_ids, test_ids = train_test_split(
