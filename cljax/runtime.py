@@ -479,6 +479,9 @@ class Watchdog:
         self.what = what
         self.active = active
         self.liveness: _KeyValueLiveness | None = None
+        #: Called with the stop's line just before the process exits (the trainer records
+        #: it in metrics.json); from the watchdog's thread, while the training loop hangs.
+        self.on_stop: Callable[[str], None] | None = None
         self._last: float | None = None
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._watch, daemon=True)
@@ -541,9 +544,11 @@ class Watchdog:
             f" process is alive: the job is stuck; {self.ADVICE}"
         )
 
-    @staticmethod
-    def _stop_process(message: str) -> None:
+    def _stop_process(self, message: str) -> None:
         print(message, file=sys.stderr, flush=True)
+        if self.on_stop is not None:
+            with contextlib.suppress(Exception):  # nothing may keep the process from stopping
+                self.on_stop(message)
         os._exit(Watchdog.EXIT_STATUS)
 
     def __enter__(self) -> "Watchdog":

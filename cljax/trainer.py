@@ -95,8 +95,10 @@ def _run_tasks(run: "_Run", scenario: scenarios.Scenario, wall_start: float) -> 
         state, rehearsal, start = _start(run, checkpoints, report, clock)
         report.open_tracker(clock.done_steps(start))
         feed = _feed(run, task_rows, start)
+        watchdog = run.runtime.watchdog()
+        watchdog.on_stop = lambda line: report.write("failed", line.removeprefix("cljax: "))
         with (
-            run.runtime.watchdog() as watchdog,
+            watchdog,
             feed,
             preemption.Preemption(run.runtime) as preempt,
             _progress_bar(run, clock, start) as bar,

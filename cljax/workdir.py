@@ -15,6 +15,7 @@ import os
 import socket
 import sys
 import tempfile
+import threading
 
 import numpy as np
 
@@ -143,11 +144,14 @@ class Workdir:
         return os.path.join(self.path, name)
 
     def write_json(self, name: str, content: dict) -> None:
-        """Writes `content` atomically as standard JSON (non-finite numbers as null)."""
+        """Writes `content` atomically as standard JSON (non-finite numbers as null),
+        through a temporary file of this thread's own (the watchdog's thread may write
+        metrics.json while the training loop does)."""
         path = self.file(name)
-        with open(path + ".tmp", "w") as file:
+        temporary = f"{path}.{threading.get_ident()}.tmp"
+        with open(temporary, "w") as file:
             json.dump(finite(content), file, indent=2, allow_nan=False)
-        os.replace(path + ".tmp", path)
+        os.replace(temporary, path)
 
 
 def finite(value):

@@ -199,6 +199,9 @@ def test_survivor_of_a_killed_process_stops_with_a_clear_error_within_the_timeou
     assert lines[-1].startswith("cljax: process 0 made no training progress")
     assert "lost process 1;" in lines[-1]
     assert len(lines) <= 2 and "Fatal Python error" not in stderr
+    written = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    assert written["status"] == "failed"
+    assert written["error"] == lines[-1].removeprefix("cljax: ")
 
 
 def test_a_process_that_cannot_reach_the_others_stops_within_the_timeout(tmp_path, data_dir):

@@ -10,6 +10,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import threading
 import time
 
 import pytest
@@ -239,6 +240,27 @@ def test_json_is_written_without_non_finite_numbers(tmp_path):
     directory = workdir.Workdir(str(tmp_path))
     directory.write_json("m.json", {"a": [float("nan"), 1.0], "b": float("inf"), "c": 2})
     assert strict_json(tmp_path / "m.json") == {"a": [None, 1.0], "b": None, "c": 2}
+
+
+def test_json_written_by_two_threads_at_once_stays_whole(tmp_path):
+    """The watchdog's thread may write metrics.json while the training loop does."""
+    directory, failures = workdir.Workdir(str(tmp_path)), []
+
+    def write(tag: str) -> None:
+        try:
+            for step in range(300):
+                directory.write_json("m.json", {"by": tag, "step": step, "rows": [tag] * 500})
+        except OSError as error:
+            failures.append(error)
+
+    writers = [threading.Thread(target=write, args=(tag,)) for tag in "ab"]
+    for writer in writers:
+        writer.start()
+    for writer in writers:
+        writer.join()
+    assert not failures
+    written = strict_json(tmp_path / "m.json")
+    assert written["step"] == 299 and written["rows"] == [written["by"]] * 500
 
 
 def test_backend_mpi_outside_mpirun_warns_in_one_line(data_dir, tmp_path):
