@@ -297,7 +297,7 @@ def test_watchdog_stops_before_the_first_progress_only_when_another_process_went
 def test_an_armed_watchdog_waits_out_a_slow_live_process_but_not_a_silent_one():
     """A stall of timeout_s stops the run only when another process went silent; with every
     process alive (process 0 plotting alone, a loaded machine) it takes 3 x timeout_s."""
-    alive, ran_s = watch(CHANGES_AFTER_S="0", TIMEOUT_S="1", ARMED="1", RUN_S="2", THEN_S="30")
+    alive, ran_s = watch(CHANGES_AFTER_S="0", TIMEOUT_S="2", ARMED="1", RUN_S="3", THEN_S="30")
     assert alive.returncode == 3, alive.stderr[-2000:]
     assert "still running" in alive.stdout
     assert "while every process is alive: the job is stuck" in alive.stderr
