@@ -499,18 +499,23 @@ class Watchdog:
                 self._stop_if_another_went_silent()
                 continue
             idle = time.monotonic() - self._last
-            if idle > self.timeout_s and self._another_may_be_lost():
-                self._stop_process(self._stall_message(idle))
+            loss = self._suspected_loss() if idle > self.timeout_s else None
+            if loss is not None:
+                self._stop_process(self._stall_message(idle, loss))
             if idle > self.STUCK_FACTOR * self.timeout_s:
                 self._stop_process(self._stuck_message(idle))
 
-    def _another_may_be_lost(self) -> bool:
-        """Whether a stall may come from a lost process: one whose liveness post has
-        stopped changing, the coordinator out of reach, or no posts to tell by."""
+    def _suspected_loss(self) -> str | None:
+        """The lost process a stall may come from, in words: one whose liveness post has
+        stopped changing, or the coordinator out of reach; with no posts to tell by, some
+        process. None when every process is alive."""
         liveness = self.liveness
-        if liveness is None or not liveness.reachable:
-            return True
-        return bool(liveness.silent_processes(liveness.STALE_S))
+        if liveness is None:
+            return "another process probably died or cannot be reached"
+        if not liveness.reachable:
+            return "lost contact with process 0 (the coordinator)"
+        silent = liveness.silent_processes(liveness.STALE_S)
+        return f"lost process {', '.join(map(str, silent))}" if silent else None
 
     def _stop_if_another_went_silent(self) -> None:
         if self.liveness is None or not self.liveness.reachable:
@@ -523,15 +528,7 @@ class Watchdog:
                 f" for more than distributed.timeout_s={self.timeout_s} s; {self.ADVICE}"
             )
 
-    def _stall_message(self, idle: float) -> str:
-        liveness = self.liveness
-        silent = liveness.silent_processes(liveness.STALE_S) if liveness is not None else []
-        if liveness is not None and not liveness.reachable:
-            lost = "lost contact with process 0 (the coordinator)"
-        elif silent:
-            lost = f"lost process {', '.join(map(str, silent))}"
-        else:
-            lost = "another process probably died or cannot be reached"
+    def _stall_message(self, idle: float, lost: str) -> str:
         return (
             f"cljax: process {self.process_index} made no {self.what} progress for {idle:.0f} s"
             f" (distributed.timeout_s={self.timeout_s}): {lost}; {self.ADVICE}"
