@@ -6,19 +6,21 @@
     state = buffer.insert(state, {"inputs": x, "labels": y}, key)
     representatives = buffer.sample(state, key, shared_key)
 
-Per device the buffer holds `budget_per_class` (N) slots for each class. Each slot stores
-one sample record: the named tensors of the example given to `init` (each with its own shape
-and dtype; uint8 images stay uint8), its label and its task id. Per class it counts filled
-slots and candidates seen.
+Per device the buffer holds `budget_per_class` (N) slots for each class: its partitions are
+the classes (`partition='class'`, the paper's). With `partition='stream'` it has one
+partition of N slots for every class together, as the DER paper's reservoir over the whole
+stream. Each slot stores one sample record: the named tensors of the example given to
+`init` (each with its own shape and dtype; uint8 images stay uint8), its label and its task
+id. Per partition it counts filled slots and candidates seen.
 
 Per step and per device:
 - `insert` adds `num_candidates` (c) samples drawn uniformly from the valid rows of the
-  local batch. A candidate goes to a free slot of its class while there is one. Then policy
-  `reservoir` (default) keeps, per class, a uniform sample of every candidate of that
-  class seen so far on this device: the k-th (0-based) replaces a uniform slot with
+  local batch. A candidate goes to a free slot of its partition while there is one. Then
+  policy `reservoir` (default) keeps, per partition, a uniform sample of every candidate of
+  that partition seen so far on this device: the k-th (0-based) replaces a uniform slot with
   probability N/(k+1). `random_replace` (the reference implementation) always replaces a
-  uniform slot of the class, which favours recent samples. Candidates of one class in one
-  step are applied as if inserted one after another. (Free slots and k < N coincide,
+  uniform slot of the partition, which favours recent samples. Candidates of one partition
+  in one step are applied as if inserted one after another. (Free slots and k < N coincide,
   except in a buffer re-partitioned onto more devices, whose classes are seen more often
   than they are stored: see `checkpoint.repartition`.)
 - `sample` gives every device exactly `r` representatives drawn from the union of all
@@ -55,6 +57,7 @@ from jax.sharding import NamedSharding
 from cljax.collectives import Collectives, SingleDevice
 
 POLICIES = ("reservoir", "random_replace")
+PARTITIONS = ("class", "stream")
 MEMORY_KINDS = ("device", "pinned_host")
 LABELS, MASK, TASK_ID = "labels", "mask", "task_id"
 
@@ -64,7 +67,8 @@ Example = Mapping[str, jax.ShapeDtypeStruct | jax.Array | np.ndarray]
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass(frozen=True)
 class BufferState:
-    """One device's buffer: class-partitioned slots [C, N, ...] and per-class counters [C]."""
+    """One device's buffer: slots [P, N, ...] in P partitions (the C classes, or one for
+    the whole stream) and per-partition counters [P]."""
 
     data: dict[str, jax.Array]
     labels: jax.Array
@@ -91,8 +95,13 @@ def rehearsal_buffer(
     num_representatives: int,
     policy: str = "reservoir",
     memory_kind: str = "device",
+    partition: str = "class",
 ) -> "RehearsalBuffer":
-    """A rehearsal buffer with these static settings (checked here, once)."""
+    """A rehearsal buffer with these static settings (checked here, once).
+
+    `budget_per_class` is N, the slots of one partition on one device: of each class, or
+    with `partition='stream'` of every class together.
+    """
     for name, value in (
         ("num_classes", num_classes),
         ("budget_per_class", budget_per_class),
@@ -105,8 +114,16 @@ def rehearsal_buffer(
         raise ValueError(f"policy={policy!r} is not one of {POLICIES}")
     if memory_kind not in MEMORY_KINDS:
         raise ValueError(f"memory_kind={memory_kind!r} is not one of {MEMORY_KINDS}")
+    if partition not in PARTITIONS:
+        raise ValueError(f"partition={partition!r} is not one of {PARTITIONS}")
     return RehearsalBuffer(
-        num_classes, budget_per_class, num_candidates, num_representatives, policy, memory_kind
+        num_classes,
+        budget_per_class,
+        num_candidates,
+        num_representatives,
+        policy,
+        memory_kind,
+        partition,
     )
 
 
@@ -120,24 +137,31 @@ class RehearsalBuffer:
     num_representatives: int
     policy: str = "reservoir"
     memory_kind: str = "device"
+    partition: str = "class"
 
     @property
     def on_host(self) -> bool:
         return self.memory_kind == "pinned_host"
 
+    @property
+    def num_partitions(self) -> int:
+        """P: the classes, or one partition for the whole stream."""
+        return self.num_classes if self.partition == "class" else 1
+
     def init(self, example: Example) -> BufferState:
         """An empty buffer for one device, storing the named tensors of `example` (one
         sample: arrays or `jax.ShapeDtypeStruct`s, each with its own shape and dtype)."""
-        slots = (self.num_classes, self.budget_per_class)
+        num = self.num_partitions
+        slots = (num, self.budget_per_class)
         return BufferState(
             data={
                 name: jnp.zeros((*slots, *value.shape), value.dtype)
                 for name, value in example.items()
             },
-            labels=jnp.broadcast_to(jnp.arange(self.num_classes, dtype=jnp.int32)[:, None], slots),
+            labels=jnp.broadcast_to(jnp.arange(num, dtype=jnp.int32)[:, None], slots),
             task_ids=jnp.full(slots, -1, jnp.int32),
-            counts=jnp.zeros(self.num_classes, jnp.int32),
-            seen=jnp.zeros(self.num_classes, jnp.int32),
+            counts=jnp.zeros(num, jnp.int32),
+            seen=jnp.zeros(num, jnp.int32),
         )
 
     def empty_representatives(self, example: Example) -> Representatives:
@@ -173,24 +197,25 @@ class RehearsalBuffer:
         chosen = valid_first_in_random_order[: self.num_candidates]
         valid = mask[chosen]
         classes = labels[chosen]
+        partitions = classes if self.partition == "class" else jnp.zeros_like(classes)
 
-        earlier = _earlier_of_same_class(classes, valid)
+        earlier = _earlier_in_same_partition(partitions, valid)
         slot, accepted = _choose_slots(
-            state.counts[classes] + earlier,
-            state.seen[classes] + earlier,
+            state.counts[partitions] + earlier,
+            state.seen[partitions] + earlier,
             self.budget_per_class,
             bits[num_rows:].reshape(2, self.num_candidates),
             self.policy,
         )
-        target = classes * self.budget_per_class + slot
+        target = partitions * self.budget_per_class + slot
         write = valid & accepted & ~_overwritten_later(target, valid & accepted)
-        target = jnp.where(write, target, self.num_classes * self.budget_per_class)
+        target = jnp.where(write, target, self.num_partitions * self.budget_per_class)
         write_rows = _host_write_rows if self.on_host else _write_rows
 
         def scatter(stored: jax.Array, values: jax.Array) -> jax.Array:
             return write_rows(stored, target, values)
 
-        arrivals = jnp.zeros_like(state.seen).at[classes].add(valid.astype(jnp.int32))
+        arrivals = jnp.zeros_like(state.seen).at[partitions].add(valid.astype(jnp.int32))
         return BufferState(
             data={
                 name: scatter(stored, batch[name][chosen]) for name, stored in state.data.items()
@@ -326,10 +351,10 @@ def _host_read_rows(stored: jax.Array, slots: jax.Array) -> jax.Array:
     return jax.device_put(rows, jax.memory.Space.Device)
 
 
-def _earlier_of_same_class(classes: jax.Array, valid: jax.Array) -> jax.Array:
-    """How many valid candidates of each candidate's class come before it in this step."""
-    same_class = (classes[:, None] == classes[None, :]) & valid[None, :]
-    return jnp.tril(same_class, k=-1).sum(axis=1)
+def _earlier_in_same_partition(partitions: jax.Array, valid: jax.Array) -> jax.Array:
+    """How many valid candidates of each candidate's partition come before it in this step."""
+    same = (partitions[:, None] == partitions[None, :]) & valid[None, :]
+    return jnp.tril(same, k=-1).sum(axis=1)
 
 
 def _choose_slots(

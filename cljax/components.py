@@ -14,10 +14,14 @@ from collections.abc import Mapping
 import ml_collections
 
 
-def argument(default, doc: str, minimum: float | None = None):
+def argument(
+    default, doc: str, minimum: float | None = None, choices: tuple[str, ...] | None = None
+):
     """A config argument of a component: its default, one-line meaning and lower bound (of
-    each item, for a sequence)."""
-    return dataclasses.field(default=default, metadata={"doc": doc, "minimum": minimum})
+    each item, for a sequence), or the values it may take."""
+    return dataclasses.field(
+        default=default, metadata={"doc": doc, "minimum": minimum, "choices": choices}
+    )
 
 
 def arguments(cls: type) -> list[dataclasses.Field]:
@@ -45,6 +49,11 @@ def check(kind: str, name: str, cls: type, values: Mapping) -> None:
             raise ArgumentError(
                 f"{field_name} is not an argument of {kind} {name!r}; its arguments are"
                 f" {sorted(known) or 'none'}"
+            )
+        choices = known[key].metadata["choices"]
+        if choices is not None and value not in choices:
+            raise ArgumentError(
+                f"{field_name}={value!r} is not one of {list(choices)}; set --config.{field_name}"
             )
         minimum = known[key].metadata["minimum"]
         if minimum is not None and not _at_least(value, minimum):

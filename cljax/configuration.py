@@ -15,7 +15,7 @@ import jax
 import ml_collections
 
 from cljax import augment, components, optim
-from cljax.buffer import MEMORY_KINDS, POLICIES
+from cljax.buffer import MEMORY_KINDS, PARTITIONS, POLICIES
 from cljax.data.pipeline import BAD_IMAGES, WORKER_KINDS
 from cljax.data.scenarios import SCENARIOS, class_groups
 from cljax.data.sources import BUILTIN_BUILDERS
@@ -86,9 +86,15 @@ FIELD_DOCS = {
     "scenario.initial_increment": "classes in the first task (None: an equal split)",
     "scenario.increment": "classes in each later task (None: an equal split)",
     "strategy.name": f"one of {sorted(STRATEGIES)}; strategy.<name>.* are its hyperparameters",
-    "buffer.budget_per_class": "N: slots per class per device",
-    "buffer.rehearsal_ratio": "if set, N = floor(train_size * ratio / 100 / num_classes /"
-    " num_devices), as in the paper (takes precedence over budget_per_class)",
+    "buffer.budget_per_class": "N: slots per class per device (partition=class)",
+    "buffer.rehearsal_ratio": "if set, N = floor(train_size * ratio / 100 / P / num_devices),"
+    " P the partitions (classes, or 1), as in the paper (takes precedence over"
+    " budget_per_class and size)",
+    "buffer.size": "if set, the slots of the whole buffer over all devices: N = floor(size / P"
+    " / num_devices) (takes precedence over budget_per_class)",
+    "buffer.partition": f"one of {list(PARTITIONS)}: class (each class its own N slots and"
+    " reservoir, the paper's) or stream (one reservoir of N slots per device over every sample"
+    " of the stream, the DER paper's; needs size or rehearsal_ratio)",
     "buffer.num_candidates": "c: samples of each device's batch offered to its buffer per step",
     "buffer.num_representatives": "r: samples from the global buffer added to each device's"
     " batch per step",
@@ -312,13 +318,20 @@ def _validate_buffer(config: ml_collections.ConfigDict) -> None:
         f"buffer.num_candidates={buffer.num_candidates} exceeds batch_size={config.batch_size};"
         " set --config.buffer.num_candidates to at most the per-device batch size",
     )
+    _one_of("buffer.partition", buffer.partition, PARTITIONS)
+    _optional_positive("buffer.size", buffer.size)
     if buffer.rehearsal_ratio is not None:
         _require(
             0 < buffer.rehearsal_ratio <= 100,
             f"buffer.rehearsal_ratio={buffer.rehearsal_ratio} must be in (0, 100] (percent of"
             " the training set); set --config.buffer.rehearsal_ratio",
         )
-    else:
+    elif buffer.size is None:
+        _require(
+            buffer.partition == "class",
+            "buffer.partition='stream' needs the buffer's size; set --config.buffer.size (slots"
+            " of the whole buffer) or --config.buffer.rehearsal_ratio",
+        )
         _positive("buffer.budget_per_class", buffer.budget_per_class)
 
 
@@ -374,18 +387,21 @@ def validate_for_data(
         )
     if STRATEGIES[config.strategy.name].uses_buffer:
         budget = budget_per_class(config.buffer, train_size, num_classes, num_devices)
+        partitions = num_partitions(config.buffer, num_classes)
+        field = "size" if config.buffer.rehearsal_ratio is None else "rehearsal_ratio"
         _require(
             budget >= 1,
-            f"buffer.rehearsal_ratio={config.buffer.rehearsal_ratio} gives less than one slot"
-            f" per class on each of {num_devices} devices; raise --config.buffer.rehearsal_ratio",
+            f"buffer.{field}={config.buffer[field]} gives less than one slot per"
+            f" {config.buffer.partition} partition on each of {num_devices} devices; raise"
+            f" --config.buffer.{field}",
         )
-        total = budget * num_classes * num_devices
+        total = budget * partitions * num_devices
         _require(
             config.buffer.num_representatives <= total,
             f"buffer.num_representatives={config.buffer.num_representatives} exceeds the"
-            f" {total} slots of the whole buffer ({budget} per class x {num_classes} classes x"
-            f" {num_devices} devices): every draw would repeat samples; lower"
-            " --config.buffer.num_representatives or raise buffer.budget_per_class",
+            f" {total} slots of the whole buffer ({budget} per partition x {partitions}"
+            f" partitions x {num_devices} devices): every draw would repeat samples; lower"
+            " --config.buffer.num_representatives or enlarge the buffer",
         )
 
 
@@ -396,9 +412,9 @@ def validate_buffer_memory(
     _require(
         buffer_bytes <= available_bytes,
         f"the buffer needs {buffer_bytes / 2**30:.1f} GiB per device (buffer.budget_per_class="
-        f"{config.buffer.budget_per_class}, rehearsal_ratio={config.buffer.rehearsal_ratio}),"
-        f" more than the {available_bytes / 2**30:.1f} GiB of {where}; lower"
-        " --config.buffer.budget_per_class or --config.buffer.rehearsal_ratio",
+        f"{config.buffer.budget_per_class}, size={config.buffer.size}, rehearsal_ratio="
+        f"{config.buffer.rehearsal_ratio}), more than the {available_bytes / 2**30:.1f} GiB of"
+        f" {where}; lower --config.buffer.budget_per_class, size or rehearsal_ratio",
     )
 
 
@@ -422,14 +438,20 @@ def validate_scenario(
 def budget_per_class(
     buffer: ml_collections.ConfigDict, train_size: int, num_classes: int, num_devices: int
 ) -> int:
-    """Slots per class per device: `budget_per_class`, or derived from `rehearsal_ratio`.
+    """N, the slots per partition per device: from `rehearsal_ratio` if set, as in the
+    paper (N = floor(train_size * ratio / 100 / P / num_devices)), else from `size` if set,
+    else `budget_per_class`. P is the number of partitions (`num_partitions`)."""
+    partitions = num_partitions(buffer, num_classes)
+    if buffer.rehearsal_ratio is not None:
+        return math.floor(train_size * buffer.rehearsal_ratio / 100 / partitions / num_devices)
+    if buffer.size is not None:
+        return buffer.size // (partitions * num_devices)
+    return buffer.budget_per_class
 
-    As in the paper, N = floor(train_size * ratio / 100 / num_classes / num_devices); a
-    set `rehearsal_ratio` takes precedence over `budget_per_class`.
-    """
-    if buffer.rehearsal_ratio is None:
-        return buffer.budget_per_class
-    return math.floor(train_size * buffer.rehearsal_ratio / 100 / num_classes / num_devices)
+
+def num_partitions(buffer: ml_collections.ConfigDict, num_classes: int) -> int:
+    """P: one partition per class, or one for the whole stream."""
+    return num_classes if buffer.partition == "class" else 1
 
 
 def load_config(spec: str = "default") -> ml_collections.ConfigDict:

@@ -6,11 +6,11 @@ fields that change nothing computed, such as the data dir or the logging) form o
 named by its strategy and, where two groups share a strategy, by the fields that differ.
 
 Prints one table row per group: runs, tasks done, and the mean ± standard deviation over
-its runs of the final average accuracy, forgetting, top-5 accuracy and train time, and
-the train time relative to the incremental group's. Writes into `--out` (default: a new
-`reports/<time>`): `comparison.png` (final average accuracy against train time, the
-paper's picture), `accuracy_curves.png` (average accuracy after each task) and
-`report.json` (the table's numbers).
+its runs of the final average accuracy, forgetting, top-5 and task-IL accuracy (where
+recorded) and train time, and the train time relative to the incremental group's. Writes
+into `--out` (default: a new `reports/<time>`): `comparison.png` (final average accuracy
+against train time, the paper's picture), `accuracy_curves.png` (average accuracy after each
+task) and `report.json` (the table's numbers).
 """
 
 import argparse
@@ -25,13 +25,12 @@ from cljax import checkpoint, plots, workdir
 from cljax.messages import ConfigError, warn
 
 REPORT_FILES = ("comparison.png", "accuracy_curves.png", "report.json")
-# metrics.json keys summarised over the runs of a group; the top-5 one only where present.
-SUMMARISED = (
-    "final_average_accuracy",
-    "average_forgetting",
-    "top5_final_average_accuracy",
-    "train_time_s",
-)
+# metrics.json keys summarised over the runs of a group; the optional ones only where present.
+OPTIONAL_COLUMNS = {
+    "top5_final_average_accuracy": "top-5 avg acc",
+    "task_il_final_average_accuracy": "task-IL avg acc",
+}
+SUMMARISED = ("final_average_accuracy", "average_forgetting", *OPTIONAL_COLUMNS, "train_time_s")
 # Fields that may differ between the runs of one group.
 SEED_FIELDS = ("seed",)
 
@@ -151,14 +150,14 @@ def _label(groups: list[dict], configs: list[dict]) -> None:
 
 def format_table(groups: list[dict]) -> str:
     """The comparison as text: mean ± sample standard deviation over each group's runs."""
-    has_top5 = any("top5_final_average_accuracy" in g for g in groups)
+    optional = [key for key in OPTIONAL_COLUMNS if any(key in g for g in groups)]
     header = [
         "group",
         "runs",
         "tasks",
         "final avg acc",
         "forgetting",
-        *(["top-5 avg acc"] if has_top5 else []),
+        *(OPTIONAL_COLUMNS[key] for key in optional),
         "train time (s)",
         "÷ incremental",
     ]
@@ -172,7 +171,7 @@ def format_table(groups: list[dict]) -> str:
                 f"{min(group['completed_tasks'])}/{group['num_tasks']}",
                 _cell(group.get("final_average_accuracy"), 3),
                 _cell(group.get("average_forgetting"), 3),
-                *([_cell(group.get("top5_final_average_accuracy"), 3)] if has_top5 else []),
+                *(_cell(group.get(key), 3) for key in optional),
                 _cell(group.get("train_time_s"), 1),
                 "-" if ratio is None else f"{ratio:.2f}",
             ]

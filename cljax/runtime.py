@@ -104,13 +104,16 @@ class Runtime(abc.ABC):
     def per_device(self, fn: Callable, in_specs, out_specs) -> Callable:
         """`fn` as per-device code over the mesh axis."""
 
-    def place(self, local: dict[str, np.ndarray]) -> dict:
-        """This process's rows of a global batch, on the mesh as global arrays.
+    def place(self, local: dict[str, np.ndarray], steps: bool = False) -> dict:
+        """This process's rows of a global batch, on the mesh as global arrays; with
+        `steps`, of several steps' batches stacked along a leading axis (split along the
+        second).
 
         One call for all of them: in a job of one process that is one batched transfer,
         cheaper than one per array (README, "Parallelism").
         """
-        return jax.make_array_from_process_local_data(self.sharded, local)
+        sharding = NamedSharding(self.mesh, P(None, AXIS)) if steps else self.sharded
+        return jax.make_array_from_process_local_data(sharding, local)
 
     def replicate(self, value: np.ndarray | np.generic) -> jax.Array:
         """A host value that every process holds alike, copied to every device of the mesh.

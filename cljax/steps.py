@@ -21,6 +21,7 @@ import flax.linen as nn
 import flax.struct
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 from jax.sharding import PartitionSpec as P
 
@@ -121,14 +122,57 @@ def create_train_state(settings: StepConfig, sample_input: jax.Array, key: jax.A
     )
 
 
-def make_train_step(runtime: Runtime, settings: StepConfig) -> Callable[..., tuple]:
+def make_train_step(
+    runtime: Runtime, settings: StepConfig, num_steps: int | None = None
+) -> Callable[..., tuple]:
     """Builds `step(state, rehearsal, batch, task_id, learning_rate) -> (state, rehearsal,
     metrics)`.
 
     `rehearsal` is None for strategies without a buffer. `metrics` holds the global loss,
     each of its terms, and the weight of the representatives used.
+
+    With `num_steps`, one call runs that many steps in one dispatch (a `lax.scan` of the same
+    step): `batch` holds one batch per step along a new leading axis, `learning_rate` one
+    rate per step, and each metric one value per step. The steps draw the same keys from the
+    state as that many single calls, and compute the same values bit for bit (tested): where
+    a step's own work is small, this removes the host's share of every step but one.
     """
-    collectives, strategy, buffer = runtime.collectives, settings.strategy, settings.buffer
+    per_device = _per_device_step(runtime.collectives, settings)
+    batch_spec = P(AXIS)
+    if num_steps is not None:
+        batch_spec = P(None, AXIS)
+        per_device = _scanned(per_device, num_steps)
+    specs = (P(), P(AXIS), batch_spec, P(), P())
+    step = runtime.per_device(per_device, specs, (P(), P(AXIS), P()))
+    out_shardings = None
+    buffer = settings.buffer
+    if buffer is not None and buffer.on_host:
+        rehearsal_shardings = RehearsalState(buffer.shardings(runtime.sharded), runtime.sharded)
+        out_shardings = (runtime.replicated, rehearsal_shardings, None)
+    return jax.jit(step, donate_argnums=(0, 1), keep_unused=True, out_shardings=out_shardings)
+
+
+def _scanned(per_device: Callable, num_steps: int) -> Callable:
+    """`num_steps` calls of `per_device` in one `lax.scan`, over the leading axis of the batch
+    and of the learning rates."""
+
+    def steps(state, rehearsal, batches, task_id, learning_rates):
+        def one_step(carry, inputs):
+            batch, learning_rate = inputs
+            state, rehearsal, metrics = per_device(*carry, batch, task_id, learning_rate)
+            return (state, rehearsal), metrics
+
+        (state, rehearsal), metrics = jax.lax.scan(
+            one_step, (state, rehearsal), (batches, learning_rates), length=num_steps
+        )
+        return state, rehearsal, metrics
+
+    return steps
+
+
+def _per_device_step(collectives, settings: StepConfig) -> Callable:
+    """One device's part of a training step (see the module docstring)."""
+    strategy, buffer = settings.strategy, settings.buffer
 
     def per_device(state: TrainState, rehearsal, batch, task_id, learning_rate):
         rng, keys, shared_key = step_keys(
@@ -206,13 +250,7 @@ def make_train_step(runtime: Runtime, settings: StepConfig) -> Callable[..., tup
             rehearsal = RehearsalState(buffer_state, representatives)
         return state, rehearsal, {"loss": loss, **terms, "rep_weight": totals.reps}
 
-    specs = (P(), P(AXIS), P(AXIS), P(), P())
-    step = runtime.per_device(per_device, specs, (P(), P(AXIS), P()))
-    out_shardings = None
-    if buffer is not None and buffer.on_host:
-        rehearsal_shardings = RehearsalState(buffer.shardings(runtime.sharded), runtime.sharded)
-        out_shardings = (runtime.replicated, rehearsal_shardings, None)
-    return jax.jit(step, donate_argnums=(0, 1), keep_unused=True, out_shardings=out_shardings)
+    return per_device
 
 
 def _rep_weight_rows(reps: Representatives | None) -> jax.Array:
@@ -239,13 +277,23 @@ def _candidates(batch: dict, task_id: jax.Array, stored: dict) -> dict[str, jax.
     return {"inputs": batch["candidate_inputs"], TASK_ID: task_id, **picked}
 
 
-def make_predict(runtime: Runtime, settings: StepConfig, top_k: int):
-    """Builds `predict(state, inputs) -> (predicted class [B], top_k classes [B, top_k])`,
-    sharded over the batch; BatchNorm uses its running averages."""
+def make_predict(runtime: Runtime, settings: StepConfig, top_k: int, class_tasks=None):
+    """Builds `predict(state, inputs) -> (predicted class [B], top_k classes [B, top_k],
+    per-task predictions [B, T])`, sharded over the batch; BatchNorm uses its running
+    averages.
+
+    `class_tasks` [C] gives each class's task (class-incremental scenarios); column t of the
+    per-task predictions is then the best class among task t's (task-IL: the logits masked
+    to the task's classes). Without it, T = 0.
+    """
+    class_tasks = np.zeros(0, np.int32) if class_tasks is None else np.asarray(class_tasks)
+    num_tasks = int(class_tasks.max()) + 1 if class_tasks.size else 0
+    in_task = jnp.asarray(class_tasks[None, :] == np.arange(num_tasks)[:, None])  # [T, C]
 
     def per_device(state: TrainState, inputs):
         logits = settings.model.apply(state.variables, settings.normalise(inputs))
         logits = logits.astype(jnp.float32)
-        return logits.argmax(-1), jax.lax.top_k(logits, top_k)[1]
+        masked = jnp.where(in_task, logits[:, None, :], -jnp.inf)
+        return logits.argmax(-1), jax.lax.top_k(logits, top_k)[1], masked.argmax(-1)
 
     return jax.jit(runtime.per_device(per_device, (P(), P(AXIS)), P(AXIS)))

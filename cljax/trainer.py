@@ -40,6 +40,8 @@ from cljax.models import create_model, per_device_batch_norm
 from cljax.strategies import STRATEGIES, Strategy
 
 TOP_K = 5
+# The accuracy of predictions restricted to each test sample's own task's classes.
+TASK_IL = "task_il"
 # A task's times logged as scalars (its checkpointing is only known after they are written).
 TRACKED_TIMES = ("train_s", "data_wait_s", "eval_s")
 
@@ -69,7 +71,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | None = 
         )
         scenario = make_scenario(config, dataset)
         configuration.validate_scenario(config, scenario, len(dataset.train), len(dataset.test))
-        run = _build(config, runtime, dataset, directory)
+        run = _build(config, runtime, dataset, scenario, directory)
         return _run_tasks(run, scenario, wall_start)
 
 
@@ -472,6 +474,7 @@ class _Run:
     worker_count: int
     schedule: optim.Schedule
     accuracies: tuple[str, ...]
+    class_tasks: np.ndarray | None
     resolved_config: dict
     log: "_Logger"
 
@@ -504,6 +507,7 @@ def _build(
     config: ml_collections.ConfigDict,
     runtime: runtime_lib.Runtime,
     dataset: sources.Dataset,
+    scenario: scenarios.Scenario,
     directory: workdir_lib.Workdir,
 ) -> _Run:
     """Model, strategy, buffer and the jitted steps for this run."""
@@ -518,13 +522,14 @@ def _build(
             num_representatives=config.buffer.num_representatives,
             policy=config.buffer.policy,
             memory_kind=config.buffer.memory_kind,
+            partition=config.buffer.partition,
         )
     example = {
         "inputs": jax.ShapeDtypeStruct(dataset.input_shape, dataset.input_dtype),
         **strategy.stored_fields(dataset.num_classes),
     }
     if buffer is not None:
-        slots = buffer.num_classes * buffer.budget_per_class
+        slots = buffer.num_partitions * buffer.budget_per_class
         configuration.validate_buffer_memory(
             config,
             slots * buffer_lib.record_bytes(example),
@@ -575,6 +580,8 @@ def _build(
         )
 
     top_k = min(TOP_K, dataset.num_classes)
+    class_tasks = _class_tasks(config, scenario, dataset.num_classes)
+    accuracies = ("top1", f"top{top_k}") if dataset.num_classes > TOP_K else ("top1",)
     worker_count = pipeline.resolve_worker_count(
         config.dataset.worker_count, dataset, runtime.cores_of_this_process()
     )
@@ -595,17 +602,29 @@ def _build(
         reset_optimizer=reset_optimizer,
         init_rehearsal=init_rehearsal,
         train_step=steps.make_train_step(runtime, settings),
-        predict=steps.make_predict(runtime, settings, top_k),
+        predict=steps.make_predict(runtime, settings, top_k, class_tasks),
         views=views,
         layout=layout,
         worker_count=worker_count,
         schedule=optim.schedule(
             config, runtime.num_devices, config.epochs_per_task, config.scenario.num_tasks
         ),
-        accuracies=("top1", f"top{top_k}") if dataset.num_classes > TOP_K else ("top1",),
+        accuracies=accuracies if class_tasks is None else (*accuracies, TASK_IL),
+        class_tasks=class_tasks,
         resolved_config=resolved,
         log=_Logger(runtime, config.distributed.log_dir),
     )
+
+
+def _class_tasks(config, scenario: scenarios.Scenario, num_classes: int) -> np.ndarray | None:
+    """Each class's task, where task-IL accuracy means something: a class-incremental
+    scenario of more than one task (else None)."""
+    if config.scenario.name != "class_incremental" or scenario.num_tasks < 2:
+        return None
+    class_tasks = np.zeros(num_classes, np.int32)
+    for task, classes in enumerate(scenario.task_classes):
+        class_tasks[classes] = task
+    return class_tasks
 
 
 def build_strategy(config: ml_collections.ConfigDict) -> Strategy:
@@ -906,28 +925,33 @@ def make_scenario(config: ml_collections.ConfigDict, dataset) -> scenarios.Scena
 
 
 def _evaluate(run: _Run, feed, state: steps.TrainState) -> tuple[dict, np.ndarray, list]:
-    """Per row of the test split, whether the label is the top prediction (`top1`) and
-    among the top k (`top5`); which rows hold a sample; the images left out as undecodable.
+    """Per row of the test split, whether the label is the top prediction (`top1`), among
+    the top k (`top5`), and (`task_il`, class-incremental scenarios) the top prediction among
+    its task's classes; which rows hold a sample; the images left out as undecodable.
 
     The batches come from `feed` (planned after the task's steps), each process's part of
     each; the predictions of all processes are gathered so that every process computes the
     same accuracies.
     """
     runtime, test = run.runtime, run.dataset.test
-    top1, topk, valid, skipped = [], [], [], []
+    predictions, valid, skipped = [], [], []
     for start in range(0, len(test), run.eval_batch_size):
         count = min(run.eval_batch_size, len(test) - start)
         host_batch = next(feed)
         skipped.extend(host_batch.pop("skipped").tolist())
         batch = runtime.place(host_batch)
-        best, ranked = run.predict(state, batch["inputs"])
-        top1.append(runtime.gather_rows(best)[:count])
-        topk.append(runtime.gather_rows(ranked)[:count])
+        predicted = run.predict(state, batch["inputs"])
+        predictions.append([runtime.gather_rows(rows)[:count] for rows in predicted])
         valid.append(runtime.gather_rows(batch["valid"])[:count])
+    best, ranked, per_task = (np.concatenate(column) for column in zip(*predictions, strict=True))
     labels = test.labels
-    correct = {"top1": np.concatenate(top1) == labels}
-    if len(run.accuracies) > 1:
-        correct[run.accuracies[1]] = (np.concatenate(topk) == labels[:, None]).any(axis=1)
+    correct = {"top1": best == labels}
+    for name in run.accuracies[1:]:
+        if name == TASK_IL:
+            own_task = per_task[np.arange(len(labels)), run.class_tasks[labels]]
+            correct[name] = own_task == labels
+        else:
+            correct[name] = (ranked == labels[:, None]).any(axis=1)
     return correct, np.concatenate(valid), skipped
 
 
@@ -949,6 +973,8 @@ def _resolved_config(config, dataset, num_devices: int) -> dict:
         config.buffer, len(dataset.train), dataset.num_classes, num_devices
     )
     resolved["buffer"]["total_slots"] = (
-        resolved["buffer"]["budget_per_class"] * dataset.num_classes * num_devices
+        resolved["buffer"]["budget_per_class"]
+        * configuration.num_partitions(config.buffer, dataset.num_classes)
+        * num_devices
     )
     return resolved

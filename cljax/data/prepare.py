@@ -1,11 +1,14 @@
 """Prepares a TFDS dataset in array_record format, the format cljax reads.
 
     python -m cljax.data.prepare NAME [--data_dir=DIR]
+    python -m cljax.data.prepare mnist --from_dir=DIR [--data_dir=...]
 
 Runs TFDS's `download_and_prepare` with `file_format='array_record'` (this downloads the
 dataset's source files, so it needs network access; some datasets ask for a manual
 download first, which TFDS explains). cljax's built-in datasets (`digits`, `mnist1d`) are
-built the same way, with no download.
+built the same way, with no download. `mnist --from_dir` writes TFDS's `mnist` from the four
+standard IDX files already on disk (`cljax/data/mnist.py`), with no download and no
+TensorFlow.
 """
 
 import sys
@@ -13,14 +16,23 @@ import sys
 import tensorflow_datasets as tfds
 from absl import app, flags
 
-from cljax.data import sources
+from cljax.data import mnist, sources
+from cljax.messages import EXIT_BAD_INPUT
 
 _DATA_DIR = flags.DEFINE_string("data_dir", None, "TFDS data dir (default: $TFDS_DATA_DIR).")
+_FROM_DIR = flags.DEFINE_string(
+    "from_dir", None, "mnist only: the folder of MNIST's four IDX files (.gz or not)."
+)
 
 
-def prepare(name: str, data_dir: str | None = None) -> str:
-    """Builds `name` into `data_dir` as array_record; returns the dataset's directory."""
+def prepare(name: str, data_dir: str | None = None, from_dir: str | None = None) -> str:
+    """Builds `name` into `data_dir` as array_record (from the files in `from_dir`, for
+    mnist); returns the dataset's directory."""
     data_dir = sources.resolve_data_dir(data_dir)
+    if from_dir is not None:
+        if name != "mnist":
+            raise mnist.IdxError(f"--from_dir reads MNIST's IDX files; it does not apply to {name}")
+        return mnist.prepare(from_dir, data_dir)
     builder_class = sources.BUILTIN_BUILDERS.get(name)
     if builder_class is not None:
         builder = builder_class(data_dir=data_dir, file_format="array_record")
@@ -32,8 +44,13 @@ def prepare(name: str, data_dir: str | None = None) -> str:
 
 def main(argv: list[str]) -> None:
     if len(argv) != 2:
-        sys.exit("usage: python -m cljax.data.prepare NAME [--data_dir=DIR]")
-    print(f"Prepared {argv[1]} in {prepare(argv[1], _DATA_DIR.value)}")
+        sys.exit("usage: python -m cljax.data.prepare NAME [--data_dir=DIR] [--from_dir=DIR]")
+    try:
+        path = prepare(argv[1], _DATA_DIR.value, _FROM_DIR.value)
+    except mnist.IdxError as error:
+        print(f"cljax: {error}", file=sys.stderr, flush=True)
+        sys.exit(EXIT_BAD_INPUT)
+    print(f"Prepared {argv[1]} in {path}")
 
 
 if __name__ == "__main__":

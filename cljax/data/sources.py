@@ -3,8 +3,12 @@
 Built-in datasets (`digits`, `mnist1d`) are TFDS builders inside cljax, built into the
 data dir on first use with no download. Any other name is a TFDS image-classification
 dataset (`image` and `label` features) that must already be prepared in array_record
-format (`python -m cljax.data.prepare NAME`). Small built-in datasets are held in memory;
-TFDS datasets are read batch by batch, and only their labels are read up front.
+format (`python -m cljax.data.prepare NAME`). Small built-in datasets are held in memory,
+and so are TFDS datasets of fixed-size images that are not natural (RGB) images, such as
+MNIST, up to `IN_MEMORY_BYTES` decoded: decoded once, cached, and read back in a fraction of
+a second, so that a step of a tiny model never waits for PNG decoding. Other TFDS datasets
+(natural images, which the host may crop, or larger ones) are read batch by batch, and only
+their labels are read up front.
 """
 
 import contextlib
@@ -12,6 +16,7 @@ import dataclasses
 import difflib
 import io
 import json
+import math
 import os
 from collections.abc import Sequence
 from typing import Protocol
@@ -23,8 +28,10 @@ from array_record.python import array_record_module
 from cljax.data import cache, imagefolder
 from cljax.data.digits import Digits
 from cljax.data.mnist1d import Mnist1d
+from cljax.data.transforms import UndecodableImage, decode
 
 BUILTIN_BUILDERS = {"digits": Digits, "mnist1d": Mnist1d}
+IN_MEMORY_BYTES = 1 << 30
 DEFAULT_DATA_DIR = os.path.join("~", "tensorflow_datasets")
 
 
@@ -79,6 +86,7 @@ class RecordSplit:
     source: Sequence[dict]
     labels: np.ndarray
     name: str = ""
+    split: str = ""
 
     def __len__(self) -> int:
         return len(self.labels)
@@ -275,9 +283,35 @@ def _load_tfds(name: str, data_dir: str, image_size: int | None) -> Dataset:
         ) from error
     features = builder.info.features
     image = features["image"]
-    return image_dataset(
+    dataset = image_dataset(
         name, train, test, features["label"].num_classes, tuple(image.shape), image_size
     )
+    decoded_bytes = (len(train) + len(test)) * math.prod(dataset.input_shape)
+    if dataset.natural_images or image_size is not None or decoded_bytes > IN_MEMORY_BYTES:
+        return dataset
+    try:
+        splits = [
+            _decoded(split, name, str(builder.data_dir), dataset.input_shape)
+            for split in (train, test)
+        ]
+    except UndecodableImage:
+        return dataset  # read batch by batch, where dataset.bad_images says what to do
+    return dataclasses.replace(dataset, train=splits[0], test=splits[1], encoded=False)
+
+
+def _decoded(split: RecordSplit, name: str, dataset_dir: str, shape: tuple) -> ArraySplit:
+    """Every image of `split` decoded into memory, from the cache after the first time."""
+    shards = _shards(dataset_dir, name, split.split)
+
+    def decode_all() -> dict[str, np.ndarray]:
+        inputs = np.empty((len(split), *shape), np.uint8)
+        for row in range(len(split)):
+            inputs[row] = decode(split.example(row), shape[-1]).reshape(shape)
+        return {"inputs": inputs}
+
+    key = f"{os.path.abspath(dataset_dir)}:{split.split}"
+    inputs = cache.cached("tfds-images", key, cache.signature(shards), decode_all)["inputs"]
+    return ArraySplit(inputs, split.labels)
 
 
 def image_dataset(
@@ -329,15 +363,20 @@ def _record_split(name: str, split: str, data_dir: str, dataset_dir: str) -> Rec
         download=False,
         decoders={"image": tfds.decode.SkipDecoding()},
     )
-    shards = sorted(
-        os.path.join(dataset_dir, file)
-        for file in os.listdir(dataset_dir)
-        if file.startswith(f"{name}-{split}.array_record")
-    )
+    shards = _shards(dataset_dir, name, split)
     labels = cache.cached(
         "tfds-labels",
         f"{os.path.abspath(dataset_dir)}:{split}",
         cache.signature(shards),
         lambda: {"labels": np.asarray([source[i]["label"] for i in range(len(source))], np.int32)},
     )["labels"]
-    return RecordSplit(source, labels, f"{name} {split}")
+    return RecordSplit(source, labels, f"{name} {split}", split)
+
+
+def _shards(dataset_dir: str, name: str, split: str) -> list[str]:
+    """The array_record shard files of `split` in dataset `name`'s prepared directory."""
+    return sorted(
+        os.path.join(dataset_dir, file)
+        for file in os.listdir(dataset_dir)
+        if file.startswith(f"{name}-{split}.array_record")
+    )
