@@ -23,7 +23,7 @@ import time
 
 import numpy as np
 
-from cljax.data import imagefolder, pipeline, sources, synthetic, transforms
+from cljax.data import imagefolder, pipeline, prefetch, sources, synthetic, transforms
 
 
 def parse_args() -> argparse.Namespace:
@@ -73,7 +73,7 @@ def pipeline_rate(dataset: sources.Dataset, args, workers: int, kind: str) -> fl
         eval_batch_size=args.batch_size,
     )
     items = [item for item in pipeline.plan(rows, 0, 1, args.batch_size, 1) if item.kind == "train"]
-    with pipeline.Prefetcher(pipeline.batches(loader, items, workers, kind), depth=2) as feed:
+    with prefetch.Prefetcher(pipeline.batches(loader, items, workers, kind), depth=2) as feed:
         for _ in range(args.warmup):
             next(feed)
         start = last = time.perf_counter()

@@ -31,7 +31,7 @@ import numpy as np  # noqa: E402
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from cljax import runtime as runtime_lib  # noqa: E402
-from cljax.data import pipeline  # noqa: E402
+from cljax.data import prefetch  # noqa: E402
 
 BATCH_SHAPE = (64, 32, 32, 3)
 
@@ -74,7 +74,7 @@ def run(step, runtime, steps: int, latency_s: float, depth: int) -> dict:
     wait = 0.0
     with contextlib.ExitStack() as stack:
         if depth > 0:
-            batches = stack.enter_context(pipeline.Prefetcher(batches, depth=depth))
+            batches = stack.enter_context(prefetch.Prefetcher(batches, depth=depth))
         while True:
             fetch = time.perf_counter()
             images = next(batches, None)

@@ -118,7 +118,7 @@ def start(devices: int) -> runtime_lib.JaxRuntime:
         )
     config = configuration.load_config()
     config.num_cpu_devices, config.distributed.timeout_s = devices, 600
-    runtime = runtime_lib.JaxRuntime.start(config)
+    runtime = runtime_lib.JaxRuntime.start(config.distributed, config.num_cpu_devices)
     available = len(jax.devices())
     if devices > available or (runtime.process_count > 1 and devices != available):
         raise SystemExit(
@@ -129,10 +129,9 @@ def start(devices: int) -> runtime_lib.JaxRuntime:
     return runtime
 
 
-def _optimizer_config() -> ml_collections.ConfigDict:
-    """The paper's optimizer: SGD with momentum 0.9 and weight decay 5e-5."""
-    config = ml_collections.ConfigDict()
-    config.optimizer = ml_collections.ConfigDict(
+def _paper_optimizer() -> ml_collections.ConfigDict:
+    """The paper's optimizer section: SGD with momentum 0.9 and weight decay 5e-5."""
+    return ml_collections.ConfigDict(
         {
             "name": "sgd",
             "learning_rate": 0.1,
@@ -142,7 +141,6 @@ def _optimizer_config() -> ml_collections.ConfigDict:
             "decay_norm_and_bias": True,
         }
     )
-    return config
 
 
 def build(case: Case, devices: int | None = None) -> Bench:
@@ -165,7 +163,7 @@ def build(case: Case, devices: int | None = None) -> Bench:
     strategy = STRATEGIES[case.strategy]()
     settings = steps.StepConfig(
         model=create_model(model_config, case.num_classes, dtype, runtime.collectives),
-        optimizer=optim.create(_optimizer_config()),
+        optimizer=optim.create(_paper_optimizer()),
         strategy=strategy,
         max_value=255.0,
         mean=mean,
@@ -186,7 +184,7 @@ def build(case: Case, devices: int | None = None) -> Bench:
             "inputs": jax.ShapeDtypeStruct(shape, np.dtype(np.uint8)),
             **strategy.stored_fields(case.num_classes),
         }
-        rehearsal = steps.RehearsalState(
+        rehearsal = buffer_lib.RehearsalState(
             buffer.init_sharded(example, runtime.sharded),
             buffer.empty_representatives_sharded(example, runtime.sharded),
         )

@@ -10,7 +10,7 @@ writes them in the background (training goes on) into a temporary directory rena
 complete, so a crash mid-write leaves the previous ones usable, and keeps the last
 `checkpoint.keep`.
 
-Resuming on another number of devices re-partitions the buffer by class (`repartition`).
+Resuming on another number of devices re-partitions the buffer (`cljax.buffer.repartition`).
 """
 
 import dataclasses
@@ -22,10 +22,10 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
-from cljax import steps
-from cljax.buffer import BufferState
+from cljax import configuration, steps
+from cljax.buffer import BufferState, RehearsalState, repartition
 from cljax.data.pipeline import Position
-from cljax.messages import ConfigError, warn
+from cljax.errors import ConfigError, warn
 from cljax.runtime import Runtime
 
 DIRECTORY = "checkpoints"
@@ -53,7 +53,7 @@ class Restored:
 
     step: int
     state: steps.TrainState
-    rehearsal: steps.RehearsalState | None
+    rehearsal: RehearsalState | None
     position: Position
     progress: dict
 
@@ -153,7 +153,7 @@ class Checkpoints:
         )
         return jax.tree.map(
             lambda value, meta: _place(value, meta.sharding),
-            steps.RehearsalState(buffer, representatives),
+            RehearsalState(buffer, representatives),
             abstract,
         )
 
@@ -196,86 +196,10 @@ def _place(value: np.ndarray, sharding) -> jax.Array:
     return jax.make_array_from_callback(value.shape, sharding, lambda index: value[index])
 
 
-def repartition(
-    buffer: BufferState,
-    old_devices: int,
-    new_devices: int,
-    num_classes: int,
-    new_budget: int,
-    seed: int,
-) -> BufferState:
-    """The global buffer of `old_devices` devices dealt out to `new_devices` devices of
-    `new_budget` slots per partition (`num_classes` partitions: the classes, or 1 for a
-    buffer partitioned by stream, whose stored labels move with their samples).
-
-    Per partition, the stored samples of all old devices are pooled; if the new global capacity
-    (new_devices x new_budget) holds them all they are all kept, else a uniform subset of
-    that size (drawn with `seed`). They are dealt round-robin over the new devices, so fills
-    differ by at most one. Each device's `seen` counter becomes the class's total seen
-    divided evenly (at least its fill), so reservoir sampling goes on at the right rate;
-    slots left free (a class seen more often than the new devices store) fill first.
-    """
-    rng = np.random.default_rng(seed)
-    old_budget = buffer.task_ids.shape[1]
-
-    def per_device(array: np.ndarray) -> np.ndarray:
-        return array.reshape(old_devices, num_classes, *array.shape[1:])
-
-    data = {name: per_device(value) for name, value in buffer.data.items()}
-    labels, task_ids, counts, seen = (
-        per_device(x) for x in (buffer.labels, buffer.task_ids, buffer.counts, buffer.seen)
-    )
-    new_data = {
-        name: np.zeros((new_devices, num_classes, new_budget, *value.shape[3:]), value.dtype)
-        for name, value in data.items()
-    }
-    new_task_ids = np.full((new_devices, num_classes, new_budget), -1, np.int32)
-    new_labels = np.broadcast_to(
-        np.arange(num_classes, dtype=np.int32)[None, :, None], new_task_ids.shape
-    ).copy()
-    new_counts = np.zeros((new_devices, num_classes), np.int32)
-    new_seen = np.zeros((new_devices, num_classes), np.int32)
-    for label in range(num_classes):
-        stored = [
-            (device, slot)
-            for device in range(old_devices)
-            for slot in range(min(int(counts[device, label]), old_budget))
-        ]
-        kept = min(len(stored), new_devices * new_budget)
-        chosen = (
-            sorted(rng.choice(len(stored), kept, replace=False))
-            if kept < len(stored)
-            else range(kept)
-        )
-        for order, index in enumerate(chosen):
-            device, slot = stored[index]
-            target, target_slot = order % new_devices, order // new_devices
-            for name in data:
-                new_data[name][target, label, target_slot] = data[name][device, label, slot]
-            new_task_ids[target, label, target_slot] = task_ids[device, label, slot]
-            new_labels[target, label, target_slot] = labels[device, label, slot]
-            new_counts[target, label] += 1
-        total_seen = int(seen[:, label].sum())
-        for device in range(new_devices):
-            share = total_seen // new_devices + (device < total_seen % new_devices)
-            new_seen[device, label] = max(share, new_counts[device, label])
-
-    def global_rows(array: np.ndarray) -> np.ndarray:
-        return np.ascontiguousarray(array.reshape(new_devices * num_classes, *array.shape[2:]))
-
-    return BufferState(
-        data={name: global_rows(value) for name, value in new_data.items()},
-        labels=global_rows(new_labels),
-        task_ids=global_rows(new_task_ids),
-        counts=global_rows(new_counts),
-        seen=global_rows(new_seen),
-    )
-
-
 def changed_fields(saved: dict, current: dict, same_devices: bool) -> list[str]:
     """The dotted config fields whose values differ in a way that changes results."""
     ignored = NEUTRAL_FIELDS if same_devices else NEUTRAL_FIELDS + PER_DEVICE_FIELDS
-    old, new = flat_fields(saved), flat_fields(current)
+    old, new = configuration.flat_fields(saved), configuration.flat_fields(current)
     return sorted(
         field
         for field in old.keys() | new.keys()
@@ -284,22 +208,12 @@ def changed_fields(saved: dict, current: dict, same_devices: bool) -> list[str]:
     )
 
 
-def flat_fields(tree: dict, prefix: str = "") -> dict:
-    """The nested config as dotted fields (`a.b`), tuples as lists."""
-    flat = {}
-    for key, value in tree.items():
-        if isinstance(value, dict):
-            flat.update(flat_fields(value, f"{prefix}{key}."))
-        else:
-            flat[f"{prefix}{key}"] = list(value) if isinstance(value, tuple) else value
-    return flat
-
-
 def check_same_config(saved: dict, current: dict, same_devices: bool, where: str) -> None:
     """A `ConfigError` naming the fields in which `current` departs from the run in `where`."""
     fields = changed_fields(saved, current, same_devices)
     if fields:
-        _flat_saved, _flat_current = flat_fields(saved), flat_fields(current)
+        _flat_saved = configuration.flat_fields(saved)
+        _flat_current = configuration.flat_fields(current)
         shown = ", ".join(
             f"{field} ({_flat_saved.get(field)!r} -> {_flat_current.get(field)!r})"
             for field in fields[:4]

@@ -13,6 +13,8 @@ from collections.abc import Mapping
 
 import ml_collections
 
+from cljax.errors import ArgumentError
+
 
 def argument(
     default, doc: str, minimum: float | None = None, choices: tuple[str, ...] | None = None
@@ -34,10 +36,6 @@ def default_config(registry: Mapping[str, type]) -> ml_collections.ConfigDict:
     return ml_collections.ConfigDict(
         {name: {f.name: f.default for f in arguments(cls)} for name, cls in registry.items()}
     )
-
-
-class ArgumentError(ValueError):
-    """A component argument that cannot work; the message names the field and the fix."""
 
 
 def check(kind: str, name: str, cls: type, values: Mapping) -> None:

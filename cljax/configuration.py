@@ -1,33 +1,34 @@
-"""Checks a config before anything compiles, and derives the values it implies.
+"""Configs: loading them by name or file, overriding fields, and what each field means.
 
-Every error is one line that names the field and says how to fix it.
+The configs that ship with cljax are the modules of `configs/` (`cljax.configs` once
+installed); each has `get_config(arg)` returning an `ml_collections.ConfigDict`. Checks of a
+config's values are in `cljax.checks`; what the values imply for a run is its plan
+(`cljax.run.plan`).
 """
 
 import ast
 import difflib
+import importlib
 import importlib.util
-import math
-import os
 import pathlib
 import sys
+import types
+from collections.abc import Mapping
 
-import jax
 import ml_collections
 
 from cljax import augment, components, optim
-from cljax.buffer import MEMORY_KINDS, PARTITIONS, POLICIES
-from cljax.data.pipeline import BAD_IMAGES, WORKER_KINDS
-from cljax.data.scenarios import SCENARIOS, class_groups
-from cljax.data.sources import BUILTIN_BUILDERS
-from cljax.messages import ConfigError
-from cljax.models import BATCH_NORM, MODELS
-from cljax.runtime import BACKENDS
+from cljax.buffer import PARTITIONS, POLICIES
+from cljax.checks import DTYPES
+from cljax.data.scenarios import SCENARIOS
+from cljax.data.sources import DATASETS
+from cljax.errors import ConfigError
+from cljax.models import MODELS
 from cljax.strategies import STRATEGIES
 
-CONFIG_DIR = pathlib.Path(__file__).resolve().parents[1] / "configs"
-DTYPES = ("float32", "bfloat16")
-WANDB_MODES = ("online", "offline")
-MAX_CPU_DEVICES = 512
+CONFIGS_PACKAGE = "cljax.configs"
+# A clone's configs: the folder beside the package (absent from an installed wheel).
+CLONE_CONFIGS = pathlib.Path(__file__).resolve().parents[1] / "configs"
 
 # One line per config field; model.<name>.* and strategy.<name>.* come from the components.
 FIELD_DOCS = {
@@ -58,9 +59,9 @@ FIELD_DOCS = {
     "optimizer.schedule_scope": "task: the schedule restarts at every task (the paper's);"
     " stream: it runs once over all tasks",
     "optimizer.reset_each_task": "reset the optimizer state (momentum) at every task (the paper's)",
-    "dataset.name": f"built-in {sorted(BUILTIN_BUILDERS)} (no download), imagefolder (at"
-    " dataset.path) or any TFDS image-classification dataset prepared as array_record (mnist,"
-    " cifar10, imagenet2012, ...)",
+    "dataset.name": f"registered {DATASETS.names()} (digits and mnist1d: built-in, no"
+    " download; imagefolder: the folder at dataset.path) or any TFDS image-classification"
+    " dataset prepared as array_record (mnist, cifar10, imagenet2012, ...)",
     "dataset.data_dir": "TFDS data dir (None: $TFDS_DATA_DIR, else ~/tensorflow_datasets)",
     "dataset.image_size": "resize (shorter side) and crop images to this size; needed for"
     " datasets of varying image size (imagenet2012)",
@@ -80,12 +81,12 @@ FIELD_DOCS = {
     " training loop)",
     "dataset.bad_images": "an image that cannot be decoded: stop (one line naming it) or skip"
     " (its row is left out and counted)",
-    "scenario.name": f"one of {list(SCENARIOS)}",
+    "scenario.name": f"one of {SCENARIOS.names()}",
     "scenario.num_tasks": "tasks (1 for joint)",
     "scenario.class_order_seed": "shuffle the class order with this seed (None: classes in order)",
     "scenario.initial_increment": "classes in the first task (None: an equal split)",
     "scenario.increment": "classes in each later task (None: an equal split)",
-    "strategy.name": f"one of {sorted(STRATEGIES)}; strategy.<name>.* are its hyperparameters",
+    "strategy.name": f"one of {STRATEGIES.names()}; strategy.<name>.* are its hyperparameters",
     "buffer.budget_per_class": "N: slots per class per device (partition=class)",
     "buffer.rehearsal_ratio": "if set, N = floor(train_size * ratio / 100 / P / num_devices),"
     " P the partitions (classes, or 1), as in the paper (takes precedence over"
@@ -103,7 +104,7 @@ FIELD_DOCS = {
     " fills from task 0)",
     "buffer.memory_kind": "where the buffer's slots live: device, or pinned_host (host"
     " memory; only the r drawn records move to the device)",
-    "model.name": f"one of {sorted(MODELS)}; model.<name>.* are its arguments",
+    "model.name": f"one of {MODELS.names()}; model.<name>.* are its arguments",
     "model.batch_norm": "global: BatchNorm statistics over every device's rows (a step on D"
     " devices equals one on the global batch; 2 all-reduces per BatchNorm layer on the"
     " critical path); per_device: over each device's own rows, as PyTorch without"
@@ -137,342 +138,58 @@ FIELD_DOCS = {
 }
 
 
-def _require(condition: bool, message: str) -> None:
-    if not condition:
-        raise ConfigError(message)
-
-
-def _one_of(field: str, value, choices) -> None:
-    _require(
-        value in choices,
-        f"{field}={value!r} is not known; set --config.{field} to one of {sorted(choices)}",
-    )
-
-
-def _positive(field: str, value, minimum: int = 1) -> None:
-    _require(
-        isinstance(value, int | float)
-        and not isinstance(value, bool)
-        and math.isfinite(value)
-        and value >= minimum,
-        f"{field}={value!r} must be a finite number >= {minimum}; set --config.{field}",
-    )
-
-
-def _optional_positive(field: str, value, minimum: int = 1) -> None:
-    if value is not None:
-        _positive(field, value, minimum)
-
-
-def _lookup(config: ml_collections.ConfigDict, field: str):
-    for part in field.split("."):
-        config = config[part]
-    return config
-
-
-def validate(config: ml_collections.ConfigDict) -> None:
-    """Checks what can be checked without data or devices."""
-    _require(
-        isinstance(config.dataset.name, str) and config.dataset.name,
-        f"dataset.name={config.dataset.name!r} is empty; set --config.dataset.name to a built-in"
-        f" dataset {sorted(BUILTIN_BUILDERS)} or a prepared TFDS dataset",
-    )
-    _one_of("scenario.name", config.scenario.name, SCENARIOS)
-    _require(
-        config.scenario.name != "joint" or config.scenario.num_tasks == 1,
-        f"scenario.num_tasks={config.scenario.num_tasks} must be 1 for scenario.name='joint';"
-        " set --config.scenario.num_tasks=1",
-    )
-    _one_of("strategy.name", config.strategy.name, STRATEGIES)
-    _one_of("model.name", config.model.name, MODELS)
-    _one_of("model.batch_norm", config.model.batch_norm, BATCH_NORM)
-    for kind, registry in (("strategy", STRATEGIES), ("model", MODELS)):
-        name = config[kind].name
-        try:
-            components.check(kind, name, registry[name], config[kind].get(name, {}))
-        except components.ArgumentError as error:
-            raise ConfigError(str(error)) from error
-    _one_of("buffer.policy", config.buffer.policy, POLICIES)
-    for field in (
-        "scenario.num_tasks",
-        "batch_size",
-        "eval_batch_size",
-        "epochs_per_task",
-        "num_cpu_devices",
-        "dataset.prefetch_depth",
-    ):
-        _positive(field, _lookup(config, field))
-    _require(
-        config.num_cpu_devices <= MAX_CPU_DEVICES,
-        f"num_cpu_devices={config.num_cpu_devices} is more than the {MAX_CPU_DEVICES} simulated"
-        " devices a CPU run can usefully have; set --config.num_cpu_devices lower",
-    )
-    _one_of("dtype", config.dtype, DTYPES)
-    _require(
-        isinstance(config.label_smoothing, int | float) and 0 <= config.label_smoothing < 1,
-        f"label_smoothing={config.label_smoothing!r} must be in [0, 1); set"
-        " --config.label_smoothing",
-    )
-    _one_of("dataset.augment", config.dataset.augment, augment.MODES)
-    _one_of("dataset.bad_images", config.dataset.bad_images, BAD_IMAGES)
-    _one_of("dataset.workers", config.dataset.workers, WORKER_KINDS)
-    _optional_positive("dataset.worker_count", config.dataset.worker_count, 0)
-    _validate_optimizer(config.optimizer)
-    _positive("seed", config.seed, minimum=0)
-    _optional_positive("scenario.class_order_seed", config.scenario.class_order_seed, 0)
-    _optional_positive("scenario.initial_increment", config.scenario.initial_increment)
-    _optional_positive("scenario.increment", config.scenario.increment)
-    _optional_positive("dataset.image_size", config.dataset.image_size)
-    _validate_distributed(config.distributed)
-    _positive("checkpoint.every_steps", config.checkpoint.every_steps, 0)
-    _positive("checkpoint.keep", config.checkpoint.keep)
-    _positive("logging.every_steps", config.logging.every_steps)
-    _one_of("logging.wandb_mode", config.logging.wandb_mode, WANDB_MODES)
-    _optional_positive("logging.profile_from_step", config.logging.profile_from_step)
-    _positive("logging.profile_steps", config.logging.profile_steps)
-    _require(
-        config.logging.wandb_project is None or importlib.util.find_spec("wandb") is not None,
-        f"logging.wandb_project={config.logging.wandb_project} needs wandb, which is not"
-        " installed; pip install wandb, or leave --config.logging.wandb_project unset",
-    )
-    _require(
-        config.init_from is None or os.path.isdir(config.init_from),
-        f"init_from={config.init_from} is not a directory; give a finished run's workdir or"
-        " its final_model/",
-    )
-    if STRATEGIES[config.strategy.name].uses_buffer:
-        _validate_buffer(config)
-
-
-def _validate_optimizer(optimizer: ml_collections.ConfigDict) -> None:
-    _one_of("optimizer.name", optimizer.name, optim.OPTIMIZERS)
-    _positive("optimizer.learning_rate", optimizer.learning_rate, minimum=0)
-    _require(
-        isinstance(optimizer.momentum, int | float) and 0 <= optimizer.momentum < 1,
-        f"optimizer.momentum={optimizer.momentum!r} must be in [0, 1); set"
-        " --config.optimizer.momentum",
-    )
-    _positive("optimizer.weight_decay", optimizer.weight_decay, minimum=0)
-    _one_of("optimizer.lr_scaling", optimizer.lr_scaling, optim.SCALING_RULES)
-    _positive("optimizer.warmup_epochs", optimizer.warmup_epochs, minimum=0)
-    _one_of("optimizer.schedule", optimizer.schedule, optim.SCHEDULES)
-    _one_of("optimizer.schedule_scope", optimizer.schedule_scope, optim.SCOPES)
-    epochs, factors = tuple(optimizer.decay_epochs), tuple(optimizer.decay_factors)
-    _require(
-        len(epochs) == len(factors)
-        and list(epochs) == sorted(epochs)
-        and all(isinstance(v, int | float) and v >= 0 for v in (*epochs, *factors)),
-        f"optimizer.decay_epochs={epochs} and decay_factors={factors} must be sequences of"
-        " the same length, the epochs increasing, all >= 0; set"
-        " --config.optimizer.decay_epochs and --config.optimizer.decay_factors",
-    )
-    _require(
-        optimizer.schedule != "step" or len(epochs) > 0,
-        "optimizer.schedule='step' needs optimizer.decay_epochs and decay_factors; set them,"
-        " e.g. --config.optimizer.decay_epochs='(21,26,28)'"
-        " --config.optimizer.decay_factors='(0.5,0.05,0.01)'",
-    )
-
-
-def _validate_distributed(distributed: ml_collections.ConfigDict) -> None:
-    _one_of("distributed.backend", distributed.backend, BACKENDS)
-    _positive("distributed.timeout_s", distributed.timeout_s)
-    explicit = [
-        distributed.coordinator_address,
-        distributed.num_processes,
-        distributed.process_id,
-    ]
-    _require(
-        all(value is None for value in explicit) or None not in explicit,
-        "distributed.coordinator_address, num_processes and process_id go together; set all"
-        " three (--config.distributed.FIELD) or none (automatic detection)",
-    )
-    if distributed.coordinator_address is not None:
-        host, _, port = distributed.coordinator_address.rpartition(":")
-        _require(
-            bool(host) and port.isdigit() and 0 < int(port) < 65536,
-            f"distributed.coordinator_address={distributed.coordinator_address!r} is not"
-            " HOST:PORT; set --config.distributed.coordinator_address, e.g. 10.0.0.1:12355",
-        )
-        _positive("distributed.num_processes", distributed.num_processes)
-        _require(
-            0 <= distributed.process_id < distributed.num_processes,
-            f"distributed.process_id={distributed.process_id} is not in [0,"
-            f" num_processes={distributed.num_processes}); set --config.distributed.process_id",
-        )
-
-
-def _validate_buffer(config: ml_collections.ConfigDict) -> None:
-    buffer = config.buffer
-    _positive("buffer.num_representatives", buffer.num_representatives)
-    _positive("buffer.num_candidates", buffer.num_candidates)
-    _positive("buffer.augment_from_task", buffer.augment_from_task, minimum=0)
-    _require(
-        buffer.augment_from_task < config.scenario.num_tasks,
-        f"buffer.augment_from_task={buffer.augment_from_task} is past the last task (tasks"
-        f" 0..{config.scenario.num_tasks - 1}): no batch would ever get representatives; set"
-        " --config.buffer.augment_from_task below scenario.num_tasks",
-    )
-    _require(
-        buffer.num_candidates <= config.batch_size,
-        f"buffer.num_candidates={buffer.num_candidates} exceeds batch_size={config.batch_size};"
-        " set --config.buffer.num_candidates to at most the per-device batch size",
-    )
-    _one_of("buffer.partition", buffer.partition, PARTITIONS)
-    _optional_positive("buffer.size", buffer.size)
-    if buffer.rehearsal_ratio is not None:
-        _require(
-            0 < buffer.rehearsal_ratio <= 100,
-            f"buffer.rehearsal_ratio={buffer.rehearsal_ratio} must be in (0, 100] (percent of"
-            " the training set); set --config.buffer.rehearsal_ratio",
-        )
-    elif buffer.size is None:
-        _require(
-            buffer.partition == "class",
-            "buffer.partition='stream' needs the buffer's size; set --config.buffer.size (slots"
-            " of the whole buffer) or --config.buffer.rehearsal_ratio",
-        )
-        _positive("buffer.budget_per_class", buffer.budget_per_class)
-
-
-def validate_memory_kind(memory_kind: str, available: list[str]) -> None:
-    """Checks `buffer.memory_kind` against the memories of the backend's devices."""
-    _one_of("buffer.memory_kind", memory_kind, MEMORY_KINDS)
-    _require(
-        memory_kind in available,
-        f"buffer.memory_kind={memory_kind!r} is not supported by the {jax.default_backend()}"
-        f" backend (its memories: {sorted(available)}); set --config.buffer.memory_kind=device",
-    )
-
-
-def validate_for_data(
-    config: ml_collections.ConfigDict,
-    num_classes: int,
-    train_size: int,
-    num_devices: int,
-    resizable: bool = False,
-    channels: int = 1,
-) -> None:
-    """Checks what depends on the dataset (`resizable`: its images can be resized;
-    `channels` per input) and the number of data-parallel devices."""
-    for field in ("dataset.mean", "dataset.std"):
-        value = _lookup(config, field)
-        _require(
-            value is None
-            or (
-                len(value) == channels
-                and all(isinstance(v, int | float) and math.isfinite(v) for v in value)
-                and (field == "dataset.mean" or min(value) > 0)
-            ),
-            f"{field}={value!r} must hold {channels} finite numbers (positive for std), one"
-            f" per channel of {config.dataset.name}; set --config.{field} or leave it unset",
-        )
-    _require(
-        config.dataset.image_size is None or resizable,
-        f"dataset.image_size={config.dataset.image_size} does not apply to"
-        f" {config.dataset.name}, whose inputs have a fixed shape; unset"
-        " --config.dataset.image_size",
-    )
-    scenario = config.scenario
-    if scenario.name == "class_incremental":
-        sizes = class_groups(
-            num_classes, scenario.num_tasks, scenario.initial_increment, scenario.increment
-        )
-        _require(
-            sum(sizes) == num_classes and min(sizes) >= 1,
-            f"scenario.num_tasks={scenario.num_tasks} with initial_increment="
-            f"{scenario.initial_increment} and increment={scenario.increment} gives tasks of"
-            f" {_short(sizes)} classes, not the {num_classes} classes of {config.dataset.name}; set"
-            " --config.scenario.num_tasks (or initial_increment/increment) to cover them exactly",
-        )
-    if STRATEGIES[config.strategy.name].uses_buffer:
-        budget = budget_per_class(config.buffer, train_size, num_classes, num_devices)
-        partitions = num_partitions(config.buffer, num_classes)
-        field = "size" if config.buffer.rehearsal_ratio is None else "rehearsal_ratio"
-        _require(
-            budget >= 1,
-            f"buffer.{field}={config.buffer[field]} gives less than one slot per"
-            f" {config.buffer.partition} partition on each of {num_devices} devices; raise"
-            f" --config.buffer.{field}",
-        )
-        total = budget * partitions * num_devices
-        _require(
-            config.buffer.num_representatives <= total,
-            f"buffer.num_representatives={config.buffer.num_representatives} exceeds the"
-            f" {total} slots of the whole buffer ({budget} per partition x {partitions}"
-            f" partitions x {num_devices} devices): every draw would repeat samples; lower"
-            " --config.buffer.num_representatives or enlarge the buffer",
-        )
-
-
-def validate_buffer_memory(
-    config: ml_collections.ConfigDict, buffer_bytes: int, available_bytes: int, where: str
-) -> None:
-    """The buffer of one device (`buffer_bytes`) must fit in the memory it lives in."""
-    _require(
-        buffer_bytes <= available_bytes,
-        f"the buffer needs {buffer_bytes / 2**30:.1f} GiB per device (buffer.budget_per_class="
-        f"{config.buffer.budget_per_class}, size={config.buffer.size}, rehearsal_ratio="
-        f"{config.buffer.rehearsal_ratio}), more than the {available_bytes / 2**30:.1f} GiB of"
-        f" {where}; lower --config.buffer.budget_per_class, size or rehearsal_ratio",
-    )
-
-
-def validate_scenario(
-    config: ml_collections.ConfigDict, scenario, train_size: int, test_size: int
-) -> None:
-    """Every task must have training and test samples (else its accuracy is undefined)."""
-    for task in range(scenario.num_tasks):
-        for split, rows, size in (
-            ("training", scenario.train_rows[task], train_size),
-            ("test", scenario.test_rows[task], test_size),
-        ):
-            _require(
-                len(rows) > 0,
-                f"scenario.num_tasks={config.scenario.num_tasks} leaves task {task} without"
-                f" {split} samples ({config.dataset.name} has {size}); lower"
-                " --config.scenario.num_tasks",
-            )
-
-
-def budget_per_class(
-    buffer: ml_collections.ConfigDict, train_size: int, num_classes: int, num_devices: int
-) -> int:
-    """N, the slots per partition per device: from `rehearsal_ratio` if set, as in the
-    paper (N = floor(train_size * ratio / 100 / P / num_devices)), else from `size` if set,
-    else `budget_per_class`. P is the number of partitions (`num_partitions`)."""
-    partitions = num_partitions(buffer, num_classes)
-    if buffer.rehearsal_ratio is not None:
-        return math.floor(train_size * buffer.rehearsal_ratio / 100 / partitions / num_devices)
-    if buffer.size is not None:
-        return buffer.size // (partitions * num_devices)
-    return buffer.budget_per_class
-
-
-def num_partitions(buffer: ml_collections.ConfigDict, num_classes: int) -> int:
-    """P: one partition per class, or one for the whole stream."""
-    return num_classes if buffer.partition == "class" else 1
-
-
 def load_config(spec: str = "default") -> ml_collections.ConfigDict:
-    """The config of `spec`: `NAME[:ARG]` for `configs/NAME.py` of this clone (from any
-    directory), or `PATH.py[:ARG]` for any config file; ARG goes to its `get_config`."""
+    """The config of `spec`: `NAME[:ARG]` for the config `NAME` that ships with cljax
+    (`configs/NAME.py`: the clone's, from any directory, or the installed package's), or
+    `PATH.py[:ARG]` for any config file; ARG goes to its `get_config`."""
     name, _, argument = spec.partition(":")
-    path = pathlib.Path(name) if name.endswith(".py") else CONFIG_DIR / f"{name}.py"
-    if not path.is_file():
-        known = sorted(p.stem for p in CONFIG_DIR.glob("*.py"))
-        close = difflib.get_close_matches(path.stem, known, n=3)
-        hint = f"did you mean {', '.join(close)}? " if close else ""
-        raise ConfigError(
-            f"config={spec!r}: no config file {path}; {hint}give --config=NAME[:ARG] with NAME"
-            f" one of {known}, or --config=PATH.py[:ARG]"
+    package = configs_package()
+    if name.endswith(".py"):
+        module = _module_from_file(pathlib.Path(name), spec)
+    else:
+        known = config_names()
+        if name not in known:
+            close = difflib.get_close_matches(name, known, n=3)
+            hint = f"did you mean {', '.join(close)}? " if close else ""
+            raise ConfigError(
+                f"config={spec!r}: no config {name!r} in {package.__path__[0]}; {hint}give"
+                f" --config=NAME[:ARG] with NAME one of {known}, or --config=PATH.py[:ARG]"
+            )
+        module = importlib.import_module(f"{CONFIGS_PACKAGE}.{name}")
+    return module.get_config(argument) if argument else module.get_config()
+
+
+def configs_package() -> types.ModuleType:
+    """`cljax.configs`, the configs that ship with cljax: the `configs/` folder of the clone
+    this cljax runs from, or the copy that a wheel installs inside the package (the build
+    maps the folder there; see pyproject.toml). Config files import each other from it."""
+    if CONFIGS_PACKAGE not in sys.modules and (CLONE_CONFIGS / "__init__.py").is_file():
+        init = CLONE_CONFIGS / "__init__.py"
+        module_spec = importlib.util.spec_from_file_location(
+            CONFIGS_PACKAGE, init, submodule_search_locations=[str(CLONE_CONFIGS)]
         )
-    if str(CONFIG_DIR.parent) not in sys.path:
-        sys.path.append(str(CONFIG_DIR.parent))  # configs import each other as `configs.NAME`
+        package = importlib.util.module_from_spec(module_spec)
+        sys.modules[CONFIGS_PACKAGE] = package
+        module_spec.loader.exec_module(package)
+    return importlib.import_module(CONFIGS_PACKAGE)
+
+
+def config_names() -> list[str]:
+    """The names of the configs that ship with cljax."""
+    folder = pathlib.Path(configs_package().__path__[0])
+    return sorted(path.stem for path in folder.glob("*.py") if path.stem != "__init__")
+
+
+def _module_from_file(path: pathlib.Path, spec: str) -> types.ModuleType:
+    if not path.is_file():
+        raise ConfigError(
+            f"config={spec!r}: no config file {path}; give --config=PATH.py[:ARG] of an"
+            f" existing file, or --config=NAME[:ARG] with NAME one of {config_names()}"
+        )
     module_spec = importlib.util.spec_from_file_location(f"cljax_config_{path.stem}", path)
     module = importlib.util.module_from_spec(module_spec)
     module_spec.loader.exec_module(module)
-    return module.get_config(argument) if argument else module.get_config()
+    return module
 
 
 def apply_overrides(config: ml_collections.ConfigDict, overrides: dict[str, str]) -> None:
@@ -524,15 +241,16 @@ def _parse_value(text: str, field_type: type):
     return field_type(text)
 
 
-def flat_fields(config: ml_collections.ConfigDict, prefix: str = "") -> dict[str, object]:
-    """Every leaf field of `config` by its dotted name."""
+def flat_fields(config: Mapping, prefix: str = "") -> dict[str, object]:
+    """Every leaf field of a config (a `ConfigDict`, or its `to_dict()` as metrics.json and
+    checkpoints keep it) by its dotted name, tuples as lists (as JSON gives them back)."""
     fields = {}
     for key, value in config.items():
         name = f"{prefix}{key}"
-        if isinstance(value, ml_collections.ConfigDict):
+        if isinstance(value, ml_collections.ConfigDict | dict):
             fields.update(flat_fields(value, f"{name}."))
         else:
-            fields[name] = value
+            fields[name] = list(value) if isinstance(value, tuple) else value
     return fields
 
 
@@ -563,13 +281,6 @@ def fields_table(config: ml_collections.ConfigDict, markdown: bool = False) -> s
         return "\n".join(["| field | default | meaning |", "| --- | --- | --- |", *rows])
     width = max(len(f"{f}={_show(v)}") for f, v in values.items())
     return "\n".join(f"{f + '=' + _show(v):<{width}}  {docs[f]}" for f, v in values.items())
-
-
-def _short(values: list, shown: int = 8) -> str:
-    """A list as text, cut after `shown` items."""
-    if len(values) <= shown:
-        return str(values)
-    return f"[{', '.join(map(str, values[:shown]))}, ... ({len(values)} in all)]"
 
 
 def _show(value) -> str:

@@ -1,4 +1,4 @@
-"""Optimizers and learning-rate schedules from `config.optimizer`.
+"""Optimizers and learning-rate schedules from a config's `optimizer` section.
 
 The optimizer is SGD (momentum, optionally Nesterov) or Adam, with weight decay coupled as
 in PyTorch's SGD (AdamW's decoupled decay for Adam), optionally sparing BatchNorm scales and
@@ -17,10 +17,9 @@ The schedule, at epoch e of its scope (a task, or the whole stream of tasks):
 
 import dataclasses
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 
 import jax
-import ml_collections
 import optax
 
 OPTIMIZERS = ("sgd", "adam")
@@ -35,7 +34,8 @@ SCOPES = ("task", "stream")
 
 @dataclasses.dataclass(frozen=True)
 class Schedule:
-    """The learning rate as a function of the epoch (fractional) within its scope."""
+    """The learning rate as a function of the epoch (fractional) within its scope: a task
+    (`scope='task'`) or the whole stream of tasks of `epochs_per_task` epochs each."""
 
     learning_rate: float
     scale: float = 1.0
@@ -44,6 +44,14 @@ class Schedule:
     decay_epochs: tuple[float, ...] = ()
     decay_factors: tuple[float, ...] = ()
     total_epochs: float = 1.0
+    scope: str = "task"
+    epochs_per_task: int = 1
+
+    def at_step(self, task: int, epoch: int, step: int, steps_per_epoch: int) -> float:
+        """The rate of training step `step` of epoch `epoch` of `task`."""
+        return self(
+            scope_epoch(self.scope, task, epoch, step, steps_per_epoch, self.epochs_per_task)
+        )
 
     @property
     def peak(self) -> float:
@@ -65,10 +73,9 @@ class Schedule:
 
 
 def schedule(
-    config: ml_collections.ConfigDict, num_devices: int, epochs_per_task: int, num_tasks: int
+    optimizer: Mapping, num_devices: int, epochs_per_task: int, num_tasks: int
 ) -> Schedule:
-    """The schedule of `config.optimizer` for a run on `num_devices` devices."""
-    optimizer = config.optimizer
+    """The schedule of a config's `optimizer` section for a run on `num_devices` devices."""
     scope_tasks = 1 if optimizer.schedule_scope == "task" else num_tasks
     return Schedule(
         learning_rate=optimizer.learning_rate,
@@ -78,6 +85,8 @@ def schedule(
         decay_epochs=tuple(optimizer.decay_epochs),
         decay_factors=tuple(optimizer.decay_factors),
         total_epochs=epochs_per_task * scope_tasks,
+        scope=optimizer.schedule_scope,
+        epochs_per_task=epochs_per_task,
     )
 
 
@@ -90,10 +99,9 @@ def scope_epoch(
     return within_task if scope == "task" else task * epochs_per_task + within_task
 
 
-def create(config: ml_collections.ConfigDict) -> optax.GradientTransformation:
-    """The optimizer of `config.optimizer`; its learning rate is set each step with
-    `with_learning_rate`."""
-    optimizer = config.optimizer
+def create(optimizer: Mapping) -> optax.GradientTransformation:
+    """The optimizer of a config's `optimizer` section; its learning rate is set each step
+    with `with_learning_rate`."""
     decayed = None if optimizer.decay_norm_and_bias else _kernels_only
 
     def make(learning_rate):

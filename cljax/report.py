@@ -21,8 +21,8 @@ import sys
 
 import numpy as np
 
-from cljax import checkpoint, plots, workdir
-from cljax.messages import ConfigError, warn
+from cljax import checkpoint, configuration, plots, workdir
+from cljax.errors import ConfigError, warn
 
 REPORT_FILES = ("comparison.png", "accuracy_curves.png", "report.json")
 # metrics.json keys summarised over the runs of a group; the optional ones only where present.
@@ -143,7 +143,7 @@ def _label(groups: list[dict], configs: list[dict]) -> None:
             if other["strategy"] == group["strategy"] and j != index
         ]
         fields = sorted({field for j in same for field in _differences(configs[index], configs[j])})
-        flat = checkpoint.flat_fields(configs[index])
+        flat = configuration.flat_fields(configs[index])
         extra = ", ".join(f"{field}={flat.get(field)}" for field in fields)
         group["label"] = f"{group['strategy']} ({extra})" if extra else group["strategy"]
 

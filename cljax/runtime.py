@@ -1,9 +1,10 @@
 """The host side of a run: processes, devices, the mesh, and what crosses processes.
 
-`create(config)` starts the processes of a job once and returns a `Runtime`, the host-side
-counterpart of `Collectives`: it owns the mesh, the per-device wrapper, the collectives that
-per-device code uses, process index and count, barriers, gathers and the watchdog. It is the
-only place in cljax that knows which communication backend runs:
+`create(distributed, num_cpu_devices)` starts the processes of a job once and returns a
+`Runtime`, the host-side counterpart of `Collectives`: it owns the mesh, the per-device
+wrapper, the collectives that per-device code uses, process index and count, barriers,
+gathers and the watchdog (`cljax.watchdog`). It is the only place in cljax that knows which
+communication backend runs:
 
 - `jax` (`JaxRuntime`): `jax.distributed` when the job has several processes; one mesh over
   every device of every process, per-device code under `shard_map`.
@@ -12,29 +13,22 @@ only place in cljax that knows which communication backend runs:
 """
 
 import abc
-import contextlib
 import itertools
 import logging
 import os
 import socket
 import sys
-import threading
-import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 
 import jax
-import ml_collections
 import numpy as np
-
-# The coordination service's client (key-value store) has no public handle; multihost_utils
-# reaches it the same way.
-from jax._src import distributed as jax_distributed
 from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from cljax.collectives import AXIS, Collectives, JaxCollectives, MpiCollectives
-from cljax.messages import EXIT_LOST_PROCESS, ConfigError, warn
+from cljax.errors import ConfigError, warn
+from cljax.watchdog import KeyValueLiveness, Watchdog
 
 # Environment variables that give the number of processes of a job, by launcher, and the
 # JAX cluster detection to use for it.
@@ -46,7 +40,6 @@ _CLUSTER_SIZE_VARIABLES = {
 }
 _CPU_COLLECTIVE_TIMEOUT_FLAG = "--xla_cpu_collective_call_terminate_timeout_seconds"
 _BROADCAST_PREFIX = "cljax/broadcast/"
-_ALIVE_PREFIX = "cljax/alive/"
 _GATHER_PREFIX = "cljax/gather/"
 # Numbers the key-value exchanges of this process (broadcasts, gathers), whichever runtime
 # object makes them: every process makes the same ones in the same order, so the numbers
@@ -97,7 +90,7 @@ class Runtime(abc.ABC):
 
     @classmethod
     @abc.abstractmethod
-    def start(cls, config: ml_collections.ConfigDict) -> "Runtime":
+    def start(cls, distributed: Mapping, num_cpu_devices: int) -> "Runtime":
         """Sets up this process for the job and returns its runtime."""
 
     @abc.abstractmethod
@@ -185,7 +178,7 @@ class Runtime(abc.ABC):
         writes its own shards of the global arrays)."""
         return root
 
-    def watchdog(self, what: str = "training") -> "Watchdog":
+    def watchdog(self, what: str = "training") -> Watchdog:
         """A watchdog for this job: armed only when there are other processes to lose."""
         return Watchdog(self.timeout_s, self.process_index, what, active=self.process_count > 1)
 
@@ -197,17 +190,16 @@ class JaxRuntime(Runtime):
         super().__init__(Mesh(np.asarray(jax.devices()), (AXIS,)), JaxCollectives(), timeout_s)
 
     @classmethod
-    def start(cls, config: ml_collections.ConfigDict) -> "JaxRuntime":
-        """On CPU, `config.num_cpu_devices` devices for the whole job, split evenly over its
+    def start(cls, distributed: Mapping, num_cpu_devices: int) -> "JaxRuntime":
+        """On CPU, `num_cpu_devices` devices for the whole job, split evenly over its
         processes; jax.distributed when the job has several processes."""
-        distributed = config.distributed
         processes = distributed.num_processes or launched_processes()[0]
-        per_process = max(1, config.num_cpu_devices // processes)
+        per_process = max(1, num_cpu_devices // processes)
         configure_cpu_devices(per_process, distributed.timeout_s)
         _initialize_jax_distributed(distributed)
-        if jax.default_backend() == "cpu" and per_process * processes != config.num_cpu_devices:
+        if jax.default_backend() == "cpu" and per_process * processes != num_cpu_devices:
             raise ConfigError(
-                f"num_cpu_devices={config.num_cpu_devices} cannot be split evenly over"
+                f"num_cpu_devices={num_cpu_devices} cannot be split evenly over"
                 f" {processes} processes; set --config.num_cpu_devices to a multiple of"
                 f" {processes}"
             )
@@ -218,7 +210,7 @@ class JaxRuntime(Runtime):
         process that reads late still gets the text of the same call."""
         if self.process_count == 1:
             return text
-        client = jax_distributed.global_state.client
+        client = _key_value_store()
         key = f"{_BROADCAST_PREFIX}{next(_exchange_numbers)}"
         if self.is_main:
             client.key_value_set(key, text)
@@ -227,7 +219,7 @@ class JaxRuntime(Runtime):
 
     def _gather_texts(self, text: str) -> list[str]:
         """Through the coordinator's key-value store, under keys numbered by call."""
-        client = jax_distributed.global_state.client
+        client = _key_value_store()
         prefix = f"{_GATHER_PREFIX}{next(_exchange_numbers)}/"
         client.key_value_set(f"{prefix}{self.process_index}", text)
         timeout = int(self.timeout_s * 1000)
@@ -236,13 +228,13 @@ class JaxRuntime(Runtime):
             for index in range(self.process_count)
         ]
 
-    def watchdog(self, what: str = "training") -> "Watchdog":
+    def watchdog(self, what: str = "training") -> Watchdog:
         """With several processes, each watchdog also posts that its process is alive, so
         that a stalled process can name the one that went silent."""
         watchdog = super().watchdog(what)
         if self.process_count > 1:
-            watchdog.liveness = _KeyValueLiveness(
-                jax_distributed.global_state.client, self.process_index, self.process_count
+            watchdog.liveness = KeyValueLiveness(
+                _key_value_store(), self.process_index, self.process_count
             )
         return watchdog
 
@@ -282,10 +274,10 @@ class MpiRuntime(Runtime):
         super().__init__(mesh, MpiCollectives(self._comm), timeout_s)
 
     @classmethod
-    def start(cls, config: ml_collections.ConfigDict) -> "MpiRuntime":
+    def start(cls, distributed: Mapping, num_cpu_devices: int) -> "MpiRuntime":
         """One device per process, whatever `num_cpu_devices` says."""
-        configure_cpu_devices(1, config.distributed.timeout_s)
-        runtime = cls(config.distributed.timeout_s)
+        configure_cpu_devices(1, distributed.timeout_s)
+        runtime = cls(distributed.timeout_s)
         if runtime.process_count == 1 and launched_processes()[0] == 1:
             warn(
                 "distributed.backend='mpi' outside mpirun: training on this process's one"
@@ -334,9 +326,10 @@ class MpiRuntime(Runtime):
 BACKENDS: dict[str, type[Runtime]] = {"jax": JaxRuntime, "mpi": MpiRuntime}
 
 
-def create(config: ml_collections.ConfigDict) -> Runtime:
-    """Starts this process's part of the job described by `config.distributed`."""
-    return BACKENDS[config.distributed.backend].start(config)
+def create(distributed: Mapping, num_cpu_devices: int) -> Runtime:
+    """Starts this process's part of the job described by a config's `distributed` section
+    (and, on CPU, its `num_cpu_devices`)."""
+    return BACKENDS[distributed.backend].start(distributed, num_cpu_devices)
 
 
 def configure_cpu_devices(num_devices: int, collective_timeout_s: int | None = None) -> None:
@@ -374,14 +367,14 @@ def launched_processes() -> tuple[int, str | None]:
     return 1, None
 
 
-def _initialize_jax_distributed(config: ml_collections.ConfigDict) -> None:
+def _initialize_jax_distributed(distributed: Mapping) -> None:
     """Starts multi-process JAX (`jax.distributed`) when the job has several processes.
 
     Explicit `coordinator_address`/`num_processes`/`process_id` win; otherwise Slurm and
     Open MPI are detected by JAX, and MPICH/PALS (mpiexec) through mpi4py. A single process
     needs nothing. On CPU, collectives across processes use gloo.
     """
-    explicit = config.coordinator_address is not None
+    explicit = distributed.coordinator_address is not None
     launched, detection = launched_processes()
     if (not explicit and launched == 1) or jax.distributed.is_initialized():
         return
@@ -392,169 +385,30 @@ def _initialize_jax_distributed(config: ml_collections.ConfigDict) -> None:
     # with 80 s), so the first abort can come half of it after a death. Half is set to
     # 2 timeout_s + 10, well after the watchdog (timeout_s), which names the lost process.
     timeouts = {
-        "initialization_timeout": config.timeout_s,
-        "heartbeat_timeout_seconds": 4 * config.timeout_s + 20,
-        "shutdown_timeout_seconds": config.timeout_s,
+        "initialization_timeout": distributed.timeout_s,
+        "heartbeat_timeout_seconds": 4 * distributed.timeout_s + 20,
+        "shutdown_timeout_seconds": distributed.timeout_s,
     }
     print(
-        f"cljax: joining a job of {config.num_processes or launched} processes"
-        f" (distributed.timeout_s={config.timeout_s})",
+        f"cljax: joining a job of {distributed.num_processes or launched} processes"
+        f" (distributed.timeout_s={distributed.timeout_s})",
         file=sys.stderr,
         flush=True,
     )
     if explicit:
         jax.distributed.initialize(
-            config.coordinator_address, config.num_processes, config.process_id, **timeouts
+            distributed.coordinator_address,
+            distributed.num_processes,
+            distributed.process_id,
+            **timeouts,
         )
     else:
         jax.distributed.initialize(cluster_detection_method=detection, **timeouts)
 
 
-class _KeyValueLiveness:
-    """Each process posts the time every second in the coordination service's key-value
-    store and notes, by its own clock, when each process's post last changed: a process
-    whose post stopped changing has gone silent. Its own clock, so that the clocks of
-    different nodes need not agree and a post left by an earlier run in the same job counts
-    only from when this watchdog first saw it."""
+def _key_value_store():
+    """The client of jax.distributed's key-value store. JAX (0.10) gives it no public
+    handle; its own `multihost_utils` reaches it the same way."""
+    from jax._src import distributed
 
-    STALE_S = 5.0
-
-    def __init__(self, client, process_index: int, process_count: int):
-        self.client = client
-        self.process_index = process_index
-        self.reachable = True
-        started = time.monotonic()
-        self._seen: dict[int, tuple[str | None, float]] = {
-            index: (None, started) for index in range(process_count)
-        }
-
-    def report_alive(self) -> None:
-        key = f"{_ALIVE_PREFIX}{self.process_index}"
-        self.client.key_value_set(key, repr(time.time()), allow_overwrite=True)
-
-    def observe(self) -> None:
-        """Reads every process's post; the store is unreachable when process 0, which hosts
-        it, is gone."""
-        try:
-            posts = dict(self.client.key_value_dir_get(_ALIVE_PREFIX))
-        except Exception:  # any failure here means the coordinator is unreachable
-            self.reachable = False
-            return
-        self.reachable = True
-        now = time.monotonic()
-        for index, (seen, _) in self._seen.items():
-            post = posts.get(f"{_ALIVE_PREFIX}{index}")
-            if post != seen:
-                self._seen[index] = (post, now)
-
-    def silent_processes(self, longer_than_s: float) -> list[int]:
-        """Processes whose post has not changed for `longer_than_s`."""
-        now = time.monotonic()
-        return [index for index, (_, since) in self._seen.items() if now - since > longer_than_s]
-
-
-class Watchdog:
-    """Stops the process with one clear line when no progress is reported for `timeout_s`.
-
-    In a multi-process run, a process that died or cannot be reached leaves the others
-    blocked in a collective; the watchdog turns that hang into an exit with status 3 and
-    says which process went silent. The stall check arms at the first reported progress, so
-    that compiling the first step (which can take long for a large model) never counts;
-    until then the watchdog stops only when another process has gone silent for
-    `timeout_s`. Once armed, a stall of `timeout_s` stops the process when another process
-    has gone silent (or, without liveness posts, when it cannot tell): a slow phase of a
-    live process (process 0 writing plots alone, a loaded machine) is no loss. A stall of
-    `STUCK_FACTOR` x `timeout_s` stops it regardless. An inactive watchdog (a single
-    process) does nothing.
-    """
-
-    EXIT_STATUS = EXIT_LOST_PROCESS
-    ADVICE = "check its log (distributed.log_dir) and start the job again; stopping"
-    #: A stall this many times `timeout_s` stops the process even while every other
-    #: process is alive: the job is stuck (a hang inside one of them).
-    STUCK_FACTOR = 3
-
-    def __init__(
-        self, timeout_s: float, process_index: int = 0, what: str = "training", active=True
-    ):
-        self.timeout_s = timeout_s
-        self.process_index = process_index
-        self.what = what
-        self.active = active
-        self.liveness: _KeyValueLiveness | None = None
-        #: Called with the stop's line just before the process exits (the trainer records
-        #: it in metrics.json); from the watchdog's thread, while the training loop hangs.
-        self.on_stop: Callable[[str], None] | None = None
-        self._last: float | None = None
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._watch, daemon=True)
-
-    def progress(self) -> None:
-        self._last = time.monotonic()
-
-    def _watch(self) -> None:
-        while not self._stop.wait(min(1.0, self.timeout_s / 4)):
-            if self.liveness is not None:
-                with contextlib.suppress(Exception):  # observe() notices an unreachable store
-                    self.liveness.report_alive()
-                self.liveness.observe()
-            if self._last is None:
-                self._stop_if_another_went_silent()
-                continue
-            idle = time.monotonic() - self._last
-            loss = self._suspected_loss() if idle > self.timeout_s else None
-            if loss is not None:
-                self._stop_process(self._stall_message(idle, loss))
-            if idle > self.STUCK_FACTOR * self.timeout_s:
-                self._stop_process(self._stuck_message(idle))
-
-    def _suspected_loss(self) -> str | None:
-        """The lost process a stall may come from, in words: one whose liveness post has
-        stopped changing, or the coordinator out of reach; with no posts to tell by, some
-        process. None when every process is alive."""
-        liveness = self.liveness
-        if liveness is None:
-            return "another process probably died or cannot be reached"
-        if not liveness.reachable:
-            return "lost contact with process 0 (the coordinator)"
-        silent = liveness.silent_processes(liveness.STALE_S)
-        return f"lost process {', '.join(map(str, silent))}" if silent else None
-
-    def _stop_if_another_went_silent(self) -> None:
-        if self.liveness is None or not self.liveness.reachable:
-            return
-        silent = self.liveness.silent_processes(self.timeout_s)
-        if silent:
-            self._stop_process(
-                f"cljax: process {self.process_index} lost process"
-                f" {', '.join(map(str, silent))} before its first {self.what} progress: silent"
-                f" for more than distributed.timeout_s={self.timeout_s} s; {self.ADVICE}"
-            )
-
-    def _stall_message(self, idle: float, lost: str) -> str:
-        return (
-            f"cljax: process {self.process_index} made no {self.what} progress for {idle:.0f} s"
-            f" (distributed.timeout_s={self.timeout_s}): {lost}; {self.ADVICE}"
-        )
-
-    def _stuck_message(self, idle: float) -> str:
-        return (
-            f"cljax: process {self.process_index} made no {self.what} progress for {idle:.0f} s"
-            f" ({self.STUCK_FACTOR} x distributed.timeout_s={self.timeout_s}) while every"
-            f" process is alive: the job is stuck; {self.ADVICE}"
-        )
-
-    def _stop_process(self, message: str) -> None:
-        print(message, file=sys.stderr, flush=True)
-        if self.on_stop is not None:
-            with contextlib.suppress(Exception):  # nothing may keep the process from stopping
-                self.on_stop(message)
-        os._exit(Watchdog.EXIT_STATUS)
-
-    def __enter__(self) -> "Watchdog":
-        if self.active:
-            self._thread.start()
-        return self
-
-    def __exit__(self, *exc_info) -> None:
-        self._stop.set()
+    return distributed.global_state.client

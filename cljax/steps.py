@@ -26,7 +26,8 @@ import optax
 from jax.sharding import PartitionSpec as P
 
 from cljax import augment, optim
-from cljax.buffer import LABELS, MASK, TASK_ID, BufferState, RehearsalBuffer, Representatives
+from cljax.buffer import LABELS, MASK, RehearsalBuffer, RehearsalState, Representatives
+from cljax.buffer.candidates import step_candidates
 from cljax.collectives import AXIS
 from cljax.runtime import Runtime
 from cljax.strategies import StepOutputs, Strategy, Totals
@@ -49,14 +50,6 @@ class TrainState:
     def variables(self) -> dict:
         """The model's variables, as `model.apply` takes them."""
         return {"params": self.params, **self.model_state}
-
-
-@flax.struct.dataclass
-class RehearsalState:
-    """The buffer and the representatives it drew for the next step, split over devices."""
-
-    buffer: BufferState
-    representatives: Representatives
 
 
 @dataclasses.dataclass(frozen=True)
@@ -147,8 +140,7 @@ def make_train_step(
     out_shardings = None
     buffer = settings.buffer
     if buffer is not None and buffer.on_host:
-        rehearsal_shardings = RehearsalState(buffer.shardings(runtime.sharded), runtime.sharded)
-        out_shardings = (runtime.replicated, rehearsal_shardings, None)
+        out_shardings = (runtime.replicated, buffer.rehearsal_shardings(runtime.sharded), None)
     return jax.jit(step, donate_argnums=(0, 1), keep_unused=True, out_shardings=out_shardings)
 
 
@@ -241,7 +233,7 @@ def _per_device_step(collectives, settings: StepConfig) -> Callable:
             # overwriting it would make XLA copy the whole buffer every step.
             # Named scopes label the buffer's ops in profiles (benchmarks/overhead.py).
             with jax.named_scope("buffer_insert"):
-                candidates = _candidates(batch, task_id, stored)
+                candidates = step_candidates(batch, task_id, stored)
                 buffer_state = buffer.insert(rehearsal.buffer, candidates, keys["insert"])
             with jax.named_scope("buffer_sample"):
                 representatives = buffer.sample(
@@ -258,42 +250,24 @@ def _rep_weight_rows(reps: Representatives | None) -> jax.Array:
     return jnp.zeros(0, jnp.float32) if reps is None else reps.weights
 
 
-def _candidates(batch: dict, task_id: jax.Array, stored: dict) -> dict[str, jax.Array]:
-    """What this step offers the buffer: the batch rows (and the values the strategy stores
-    for them), or only the rows the input pipeline chose, with their un-augmented views."""
-    if "candidate_rows" not in batch:
-        return {
-            "inputs": batch["inputs"],
-            LABELS: batch[LABELS],
-            MASK: batch[MASK],
-            TASK_ID: task_id,
-            **stored,
-        }
-    rows = batch["candidate_rows"]
-    picked = {
-        name: value[rows]
-        for name, value in {LABELS: batch[LABELS], MASK: batch[MASK], **stored}.items()
-    }
-    return {"inputs": batch["candidate_inputs"], TASK_ID: task_id, **picked}
-
-
 def make_predict(runtime: Runtime, settings: StepConfig, top_k: int, class_tasks=None):
     """Builds `predict(state, inputs) -> (predicted class [B], top_k classes [B, top_k],
     per-task predictions [B, T])`, sharded over the batch; BatchNorm uses its running
     averages.
 
-    `class_tasks` [C] gives each class's task (class-incremental scenarios); column t of the
-    per-task predictions is then the best class among task t's (task-IL: the logits masked
-    to the task's classes). Without it, T = 0.
+    `class_tasks` [C] gives each class's task (scenarios whose tasks share no class); column
+    t of the per-task predictions is then the best class among task t's (task-IL: the logits
+    masked to the task's classes). Without it, T = 0.
     """
-    class_tasks = np.zeros(0, np.int32) if class_tasks is None else np.asarray(class_tasks)
-    num_tasks = int(class_tasks.max()) + 1 if class_tasks.size else 0
-    in_task = jnp.asarray(class_tasks[None, :] == np.arange(num_tasks)[:, None])  # [T, C]
 
     def per_device(state: TrainState, inputs):
         logits = settings.model.apply(state.variables, settings.normalise(inputs))
         logits = logits.astype(jnp.float32)
-        masked = jnp.where(in_task, logits[:, None, :], -jnp.inf)
-        return logits.argmax(-1), jax.lax.top_k(logits, top_k)[1], masked.argmax(-1)
+        per_task = jnp.zeros((logits.shape[0], 0), jnp.int32)
+        if class_tasks is not None:
+            tasks = np.arange(int(np.max(class_tasks)) + 1)
+            in_task = jnp.asarray(np.asarray(class_tasks)[None, :] == tasks[:, None])  # [T, C]
+            per_task = jnp.where(in_task, logits[:, None, :], -jnp.inf).argmax(-1)
+        return logits.argmax(-1), jax.lax.top_k(logits, top_k)[1], per_task
 
     return jax.jit(runtime.per_device(per_device, (P(), P(AXIS)), P(AXIS)))

@@ -12,15 +12,17 @@ attributes and methods declare the rest:
   handed to `loss` at every step;
 - `loss`: the loss of one device's rows, and the named terms it is made of.
 
+Strategies are chosen by `strategy.name` from the registry; `@register(NAME)` adds one, from
+cljax or from the user's own code, and its hyperparameters appear in the config as
+`strategy.<NAME>.<field>` (register before loading the config).
+
 A loss sees the logits of one forward pass over [batch ‖ representatives]. Each term is a
 sum over this device's rows divided by a total over all devices (`Totals`), so that summing
-the per-device losses gives the loss of the global batch. Adding a strategy is a subclass
-here plus its entry in `STRATEGIES`; its hyperparameters appear in the config as
-`strategy.<name>.<field>`.
+the per-device losses gives the loss of the global batch.
 """
 
 import dataclasses
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any, ClassVar
 
 import jax
@@ -28,9 +30,14 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from cljax import components
 from cljax.buffer import Representatives
 from cljax.collectives import Collectives
 from cljax.components import argument
+from cljax.registry import Registry
+
+STRATEGIES: Registry[type["Strategy"]] = Registry("strategy", "strategy.name")
+register = STRATEGIES.register
 
 
 @dataclasses.dataclass(frozen=True)
@@ -99,9 +106,9 @@ def safe(total: jax.Array) -> jax.Array:
 
 @dataclasses.dataclass(frozen=True)
 class Strategy:
-    """Incremental fine-tuning: cross-entropy on the new task only (the lower bound)."""
+    """The base of every strategy: cross-entropy on the new task only, no buffer, no state
+    of its own. Subclasses override what they change."""
 
-    name: ClassVar[str] = "incremental"
     uses_buffer: ClassVar[bool] = False
     reinitialise_each_task: ClassVar[bool] = False
     trains_on_seen_tasks: ClassVar[bool] = False
@@ -133,20 +140,26 @@ class Strategy:
         return loss, {"new_ce": loss}
 
 
+@register("incremental")
+@dataclasses.dataclass(frozen=True)
+class Incremental(Strategy):
+    """Incremental fine-tuning: cross-entropy on the new task only (the lower bound)."""
+
+
+@register("from_scratch")
 @dataclasses.dataclass(frozen=True)
 class FromScratch(Strategy):
     """Re-initialise, then train on the union of all tasks so far (the upper bound)."""
 
-    name: ClassVar[str] = "from_scratch"
     reinitialise_each_task: ClassVar[bool] = True
     trains_on_seen_tasks: ClassVar[bool] = True
 
 
+@register("er")
 @dataclasses.dataclass(frozen=True)
 class ER(Strategy):
     """Experience replay: cross-entropy over the concatenation [batch ‖ representatives]."""
 
-    name: ClassVar[str] = "er"
     uses_buffer: ClassVar[bool] = True
 
     def loss(self, outputs: StepOutputs, state: Any) -> tuple[jax.Array, LossTerms]:
@@ -156,12 +169,12 @@ class ER(Strategy):
         return (new + replayed) / total, {"new_ce": new / total, "replay_ce": replayed / total}
 
 
+@register("der")
 @dataclasses.dataclass(frozen=True)
 class DER(Strategy):
     """Dark experience replay: CE(batch) + alpha * MSE(f(x_buf), z_buf), z_buf the logits
     stored with each sample at insertion."""
 
-    name: ClassVar[str] = "der"
     uses_buffer: ClassVar[bool] = True
     alpha: float = argument(0.1, "weight of the logit-matching term", minimum=0)
 
@@ -179,6 +192,7 @@ class DER(Strategy):
         return new + self.alpha * matching, {"new_ce": new, "logit_mse": matching}
 
 
+@register("derpp")
 @dataclasses.dataclass(frozen=True)
 class DERpp(DER):
     """DER++: DER + beta * CE(f(x_buf'), y_buf').
@@ -187,7 +201,6 @@ class DERpp(DER):
     paper draws twice; one draw halves the replay traffic).
     """
 
-    name: ClassVar[str] = "derpp"
     beta: float = argument(0.5, "weight of the replayed labels' cross-entropy", minimum=0)
 
     def loss(self, outputs: StepOutputs, state: Any) -> tuple[jax.Array, LossTerms]:
@@ -206,6 +219,7 @@ def logit_matching(outputs: StepOutputs) -> jax.Array:
     return (squared * reps.weights).sum() / safe(outputs.totals.reps)
 
 
-STRATEGIES: dict[str, type[Strategy]] = {
-    cls.name: cls for cls in (Strategy, FromScratch, ER, DER, DERpp)
-}
+def build(section: Mapping) -> Strategy:
+    """The strategy a config's `strategy` section names, with its hyperparameters."""
+    name = section["name"]
+    return components.build("strategy", name, STRATEGIES[name], section.get(name, {}))

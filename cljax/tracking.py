@@ -18,18 +18,18 @@ from tensorboardX.event_file_writer import EventsWriter
 from tensorboardX.proto.event_pb2 import Event, SessionLog
 from tensorboardX.summary import hparams, scalar, text
 
-from cljax import checkpoint
+from cljax import configuration
 
 TENSORBOARD_DIRECTORY = "tensorboard"
 WANDB_ID_NAME = "wandb_id"
 
 
-def hparams_of(config: dict) -> dict[str, bool | int | float | str]:
+def hparams_of(resolved_config: dict) -> dict[str, bool | int | float | str]:
     """The config as dotted fields with values TensorBoard's hparams and W&B accept (lists
     and None as their JSON text)."""
     return {
         field: value if isinstance(value, bool | int | float | str) else json.dumps(value)
-        for field, value in checkpoint.flat_fields(config).items()
+        for field, value in configuration.flat_fields(resolved_config).items()
     }
 
 

@@ -1,12 +1,12 @@
 """Command-line entry: `python -m cljax.train [--config=NAME[:ARG]] [--workdir=DIR]`.
 
-`--config` names `configs/NAME.py` of this clone (or any `PATH.py`), with an optional ARG
-for its `get_config`; `--config.FIELD=VALUE` overrides any field, and `--helpconfig` lists
-them all. With no flags, runs the default experiment (configs/default.py) into a fresh
-directory under `runs/`. Bad input stops before anything compiles, with one line that names
-the field and the fix. Exit statuses: 0 finished, 1 failed, 2 bad input, 3 another process
-lost, 75 preempted (SIGTERM or SIGUSR1: a checkpoint was saved; rerun the same command),
-130 interrupted (Ctrl-C).
+`--config` names a config that ships with cljax (`configs/NAME.py`) or any `PATH.py`, with
+an optional ARG for its `get_config`; `--config.FIELD=VALUE` overrides any field, and
+`--helpconfig` lists them all. With no flags, runs the default experiment
+(configs/default.py) into a fresh directory under `runs/`. Bad input stops before anything
+compiles, with one line that names the field and the fix. Exit statuses (`cljax.errors`):
+0 finished, 1 failed, 2 bad input, 3 another process lost, 75 preempted (SIGTERM or
+SIGUSR1: a checkpoint was saved; rerun the same command), 130 interrupted (Ctrl-C).
 """
 
 import os
@@ -15,7 +15,7 @@ import sys
 import jax
 from absl import app, flags, logging
 
-from cljax import configuration, messages, trainer
+from cljax import configuration, errors, trainer
 
 COMPILATION_CACHE = os.path.join("~", ".cache", "cljax", "jax")
 OVERRIDE_PREFIX = "--config."
@@ -38,7 +38,7 @@ def split_overrides(argv: list[str]) -> tuple[list[str], dict[str, str]]:
         if arg.startswith(OVERRIDE_PREFIX):
             field, equals, value = arg.removeprefix(OVERRIDE_PREFIX).partition("=")
             if not equals:
-                _stop(f"{arg} has no value; write {arg}=VALUE", messages.EXIT_BAD_INPUT)
+                _stop(f"{arg} has no value; write {arg}=VALUE", errors.EXIT_BAD_INPUT)
             overrides[field] = value
         else:
             rest.append(arg)
@@ -50,7 +50,7 @@ def parse_flags(argv: list[str]) -> list[str]:
     try:
         return flags.FLAGS(argv)
     except flags.Error as error:
-        _stop(f"{error}; see --helpfull for the flags", messages.EXIT_BAD_INPUT)
+        _stop(f"{error}; see --helpfull for the flags", errors.EXIT_BAD_INPUT)
 
 
 def _stop(message: str, status: int) -> None:
@@ -61,7 +61,7 @@ def _stop(message: str, status: int) -> None:
 def run(overrides: dict[str, str], argv: list[str]) -> None:
     """Loads the config, applies the overrides and trains; maps failures to one line."""
     if len(argv) > 1:
-        _stop(f"unexpected arguments {' '.join(argv[1:])}", messages.EXIT_BAD_INPUT)
+        _stop(f"unexpected arguments {' '.join(argv[1:])}", errors.EXIT_BAD_INPUT)
     if not flags.FLAGS["verbosity"].present:
         logging.set_verbosity(logging.WARNING)
     if not jax.config.jax_compilation_cache_dir:
@@ -72,18 +72,11 @@ def run(overrides: dict[str, str], argv: list[str]) -> None:
         if _HELPCONFIG.value:
             print(configuration.fields_table(config))
             return
-        configuration.validate(config)
         trainer.train_and_evaluate(config, _WORKDIR.value)
-    except messages.ConfigError as error:
-        _stop(str(error), messages.EXIT_BAD_INPUT)
-    except messages.Preempted as error:
-        _stop(str(error), messages.EXIT_PREEMPTED)
-    except trainer.Interrupted as error:
-        _stop(str(error), messages.EXIT_INTERRUPTED)
-    except messages.RunFailed as error:
-        _stop(str(error), messages.EXIT_FAILED)
+    except errors.CljaxError as error:
+        _stop(str(error), errors.exit_status(error))
     except KeyboardInterrupt:
-        _stop("interrupted before training started", messages.EXIT_INTERRUPTED)
+        _stop("interrupted before training started", errors.EXIT_INTERRUPTED)
 
 
 def main() -> None:

@@ -19,7 +19,7 @@ import threading
 
 import numpy as np
 
-from cljax.messages import ConfigError
+from cljax.errors import ConfigError
 
 LOCK_NAME = ".lock"
 METRICS_NAME = "metrics.json"

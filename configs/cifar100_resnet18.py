@@ -13,8 +13,7 @@ has not measured them (no CIFAR-100 download here).
 """
 
 import ml_collections
-
-from configs import cifar10_der
+from cljax.configs import cifar10_der
 
 
 def get_config(strategy: str = "er") -> ml_collections.ConfigDict:

@@ -19,8 +19,7 @@ both of its terms where the paper draws twice.
 """
 
 import ml_collections
-
-from configs import default
+from cljax.configs import default
 
 # The DER paper's best hyperparameters on Seq-CIFAR-10 (learning rate, alpha, beta).
 BEST = {

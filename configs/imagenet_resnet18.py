@@ -11,8 +11,7 @@ are not quoted here, and cljax has not measured them (no ImageNet and no GPU clu
 """
 
 import ml_collections
-
-from configs import imagenet_resnet50
+from cljax.configs import imagenet_resnet50
 
 
 def get_config(strategy: str = "er") -> ml_collections.ConfigDict:

@@ -23,8 +23,7 @@ scratch, at a runtime close to incremental training's.
 """
 
 import ml_collections
-
-from configs import default
+from cljax.configs import default
 
 STRATEGIES = ("er", "incremental", "from_scratch")
 

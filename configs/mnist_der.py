@@ -27,8 +27,7 @@ same samples; the MLP's initialisation is Flax's (LeCun normal) rather than PyTo
 """
 
 import ml_collections
-
-from configs import default
+from cljax.configs import default
 
 BUFFER_SIZES = (200, 500, 5120)
 # (strategy, buffer) -> (learning rate, replay minibatch, alpha, beta), from the DER paper.

@@ -68,7 +68,7 @@ def setup(runtime, mode: str):
         runtime.replicated,
     )
     example = {"inputs": jax.ShapeDtypeStruct(IMAGE, np.dtype(np.uint8))}
-    rehearsal = steps.RehearsalState(
+    rehearsal = buffer_lib.RehearsalState(
         buffer.init_sharded(example, runtime.sharded),
         buffer.empty_representatives_sharded(example, runtime.sharded),
     )

@@ -8,8 +8,9 @@ import sys
 import numpy as np
 import pytest
 
-from cljax import configuration
+from cljax import checks, configuration, errors
 from cljax.models import MODELS
+from cljax.run import plan as planning
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -104,7 +105,7 @@ SMALL_MODEL_FLAGS: dict[str, list[str]] = {
 def test_config_files_load_by_name_from_any_directory(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     assert configuration.load_config("default:der").strategy.name == "der"
-    with pytest.raises(configuration.ConfigError, match=r"^config='defualt'.*did you mean default"):
+    with pytest.raises(errors.ConfigError, match=r"^config='defualt'.*did you mean default"):
         configuration.load_config("defualt")
 
 
@@ -128,22 +129,22 @@ def test_validate_names_each_bad_field(field, value):
     for parent in parents:
         node = node[parent]
     node[leaf] = value
-    with pytest.raises(configuration.ConfigError, match=rf"^{field}="):
-        configuration.validate(config)
+    with pytest.raises(errors.ConfigError, match=rf"^{field}="):
+        checks.validate(config)
 
 
 def test_rehearsal_ratio_gives_the_papers_budget():
     buffer = configuration.load_config().buffer
     buffer.rehearsal_ratio = 10.0
-    assert configuration.budget_per_class(buffer, 1437, 10, 4) == 3
+    assert planning.budget_per_class(buffer, 1437, 10, 4) == 3
     buffer.rehearsal_ratio = None
-    assert configuration.budget_per_class(buffer, 1437, 10, 4) == buffer.budget_per_class
+    assert planning.budget_per_class(buffer, 1437, 10, 4) == buffer.budget_per_class
 
 
 def test_unsupported_buffer_memory_kind_names_the_field_and_the_fix():
-    with pytest.raises(configuration.ConfigError) as error:
-        configuration.validate_memory_kind("pinned_host", ["device"])
+    with pytest.raises(errors.ConfigError) as error:
+        checks.validate_memory_kind("pinned_host", ["device"])
     message = str(error.value)
     assert message.startswith("buffer.memory_kind='pinned_host' is not supported")
     assert "--config.buffer.memory_kind=device" in message
-    configuration.validate_memory_kind("pinned_host", ["device", "pinned_host"])
+    checks.validate_memory_kind("pinned_host", ["device", "pinned_host"])

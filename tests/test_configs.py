@@ -6,6 +6,7 @@ import json
 import numpy as np
 import pytest
 
+from cljax import configuration
 from tests.helpers import REPO
 from tests.test_cli import run_cli
 
@@ -29,9 +30,15 @@ CASES = {
 }
 
 
+# Configs run by other tests: on real data where it is at hand.
+ELSEWHERE = {"mnist_der": "tests/test_mnist.py"}
+
+
 def test_every_config_file_is_covered():
-    names = {path.stem for path in (REPO / "configs").glob("*.py")} - {"default"}
-    assert names == {case.split(":")[0] for case in CASES}
+    names = set(configuration.config_names()) - {"default"}
+    assert names == {case.split(":")[0] for case in CASES} | set(ELSEWHERE)
+    for path in ELSEWHERE.values():
+        assert (REPO / path).is_file()
 
 
 @pytest.mark.parametrize("case", sorted(CASES))

@@ -11,7 +11,8 @@ import numpy as np
 import pytest
 from scipy import stats
 
-from cljax.data import pipeline, scenarios, sources, transforms
+from cljax import errors
+from cljax.data import pipeline, prefetch, scenarios, sources, transforms
 
 
 def test_digits_split_is_stratified_disjoint_and_complete(digits):
@@ -53,7 +54,7 @@ def test_builtin_datasets_build_offline_without_tensorflow(tmp_path):
 
 
 def test_unprepared_tfds_dataset_gives_one_line_with_the_prepare_command(tmp_path):
-    with pytest.raises(sources.DatasetNotPrepared) as error:
+    with pytest.raises(errors.DatasetNotPrepared) as error:
         sources.load("mnist", str(tmp_path))
     message = str(error.value)
     assert "\n" not in message
@@ -61,7 +62,7 @@ def test_unprepared_tfds_dataset_gives_one_line_with_the_prepare_command(tmp_pat
 
 
 def test_unknown_dataset_name_is_named_in_the_error(tmp_path):
-    with pytest.raises(sources.DatasetNotPrepared, match=r"dataset\.name='no_such_set'"):
+    with pytest.raises(errors.DatasetNotPrepared, match=r"dataset\.name='no_such_set'"):
         sources.load("no_such_set", str(tmp_path))
 
 
@@ -82,7 +83,7 @@ def test_tfds_image_dataset_is_read_lazily_as_encoded_images(synthetic_data_dir)
 
 
 def test_images_of_varying_size_need_an_image_size(synthetic_data_dir):
-    with pytest.raises(sources.DatasetNotPrepared, match=r"dataset\.image_size"):
+    with pytest.raises(errors.DatasetNotPrepared, match=r"dataset\.image_size"):
         sources.load("synthetic_imagenet", synthetic_data_dir)
 
 
@@ -292,7 +293,7 @@ def test_prefetcher_yields_every_item_in_order_and_bounds_its_queue():
             produced.append(i)
             yield i
 
-    with pipeline.Prefetcher(items(), depth=2) as prefetcher:
+    with prefetch.Prefetcher(items(), depth=2) as prefetcher:
         time.sleep(0.3)
         assert len(produced) <= 4
         assert list(prefetcher) == list(range(10))
@@ -304,7 +305,7 @@ def test_failure_in_the_prefetch_thread_reaches_the_consumer():
         yield 1
         raise OSError("disk gone")
 
-    prefetcher = pipeline.Prefetcher(items(), depth=2)
+    prefetcher = prefetch.Prefetcher(items(), depth=2)
     received = []
     with pytest.raises(RuntimeError, match=r"data pipeline failed.*disk gone"), prefetcher:
         received.extend(prefetcher)
@@ -318,7 +319,7 @@ def test_closing_early_stops_the_thread():
             yield i
             i += 1
 
-    with pipeline.Prefetcher(endless(), depth=2) as prefetcher:
+    with prefetch.Prefetcher(endless(), depth=2) as prefetcher:
         assert next(prefetcher) == 0
     assert not any(
         t.name == prefetcher._thread.name and t.is_alive() for t in threading.enumerate()

@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 import tensorflow_datasets as tfds
 
-from cljax import configuration, trainer
-from cljax.data import cache, imagefolder, pipeline, sources, synthetic
+from cljax import configuration, errors, trainer
+from cljax.data import cache, imagefolder, pipeline, prefetch, sources, synthetic
 from tests.test_robustness import cli
 
 SPEC = synthetic.Spec(num_classes=4, train_per_class=6, test_per_class=3, min_size=24, max_size=40)
@@ -41,7 +41,7 @@ def run_loader(dataset: sources.Dataset, bad_images: str = "stop", candidates: i
 
 
 def read_all(loader, items, workers: int, kind: str) -> list[dict]:
-    with pipeline.Prefetcher(pipeline.batches(loader, items, workers, kind)) as feed:
+    with prefetch.Prefetcher(pipeline.batches(loader, items, workers, kind)) as feed:
         return list(feed)
 
 
@@ -88,7 +88,7 @@ BAD_FOLDERS = {
 def test_a_bad_image_folder_is_one_line_naming_the_fix(case, folder):
     damage, expected = BAD_FOLDERS[case]
     path = damage(folder)
-    with pytest.raises(sources.DatasetError) as error:
+    with pytest.raises(errors.DatasetError) as error:
         sources.load("imagefolder", image_size=16, path=str(path))
     assert "\n" not in str(error.value) and expected in str(error.value)
 
@@ -155,7 +155,7 @@ def _corrupt_one(folder: pathlib.Path) -> pathlib.Path:
 def test_an_undecodable_image_stops_the_feed_naming_its_file(folder, workers, kind):
     bad = _corrupt_one(folder)
     loader, items = run_loader(sources.load("imagefolder", image_size=16, path=str(folder)))
-    with pytest.raises(pipeline.DataError) as error:
+    with pytest.raises(errors.DataError) as error:
         read_all(loader, items, workers, kind)
     message = str(error.value)
     assert "\n" not in message and message.startswith(f"{bad} cannot be decoded")
@@ -219,7 +219,7 @@ def test_a_run_over_an_image_folder_reports_the_images_it_skipped(folder, tmp_pa
 def test_a_run_stops_at_an_undecodable_image_with_one_line(folder, tmp_path):
     bad = _corrupt_one(folder)
     flags = [f"--config.{field}={value}" for field, value in _folder_overrides(folder).items()]
-    result, _ = cli(*flags, f"--workdir={tmp_path / 'run'}")
+    result = cli(*flags, f"--workdir={tmp_path / 'run'}")
     assert result.returncode == 1, result.stderr[-2000:]
     last = result.stderr.strip().splitlines()[-1]
     assert last.startswith(f"cljax: {bad} cannot be decoded")

@@ -92,7 +92,7 @@ def resnet_setup(runtime, dtype=jnp.float32, learning_rate: float = 0.5, batch_n
         steps.create_train_state(settings, sample, jax.random.key(0)), runtime.replicated
     )
     example = {"inputs": jax.ShapeDtypeStruct(IMAGE, np.dtype(np.uint8))}
-    rehearsal = steps.RehearsalState(
+    rehearsal = buffer_lib.RehearsalState(
         buffer.init_sharded(example, runtime.sharded),
         buffer.empty_representatives_sharded(example, runtime.sharded),
     )

@@ -9,16 +9,17 @@ import pytest
 from cljax import configuration, optim, strategies
 
 
-def paper_config(devices_rule: str = "paper"):
+def paper_optimizer(devices_rule: str = "paper"):
+    """The `optimizer` section of the paper's config, with `devices_rule` as lr_scaling."""
     config = configuration.load_config("imagenet_resnet50")
     config.optimizer.lr_scaling = devices_rule
-    return config
+    return config.optimizer
 
 
 def test_the_papers_schedule_at_every_boundary():
     """0.0125 per device, x min(D, 64), warm-up over 5 epochs from the per-device rate, then
     0.5, 0.05 and 0.01 of the peak from epochs 21, 26 and 28."""
-    schedule = optim.schedule(paper_config(), num_devices=8, epochs_per_task=30, num_tasks=4)
+    schedule = optim.schedule(paper_optimizer(), num_devices=8, epochs_per_task=30, num_tasks=4)
     base, peak = 0.0125, 0.0125 * 8
     expected = {
         0.0: base,
@@ -41,7 +42,7 @@ def test_the_papers_schedule_at_every_boundary():
     [("paper", 128, 64), ("paper", 16, 16), ("linear", 128, 128), ("none", 128, 1)],
 )
 def test_learning_rate_scaling_rules(rule, devices, scale):
-    schedule = optim.schedule(paper_config(rule), devices, epochs_per_task=30, num_tasks=4)
+    schedule = optim.schedule(paper_optimizer(rule), devices, epochs_per_task=30, num_tasks=4)
     assert schedule.peak == pytest.approx(0.0125 * scale)
     assert schedule(0.0) == pytest.approx(0.0125)
 
@@ -52,7 +53,7 @@ def test_cosine_decays_from_the_peak_to_zero_over_the_scope():
         learning_rate=0.1, schedule="cosine", warmup_epochs=2.0, lr_scaling="linear"
     )
     config.optimizer.schedule_scope = "stream"
-    schedule = optim.schedule(config, num_devices=2, epochs_per_task=5, num_tasks=4)
+    schedule = optim.schedule(config.optimizer, num_devices=2, epochs_per_task=5, num_tasks=4)
     assert schedule(2.0) == pytest.approx(0.2)
     assert schedule(11.0) == pytest.approx(0.1)
     assert schedule(20.0) == pytest.approx(0.0, abs=1e-12)
@@ -66,7 +67,7 @@ def test_schedule_position_restarts_at_each_task_or_runs_over_the_stream():
 def test_the_step_uses_the_learning_rate_it_is_given():
     config = configuration.load_config()
     config.optimizer.update(name="sgd", momentum=0.0, weight_decay=0.0)
-    optimizer = optim.create(config)
+    optimizer = optim.create(config.optimizer)
     params = {"w": jnp.ones((2, 2)), "b": jnp.ones(2)}
     grads = {"w": jnp.full((2, 2), 2.0), "b": jnp.full(2, 4.0)}
     state = optimizer.init(params)
@@ -84,7 +85,7 @@ def test_weight_decay_spares_biases_and_norm_scales_unless_asked(decay_norm_and_
     config.optimizer.update(
         name="sgd", momentum=0.0, weight_decay=0.1, decay_norm_and_bias=decay_norm_and_bias
     )
-    optimizer = optim.create(config)
+    optimizer = optim.create(config.optimizer)
     params = {"kernel": jnp.ones((2, 2)), "scale": jnp.ones(2)}
     zeros = jax.tree.map(jnp.zeros_like, params)
     state = optim.with_learning_rate(optimizer.init(params), jnp.float32(1.0))

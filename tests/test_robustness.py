@@ -11,23 +11,21 @@ import signal
 import subprocess
 import sys
 import threading
-import time
 
 import pytest
 
-from cljax import configuration, workdir
+from cljax import configuration, errors, workdir
 from tests.helpers import wait_for_line
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 
 
-def cli(*flags: str, cwd=None, env_extra=None, timeout: int = 300) -> tuple:
-    """Runs `python -m cljax.train`; returns the process and its wall time. JAX logs every
-    compilation, so a run that compiled anything cannot print a single line."""
+def cli(*flags: str, cwd=None, env_extra=None, timeout: int = 300) -> subprocess.CompletedProcess:
+    """Runs `python -m cljax.train`. JAX logs every compilation, so a run that compiled
+    anything cannot print a single line."""
     env = {key: value for key, value in os.environ.items() if key != "XLA_FLAGS"}
     env.update({"JAX_LOG_COMPILES": "1", **(env_extra or {})})
-    start = time.perf_counter()
-    result = subprocess.run(
+    return subprocess.run(
         [sys.executable, "-m", "cljax.train", *flags],
         cwd=cwd or REPO,
         env=env,
@@ -35,7 +33,6 @@ def cli(*flags: str, cwd=None, env_extra=None, timeout: int = 300) -> tuple:
         text=True,
         timeout=timeout,
     )
-    return result, time.perf_counter() - start
 
 
 def strict_json(path) -> dict:
@@ -69,7 +66,7 @@ def _file_as_parent(tmp_path) -> str:
 
 BAD_INPUT = {
     "seed -1": (["--config.seed=-1"], "seed=-1 must be"),
-    "missing config file": (["--config=defualt"], "config='defualt': no config file"),
+    "missing config": (["--config=defualt"], "config='defualt': no config 'defualt'"),
     "unknown field": (["--config.batchsize=3"], "--config.batchsize is not a config field"),
     "value of the wrong type": (["--config.batch_size=abc"], "batch_size='abc' is not a valid"),
     "more tasks than test rows": (
@@ -123,22 +120,18 @@ BAD_INPUT = {
 def test_bad_input_is_one_line_before_anything_compiles(case, data_dir, tmp_path):
     flags, start = BAD_INPUT[case]
     run_dir = tmp_path / "run"
-    result, seconds = cli(f"--config.dataset.data_dir={data_dir}", f"--workdir={run_dir}", *flags)
+    result = cli(f"--config.dataset.data_dir={data_dir}", f"--workdir={run_dir}", *flags)
     assert result.returncode == 2, result.stderr[-2000:]
     assert result.stderr.count("\n") == 1 and result.stderr.startswith(f"cljax: {start}")
-    assert seconds < 15
     assert not run_dir.exists()
 
 
 def test_an_unwritable_workdir_is_named_before_anything_compiles(data_dir, tmp_path):
-    result, seconds = cli(
-        f"--config.dataset.data_dir={data_dir}", f"--workdir={_file_as_parent(tmp_path)}"
-    )
+    result = cli(f"--config.dataset.data_dir={data_dir}", f"--workdir={_file_as_parent(tmp_path)}")
     assert result.returncode == 2
     assert re.fullmatch(
         r"cljax: workdir=\S+ is not writable \(Not a directory\);.*\n", result.stderr
     )
-    assert seconds < 15
 
 
 @pytest.mark.parametrize(
@@ -150,7 +143,7 @@ def test_an_unwritable_workdir_is_named_before_anything_compiles(data_dir, tmp_p
     indirect=["damaged_data_dir"],
 )
 def test_a_damaged_dataset_names_the_file_and_the_fix(damaged_data_dir, start, tmp_path):
-    result, _ = cli(f"--config.dataset.data_dir={damaged_data_dir}", f"--workdir={tmp_path}/r")
+    result = cli(f"--config.dataset.data_dir={damaged_data_dir}", f"--workdir={tmp_path}/r")
     assert result.returncode == 2 and result.stderr.count("\n") == 1
     assert result.stderr.startswith(start)
     assert f"remove {damaged_data_dir}/digits/1.0.0 and run again" in result.stderr
@@ -158,7 +151,7 @@ def test_a_damaged_dataset_names_the_file_and_the_fix(damaged_data_dir, start, t
 
 def test_a_non_finite_loss_stops_the_run_naming_where_and_marks_it_failed(data_dir, tmp_path):
     run_dir = tmp_path / "run"
-    result, _ = cli(
+    result = cli(
         f"--config.dataset.data_dir={data_dir}",
         f"--workdir={run_dir}",
         "--config.optimizer.learning_rate=1e30",
@@ -210,7 +203,7 @@ def test_a_second_run_into_a_busy_workdir_stops_naming_the_holder(data_dir, tmp_
     first = start_long_run(run_dir, data_dir, tmp_path / "logs")
     try:
         wait_for_line(tmp_path / "logs" / "process_0.log", "first train step done")
-        result, _ = cli(f"--config.dataset.data_dir={data_dir}", f"--workdir={run_dir}")
+        result = cli(f"--config.dataset.data_dir={data_dir}", f"--workdir={run_dir}")
         assert result.returncode == 2 and result.stderr.count("\n") == 1
         assert result.stderr.startswith(
             f"cljax: workdir={run_dir} is in use by process {first.pid}"
@@ -226,7 +219,7 @@ def test_a_finished_run_is_never_overwritten(tmp_path):
     run_dir = tmp_path / "run"
     run_dir.mkdir()
     (run_dir / "metrics.json").write_text('{"status": "finished"}')
-    with pytest.raises(configuration.ConfigError, match=r"already holds metrics\.json"):
+    with pytest.raises(errors.ConfigError, match=r"already holds metrics\.json"):
         workdir.Workdir(str(run_dir)).open()
     assert (run_dir / "metrics.json").read_text() == '{"status": "finished"}'
 
@@ -265,7 +258,7 @@ def test_json_written_by_two_threads_at_once_stays_whole(tmp_path):
 
 def test_backend_mpi_outside_mpirun_warns_in_one_line(data_dir, tmp_path):
     pytest.importorskip("mpi4py")
-    result, _ = cli(
+    result = cli(
         f"--config.dataset.data_dir={data_dir}",
         f"--workdir={tmp_path}/run",
         "--config.distributed.backend=mpi",
@@ -278,7 +271,7 @@ def test_backend_mpi_outside_mpirun_warns_in_one_line(data_dir, tmp_path):
 
 
 def test_helpconfig_lists_every_field_with_its_value_and_meaning():
-    result, _ = cli("--helpconfig", "--config=default:derpp", "--config.seed=7")
+    result = cli("--helpconfig", "--config=default:derpp", "--config.seed=7")
     assert result.returncode == 0
     lines = result.stdout.strip().splitlines()
     fields = configuration.flat_fields(configuration.load_config("default:derpp"))
@@ -287,21 +280,21 @@ def test_helpconfig_lists_every_field_with_its_value_and_meaning():
     assert all(len(line.split("  ")[-1].strip()) > 10 for line in lines)
 
 
-def test_the_readme_lists_every_config_field_as_helpconfig_does():
+def test_the_docs_list_every_config_field_as_helpconfig_does():
     table = configuration.fields_table(configuration.load_config(), markdown=True)
-    readme = (REPO / "README.md").read_text()
-    assert table in readme, (
-        "README's config table differs from the config; regenerate it with: python -c"
+    reference = (REPO / "docs" / "configuration.md").read_text()
+    assert table in reference, (
+        "docs/configuration.md's table differs from the config; regenerate it with: python -c"
         " 'from cljax import configuration as c; print(c.fields_table(c.load_config(),"
         " markdown=True))'"
     )
 
 
 def test_every_field_of_every_config_file_has_a_meaning():
-    for path in configuration.CONFIG_DIR.glob("*.py"):
-        docs = configuration.field_docs(configuration.load_config(path.stem))
+    for name in configuration.config_names():
+        docs = configuration.field_docs(configuration.load_config(name))
         undocumented = [field for field, doc in docs.items() if not doc]
-        assert not undocumented, f"{path.name}: {undocumented}"
+        assert not undocumented, f"{name}: {undocumented}"
 
 
 def test_strict_json_refuses_what_strict_parsers_refuse(tmp_path):

@@ -45,7 +45,7 @@ def make_setup(
     )
     state = steps.create_train_state(settings, jnp.zeros((1, 3)), jax.random.key(0))
     state = jax.device_put(state, runtime.replicated)
-    rehearsal = steps.RehearsalState(
+    rehearsal = buffer_lib.RehearsalState(
         buffer.init_sharded(example, runtime.sharded),
         buffer.empty_representatives_sharded(example, runtime.sharded),
     )

@@ -9,7 +9,7 @@ import sys
 
 from tests.helpers import REPO, subprocess_env, tensorboard_scalars
 
-TABLE_LINE = re.compile(r"^(top\d accuracy|after \\ on|\s+T\d+ )")
+TABLE_LINE = re.compile(r"^(top\d accuracy|task_il accuracy|after \\ on|\s+T\d+ )")
 
 
 def train(workdir, data_dir, *flags: str) -> subprocess.CompletedProcess:
@@ -31,7 +31,7 @@ def test_a_first_default_run_prints_few_lines_and_no_library_logging(tmp_path):
     result = train(tmp_path / "run", tmp_path / "data")
     lines = (result.stdout + result.stderr).splitlines()
     own = [line for line in lines if not TABLE_LINE.match(line)]
-    assert len(lines) - len(own) == 2 * (1 + 1 + 5)  # top-1 and top-5: title, header, rows
+    assert len(lines) - len(own) == 3 * (1 + 1 + 5)  # top-1, top-5, task-IL: title, header, rows
     assert not [
         line
         for line in lines

@@ -13,13 +13,10 @@ import os
 import numpy as np
 
 from cljax.data import cache
+from cljax.errors import DatasetError
 
 EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
 TEST_FOLDERS = ("val", "validation", "test")
-
-
-class ImageFolderError(ValueError):
-    """A folder that is not a dataset in the expected layout; the message says the fix."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -44,7 +41,7 @@ class FileSplit:
 def load(path: str) -> tuple[FileSplit, FileSplit, list[str]]:
     """The train and test splits of the image folder at `path`, and its class names."""
     if not os.path.isdir(path):
-        raise ImageFolderError(
+        raise DatasetError(
             f"dataset.path={path} is not a folder; set --config.dataset.path to a folder"
             " holding train/<class>/ and val/<class>/"
         )
@@ -53,7 +50,7 @@ def load(path: str) -> tuple[FileSplit, FileSplit, list[str]]:
         (os.path.join(path, n) for n in TEST_FOLDERS if os.path.isdir(os.path.join(path, n))), None
     )
     if not os.path.isdir(train) or test is None:
-        raise ImageFolderError(
+        raise DatasetError(
             f"dataset.path={path} needs a train/ and a val/ folder of class folders (ImageNet's"
             f" layout); it holds {sorted(os.listdir(path))[:10]}"
         )
@@ -85,7 +82,7 @@ def _scan(train: str, test: str) -> cache.Arrays:
     """Files and labels of both splits (every class folder of train/ must hold images)."""
     classes = [os.path.basename(folder) for folder in _subfolders(train)]
     if not classes:
-        raise ImageFolderError(
+        raise DatasetError(
             f"{train} holds no class folders; put each class's images in train/<class>/"
         )
     label_of = {name: label for label, name in enumerate(classes)}
@@ -95,13 +92,13 @@ def _scan(train: str, test: str) -> cache.Arrays:
         for folder in _subfolders(root):
             name = os.path.basename(folder)
             if name not in label_of:
-                raise ImageFolderError(
+                raise DatasetError(
                     f"{folder} is not one of train/'s {len(classes)} class folders; remove it or"
                     " add the class to train/"
                 )
             images = _images(folder)
             if not images and split == "train":
-                raise ImageFolderError(
+                raise DatasetError(
                     f"{folder} holds no images ({', '.join(EXTENSIONS)}); remove the folder or"
                     " add its images"
                 )

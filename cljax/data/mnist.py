@@ -5,7 +5,7 @@
 `DIR` holds `train-images-idx3-ubyte`, `train-labels-idx1-ubyte`, `t10k-images-idx3-ubyte`
 and `t10k-labels-idx1-ubyte`, each gzip-compressed (`.gz`, as distributed) or not. Every file
 is checked (magic number, dimensions, size, labels 0-9, as many labels as images) before
-anything is written; a bad or missing file is one `IdxError` line naming it. The result is
+anything is written; a bad or missing file is one `DatasetError` line naming it. The result is
 the dataset TFDS's `mnist` builder writes (version, features, split names, PNG-encoded
 images, record order), built with TFDS's own builder class and no TensorFlow.
 """
@@ -17,6 +17,8 @@ import cv2
 import numpy as np
 import tensorflow_datasets as tfds
 from tensorflow_datasets.image_classification import mnist as tfds_mnist
+
+from cljax.errors import DatasetError
 
 IMAGE_SHAPE = (28, 28)
 NUM_CLASSES = 10
@@ -30,10 +32,6 @@ IMAGES_MAGIC, LABELS_MAGIC = 0x00000803, 0x00000801
 GZIP_MAGIC = b"\x1f\x8b"
 
 
-class IdxError(ValueError):
-    """An IDX file that is missing or not what MNIST's should be; the message names it."""
-
-
 def read_idx(path: str, magic: int) -> np.ndarray:
     """The uint8 array of IDX file `path` (gzip-compressed or not), checked to start with
     `magic` and to hold exactly the bytes its dimensions say."""
@@ -43,19 +41,19 @@ def read_idx(path: str, magic: int) -> np.ndarray:
         if raw[:2] == GZIP_MAGIC:
             raw = gzip.decompress(raw)
     except (OSError, EOFError, gzip.BadGzipFile) as error:
-        raise IdxError(f"MNIST file {path} cannot be read ({error})") from None
+        raise DatasetError(f"MNIST file {path} cannot be read ({error})") from None
     rank = magic & 0xFF
     header = 4 * (1 + rank)
     if len(raw) < header or int.from_bytes(raw[:4], "big") != magic:
         found = raw[:4].hex() if len(raw) >= 4 else f"{len(raw)} bytes"
-        raise IdxError(
+        raise DatasetError(
             f"MNIST file {path} is not an IDX file of {rank}-d unsigned bytes (magic {found},"
             f" expected {magic:08x})"
         )
     shape = tuple(int.from_bytes(raw[4 * i : 4 * i + 4], "big") for i in range(1, 1 + rank))
     expected = header + int(np.prod(shape))
     if len(raw) != expected:
-        raise IdxError(
+        raise DatasetError(
             f"MNIST file {path} holds {len(raw)} bytes, not the {expected} of its header's"
             f" shape {shape}: it is truncated or damaged"
         )
@@ -68,7 +66,7 @@ def find_file(from_dir: str, stem: str) -> str:
         path = os.path.join(from_dir, name)
         if os.path.isfile(path):
             return path
-    raise IdxError(f"MNIST file {stem}[.gz] is missing from {from_dir}")
+    raise DatasetError(f"MNIST file {stem}[.gz] is missing from {from_dir}")
 
 
 def read_split(from_dir: str, split: str) -> tuple[np.ndarray, np.ndarray]:
@@ -78,17 +76,17 @@ def read_split(from_dir: str, split: str) -> tuple[np.ndarray, np.ndarray]:
     images = read_idx(images_path, IMAGES_MAGIC)
     labels = read_idx(labels_path, LABELS_MAGIC)
     if images.shape != (count, *IMAGE_SHAPE):
-        raise IdxError(
+        raise DatasetError(
             f"MNIST file {images_path} holds images of shape {images.shape}, not the"
             f" {(count, *IMAGE_SHAPE)} of MNIST's {split} split"
         )
     if labels.shape != (count,):
-        raise IdxError(
+        raise DatasetError(
             f"MNIST file {labels_path} holds {labels.shape[0]} labels, not the {count} of"
             f" MNIST's {split} split"
         )
     if labels.max() >= NUM_CLASSES:
-        raise IdxError(f"MNIST file {labels_path} holds label {labels.max()}, above 9")
+        raise DatasetError(f"MNIST file {labels_path} holds label {labels.max()}, above 9")
     return images, labels
 
 
@@ -118,7 +116,7 @@ def _png(image: np.ndarray) -> bytes:
     ourselves keeps TensorFlow out)."""
     encoded, buffer = cv2.imencode(".png", image)
     if not encoded:
-        raise IdxError("an MNIST image could not be encoded as PNG")
+        raise DatasetError("an MNIST image could not be encoded as PNG")
     return buffer.tobytes()
 
 

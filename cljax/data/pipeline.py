@@ -33,9 +33,6 @@ given a wrong label (`skip`).
 import dataclasses
 import math
 import os
-import queue
-import threading
-import time
 from collections.abc import Iterator, Sequence
 
 import grain
@@ -47,9 +44,10 @@ try:  # Grain passes arrays in its shared memory from workers without a copy
 except ImportError:  # a Grain without it: batches are copied into shared memory
     SharedMemoryArray = None
 
+from cljax.buffer.candidates import pick_candidate_rows
 from cljax.data import transforms
 from cljax.data.sources import ArraySplit, Dataset, Split
-from cljax.messages import RunFailed
+from cljax.errors import DataError, UndecodableImage
 
 Batch = dict[str, np.ndarray]
 LARGE_IMAGE = 64  # `auto` augmentation: crop_flip up to this size, inception above
@@ -57,10 +55,6 @@ BAD_IMAGES = ("stop", "skip")
 WORKER_KINDS = ("threads", "processes")
 MAX_WORKERS = 16
 _NONE_SKIPPED = np.asarray([], dtype=str)
-
-
-class DataError(RunFailed):
-    """Input the pipeline cannot use (an image that cannot be decoded); one line."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -277,7 +271,7 @@ class Loader:
             rng = np.random.default_rng([*seed, first + index])
             try:
                 copy = views.train(split.example(int(row)), rng, inputs[index], index in picked)
-            except transforms.UndecodableImage as error:
+            except UndecodableImage as error:
                 skipped.append(self._skip_or_stop(split, int(row), error))
                 batch["mask"][index] = False
                 inputs[index] = 0
@@ -308,7 +302,7 @@ class Loader:
         for index, row in enumerate(local):
             try:
                 self.views.eval(test.example(int(row)), inputs[index])
-            except transforms.UndecodableImage as error:
+            except UndecodableImage as error:
                 skipped.append(self._skip_or_stop(test, int(row), error))
                 valid[index] = False
                 inputs[index] = 0
@@ -324,18 +318,16 @@ class Loader:
         )
 
 
-def _pick_candidates(mask: np.ndarray, layout: Layout, seed) -> list[int]:
-    """For each of this process's devices, `num_candidates` of its rows drawn uniformly
-    from the valid ones (all of its rows if fewer are valid), seeded by the device's global
-    index: positions within this process's rows, device by device."""
-    picked = []
-    for device in range(layout.local_devices):
-        rows = np.arange(device * layout.per_device, (device + 1) * layout.per_device)
-        global_device = layout.process_index * layout.local_devices + device
-        rng = np.random.default_rng([*seed, layout.global_batch_size, global_device])
-        scores = rng.random(len(rows)) + 2.0 * ~mask[rows]
-        picked.extend(rows[np.argsort(scores)[: layout.num_candidates]].tolist())
-    return picked
+def _pick_candidates(mask: np.ndarray, layout: Layout, seed: tuple) -> list[int]:
+    """Each of this process's devices' candidates (see `pick_candidate_rows`)."""
+    first_device = layout.process_index * layout.local_devices
+    return pick_candidate_rows(
+        mask,
+        layout.per_device,
+        first_device,
+        layout.num_candidates,
+        (*seed, layout.global_batch_size),
+    )
 
 
 def batches(
@@ -380,78 +372,3 @@ def read_inputs(split: Split, rows: np.ndarray, views: Views, shape: tuple) -> n
     for index, row in enumerate(rows):
         views.eval(split.example(int(row)), inputs[index])
     return inputs
-
-
-class _End:
-    """Marks the end of the producer's iterator."""
-
-
-@dataclasses.dataclass
-class _Failure:
-    error: BaseException
-
-
-class Prefetcher:
-    """Runs an iterator (Grain's, reading, decoding, augmenting) in a background thread,
-    `depth` items ahead of the consumer.
-
-    The consumer places the items on devices itself: device work from a second thread can
-    deadlock XLA:CPU's in-process collectives. An exception in the thread is raised in the
-    consumer at the item where it happened (a `DataError` as it is, one line). `wait_s` is
-    the time the consumer spent waiting for items. Use as a context manager so the thread
-    stops.
-    """
-
-    def __init__(self, items: Iterator, depth: int = 2):
-        self.wait_s = 0.0
-        self._items = items
-        self._queue: queue.Queue = queue.Queue(maxsize=max(depth, 1))
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._produce, args=(items,), daemon=True)
-        self._thread.start()
-
-    def _produce(self, items: Iterator) -> None:
-        try:
-            for item in items:
-                if not self._put(item):
-                    return
-            self._put(_End())
-        except BaseException as error:
-            self._put(_Failure(error))
-
-    def _put(self, item) -> bool:
-        while not self._stop.is_set():
-            try:
-                self._queue.put(item, timeout=0.1)
-                return True
-            except queue.Full:
-                continue
-        return False
-
-    def __iter__(self) -> "Prefetcher":
-        return self
-
-    def __next__(self):
-        start = time.perf_counter()
-        item = self._queue.get()
-        self.wait_s += time.perf_counter() - start
-        if isinstance(item, _End):
-            raise StopIteration
-        if isinstance(item, _Failure):
-            if isinstance(item.error, DataError):
-                raise DataError(str(item.error)) from None
-            raise RuntimeError(f"data pipeline failed: {item.error!r}") from item.error
-        return item
-
-    def close(self) -> None:
-        self._stop.set()
-        self._thread.join(timeout=5)
-        close = getattr(self._items, "close", None)
-        if close is not None:
-            close()
-
-    def __enter__(self) -> "Prefetcher":
-        return self
-
-    def __exit__(self, *exc_info) -> None:
-        self.close()

@@ -14,10 +14,10 @@ TensorFlow.
 import sys
 
 import tensorflow_datasets as tfds
-from absl import app, flags
+from absl import app, flags, logging
 
 from cljax.data import mnist, sources
-from cljax.messages import EXIT_BAD_INPUT
+from cljax.errors import EXIT_BAD_INPUT, DatasetError
 
 _DATA_DIR = flags.DEFINE_string("data_dir", None, "TFDS data dir (default: $TFDS_DATA_DIR).")
 _FROM_DIR = flags.DEFINE_string(
@@ -31,7 +31,7 @@ def prepare(name: str, data_dir: str | None = None, from_dir: str | None = None)
     data_dir = sources.resolve_data_dir(data_dir)
     if from_dir is not None:
         if name != "mnist":
-            raise mnist.IdxError(f"--from_dir reads MNIST's IDX files; it does not apply to {name}")
+            raise DatasetError(f"--from_dir reads MNIST's IDX files; it does not apply to {name}")
         return mnist.prepare(from_dir, data_dir)
     builder_class = sources.BUILTIN_BUILDERS.get(name)
     if builder_class is not None:
@@ -45,9 +45,11 @@ def prepare(name: str, data_dir: str | None = None, from_dir: str | None = None)
 def main(argv: list[str]) -> None:
     if len(argv) != 2:
         sys.exit("usage: python -m cljax.data.prepare NAME [--data_dir=DIR] [--from_dir=DIR]")
+    if not flags.FLAGS["verbosity"].present:
+        logging.set_verbosity(logging.WARNING)  # TFDS logs every shard it writes at INFO
     try:
         path = prepare(argv[1], _DATA_DIR.value, _FROM_DIR.value)
-    except mnist.IdxError as error:
+    except DatasetError as error:
         print(f"cljax: {error}", file=sys.stderr, flush=True)
         sys.exit(EXIT_BAD_INPUT)
     print(f"Prepared {argv[1]} in {path}")

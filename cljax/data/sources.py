@@ -1,7 +1,9 @@
 """Datasets by name, read from TFDS array_record files with `tfds.data_source`.
 
-Built-in datasets (`digits`, `mnist1d`) are TFDS builders inside cljax, built into the
-data dir on first use with no download. Any other name is a TFDS image-classification
+The registry holds cljax's own datasets: `digits` and `mnist1d` (TFDS builders inside
+cljax, built into the data dir on first use with no download) and `imagefolder`; `@register(
+NAME)` adds a loader `(data_dir, image_size, path) -> Dataset` from the user's own code. Any
+other name is a TFDS image-classification
 dataset (`image` and `label` features) that must already be prepared in array_record
 format (`python -m cljax.data.prepare NAME`). Small built-in datasets are held in memory,
 and so are TFDS datasets of fixed-size images that are not natural (RGB) images, such as
@@ -18,7 +20,7 @@ import io
 import json
 import math
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Protocol
 
 import numpy as np
@@ -28,23 +30,13 @@ from array_record.python import array_record_module
 from cljax.data import cache, imagefolder
 from cljax.data.digits import Digits
 from cljax.data.mnist1d import Mnist1d
-from cljax.data.transforms import UndecodableImage, decode
+from cljax.data.transforms import decode
+from cljax.errors import DatasetDamaged, DatasetError, DatasetNotPrepared, UndecodableImage
+from cljax.registry import Registry
 
 BUILTIN_BUILDERS = {"digits": Digits, "mnist1d": Mnist1d}
 IN_MEMORY_BYTES = 1 << 30
 DEFAULT_DATA_DIR = os.path.join("~", "tensorflow_datasets")
-
-
-class DatasetError(ValueError):
-    """A dataset that cannot be read; the message names it (or its file) and the fix."""
-
-
-class DatasetNotPrepared(DatasetError):
-    """A TFDS dataset that is missing from the data dir, or not in array_record format."""
-
-
-class DatasetDamaged(DatasetError):
-    """A prepared dataset whose files are missing, truncated or corrupted."""
 
 
 class Split(Protocol):
@@ -142,7 +134,8 @@ def prepare_command(name: str, data_dir: str) -> str:
     return f"python -m cljax.data.prepare {name} --data_dir={data_dir}"
 
 
-IMAGEFOLDER = "imagefolder"
+DATASETS: Registry[Callable[..., Dataset]] = Registry("dataset", "dataset.name")
+register = DATASETS.register
 
 
 def load(
@@ -151,32 +144,36 @@ def load(
     image_size: int | None = None,
     path: str | None = None,
 ) -> Dataset:
-    """Loads dataset `name`: a built-in one (built first if missing), `imagefolder` (the
-    folder at `path`) or a prepared TFDS dataset in `data_dir`.
+    """Loads dataset `name`: a registered one (a built-in one is built first if missing;
+    `imagefolder` reads the folder at `path`) or a prepared TFDS dataset in `data_dir`.
 
     `image_size` resizes images to squares of that size.
     """
-    if name == IMAGEFOLDER:
-        if path is None:
-            raise DatasetError(
-                "dataset.name='imagefolder' needs dataset.path; set --config.dataset.path to a"
-                " folder holding train/<class>/ and val/<class>/"
-            )
-        try:
-            train, test, classes = imagefolder.load(path)
-        except imagefolder.ImageFolderError as error:
-            raise DatasetError(str(error)) from None
-        return image_dataset(name, train, test, len(classes), (None, None, 3), image_size)
-    data_dir = resolve_data_dir(data_dir)
-    if name in BUILTIN_BUILDERS:
-        return _load_builtin(name, data_dir)
-    return _load_tfds(name, data_dir, image_size)
+    if name in DATASETS:
+        return DATASETS[name](data_dir=data_dir, image_size=image_size, path=path)
+    return _load_tfds(name, resolve_data_dir(data_dir), image_size)
 
 
-def build_if_builtin(name: str, data_dir: str | None = None) -> None:
-    """Builds built-in dataset `name` into the data dir unless it is there already."""
-    if name in BUILTIN_BUILDERS:
-        _prepared_builtin(name, resolve_data_dir(data_dir))
+@register("imagefolder")
+def _imagefolder(data_dir: str | None, image_size: int | None, path: str | None) -> Dataset:
+    if path is None:
+        raise DatasetError(
+            "dataset.name='imagefolder' needs dataset.path; set --config.dataset.path to a"
+            " folder holding train/<class>/ and val/<class>/"
+        )
+    train, test, classes = imagefolder.load(path)
+    return image_dataset("imagefolder", train, test, len(classes), (None, None, 3), image_size)
+
+
+def _builtin_loader(name: str) -> Callable[..., Dataset]:
+    def load_builtin(data_dir: str | None, image_size: int | None, path: str | None) -> Dataset:
+        return _load_builtin(name, resolve_data_dir(data_dir))
+
+    return load_builtin
+
+
+for _name in BUILTIN_BUILDERS:
+    register(_name)(_builtin_loader(_name))
 
 
 def _prepared_builtin(name: str, data_dir: str) -> tfds.core.DatasetBuilder:
@@ -189,6 +186,8 @@ def _prepared_builtin(name: str, data_dir: str) -> tfds.core.DatasetBuilder:
             with contextlib.redirect_stdout(io.StringIO()):  # TFDS prints two lines of its own
                 builder.download_and_prepare()
         except OSError as error:
+            if os.path.exists(builder.data_dir):  # another run built it at the same time
+                return _prepared_builtin(name, data_dir)
             raise DatasetError(
                 f"dataset.data_dir={data_dir}: cannot build {name} there ({error.strerror});"
                 " set --config.dataset.data_dir to a directory you can write to"
@@ -264,11 +263,11 @@ def _load_tfds(name: str, data_dir: str, image_size: int | None) -> Dataset:
             for split in ("train", test_split)
         )
     except tfds.core.registered.DatasetNotFoundError:
-        known = sorted({*BUILTIN_BUILDERS, *tfds.list_builders(with_community_datasets=False)})
+        known = sorted({*DATASETS, *tfds.list_builders(with_community_datasets=False)})
         close = difflib.get_close_matches(name, known, n=3)
         hint = f"did you mean {', '.join(close)}? " if close else ""
         raise DatasetNotPrepared(
-            f"dataset.name={name!r} is neither a built-in dataset {sorted(BUILTIN_BUILDERS)} nor"
+            f"dataset.name={name!r} is neither a registered dataset {DATASETS.names()} nor"
             f" a TFDS dataset; {hint}set --config.dataset.name"
         ) from None
     except (

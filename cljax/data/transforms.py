@@ -21,15 +21,13 @@ import cv2
 import numpy as np
 import simplejpeg
 
+from cljax.errors import UndecodableImage
+
 SCALE = (0.08, 1.0)
 RATIO = (3 / 4, 4 / 3)
 EVAL_CROP_FRACTION = 0.875
 
 cv2.setNumThreads(1)  # one thread per input worker; OpenCV's own pool would oversubscribe
-
-
-class UndecodableImage(ValueError):
-    """Bytes that are not an image any decoder here reads."""
 
 
 def decode(encoded: bytes | np.ndarray, channels: int = 3) -> np.ndarray:

@@ -1,5 +1,9 @@
 """Models by name, each with its own documented arguments (`model.<name>.<argument>`).
 
+`register(NAME)` adds a Flax module to the registry (from cljax or from the user's own
+code, before the config is loaded); its fields declared with `components.argument` become
+`model.<NAME>.*`.
+
 Every model maps a float batch (B, *input_shape) to logits, as `model(x, train=..., mask=...)`:
 `train` selects batch statistics over running averages in models with BatchNorm (and turns
 dropout on), and `mask` marks the rows (new samples and representatives) those statistics
@@ -9,10 +13,10 @@ computation dtype and the collectives BatchNorm sums its statistics with: every 
 """
 
 import dataclasses
+from collections.abc import Mapping
 from typing import Any
 
 import flax.linen as nn
-import ml_collections
 
 from cljax import components
 from cljax.collectives import Collectives, SingleDevice
@@ -20,41 +24,46 @@ from cljax.models.cnn import SmallCNN
 from cljax.models.ghostnet import GhostNet
 from cljax.models.mlp import MLP
 from cljax.models.resnet import ResNet18, ResNet18Cifar, ResNet50
+from cljax.registry import Registry
 
-MODELS: dict[str, type[nn.Module]] = {
-    "mlp": MLP,
-    "cnn": SmallCNN,
-    "resnet18": ResNet18,
-    "resnet50": ResNet50,
-    "resnet18_cifar": ResNet18Cifar,
-    "ghostnet": GhostNet,
-}
+MODELS: Registry[type[nn.Module]] = Registry("model", "model.name")
+register = MODELS.register
+for _name, _module in (
+    ("mlp", MLP),
+    ("cnn", SmallCNN),
+    ("resnet18", ResNet18),
+    ("resnet50", ResNet50),
+    ("resnet18_cifar", ResNet18Cifar),
+    ("ghostnet", GhostNet),
+):
+    register(_name)(_module)
 BATCH_NORM = ("global", "per_device")
 
 
-def per_device_batch_norm(config: ml_collections.ConfigDict) -> bool:
-    """Whether the models of `config` (a `model` section) normalise by each device's own
+def per_device_batch_norm(model: Mapping) -> bool:
+    """Whether the models of a config's `model` section normalise by each device's own
     rows; the train step must then average their running statistics over devices
     (`StepConfig.average_model_state`)."""
-    return config.get("batch_norm", "global") == "per_device"
+    return model.get("batch_norm", "global") == "per_device"
 
 
 def create_model(
-    config: ml_collections.ConfigDict,
+    model: Mapping,
     num_classes: int,
     dtype: Any = None,
     collectives: Collectives = SingleDevice(),  # noqa: B008 (stateless)
 ) -> nn.Module:
-    """Model `config.name` with its arguments `config[config.name]`; its BatchNorm sums
-    statistics over `collectives` unless `config.batch_norm` is `per_device`."""
-    if per_device_batch_norm(config):
+    """The model a config's `model` section names, with its arguments; its BatchNorm sums
+    statistics over `collectives` unless `model.batch_norm` is `per_device`."""
+    if per_device_batch_norm(model):
         collectives = SingleDevice()
-    cls = MODELS[config.name]
+    name = model["name"]
+    cls = MODELS[name]
     fields = {field.name for field in dataclasses.fields(cls)}
     supplied = {"dtype": dtype, "collectives": collectives}
     supplied = {
         key: value for key, value in supplied.items() if key in fields and value is not None
     }
     return components.build(
-        "model", config.name, cls, config[config.name], num_classes=num_classes, **supplied
+        "model", name, cls, model.get(name, {}), num_classes=num_classes, **supplied
     )

@@ -22,7 +22,7 @@ Per step and per device:
   uniform slot of the partition, which favours recent samples. Candidates of one partition
   in one step are applied as if inserted one after another. (Free slots and k < N coincide,
   except in a buffer re-partitioned onto more devices, whose classes are seen more often
-  than they are stored: see `checkpoint.repartition`.)
+  than they are stored: see `repartition`.)
 - `sample` gives every device exactly `r` representatives drawn from the union of all
   devices' buffers, in one round of collectives and with no request: every owner draws r
   samples uniformly from its own filled slots and sends q = r // D of them to every device
@@ -39,9 +39,10 @@ Per step and per device:
 `init`, `insert` and `sample` work on one device's state. Across D devices, the global
 state is every device's state concatenated along axis 0 (`init_sharded`), and `shard_map`
 over that axis hands each device its own; `sample` then takes the collectives of the mesh
-axis. With `memory_kind='pinned_host'` the slots live in host memory: slots to write and to
-read are chosen on the device, and the host writes the c candidates and reads the r drawn
-records, so only those cross between host and device.
+axis (`cljax.buffer.on_mesh` does all of that for a mesh). With `memory_kind='pinned_host'`
+the slots live in host memory: slots to write and to read are chosen on the device, and the
+host writes the c candidates and reads the r drawn records, so only those cross between host
+and device.
 """
 
 import dataclasses
@@ -54,38 +55,19 @@ import numpy as np
 from jax.experimental.compute_on import compute_on
 from jax.sharding import NamedSharding
 
+from cljax.buffer.state import (
+    LABELS,
+    MASK,
+    MEMORY_KINDS,
+    PARTITIONS,
+    POLICIES,
+    TASK_ID,
+    BufferState,
+    Example,
+    RehearsalState,
+    Representatives,
+)
 from cljax.collectives import Collectives, SingleDevice
-
-POLICIES = ("reservoir", "random_replace")
-PARTITIONS = ("class", "stream")
-MEMORY_KINDS = ("device", "pinned_host")
-LABELS, MASK, TASK_ID = "labels", "mask", "task_id"
-
-Example = Mapping[str, jax.ShapeDtypeStruct | jax.Array | np.ndarray]
-
-
-@jax.tree_util.register_dataclass
-@dataclasses.dataclass(frozen=True)
-class BufferState:
-    """One device's buffer: slots [P, N, ...] in P partitions (the C classes, or one for
-    the whole stream) and per-partition counters [P]."""
-
-    data: dict[str, jax.Array]
-    labels: jax.Array
-    task_ids: jax.Array
-    counts: jax.Array
-    seen: jax.Array
-
-
-@jax.tree_util.register_dataclass
-@dataclasses.dataclass(frozen=True)
-class Representatives:
-    """Samples drawn from the global buffer; weight 0 marks no sample."""
-
-    data: dict[str, jax.Array]
-    labels: jax.Array
-    task_ids: jax.Array
-    weights: jax.Array
 
 
 def rehearsal_buffer(
@@ -294,6 +276,18 @@ class RehearsalBuffer:
     ) -> Representatives:
         """The global `empty_representatives(example)`: one per device, split by `sharding`."""
         return _per_device_copies(lambda: self.empty_representatives(example), sharding, sharding)
+
+    def rehearsal_shardings(self, sharding: NamedSharding) -> RehearsalState:
+        """Where a train step's rehearsal state split by `sharding` lives."""
+        return RehearsalState(self.shardings(sharding), sharding)
+
+    def init_rehearsal(self, example: Example, sharding: NamedSharding) -> RehearsalState:
+        """A train step's first rehearsal state: every device's empty buffer and empty
+        representatives, split by `sharding`."""
+        return RehearsalState(
+            self.init_sharded(example, sharding),
+            self.empty_representatives_sharded(example, sharding),
+        )
 
 
 def record_bytes(example: Example) -> int:
