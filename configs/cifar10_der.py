@@ -51,8 +51,5 @@ def get_config(arg: str = "derpp-200") -> ml_collections.ConfigDict:
     config.optimizer.momentum = 0.0
     learning_rate, alpha, beta = BEST.get((strategy, buffer_size), (0.1, None, None))
     config.optimizer.learning_rate = learning_rate
-    if alpha is not None:
-        config.strategy[strategy].alpha = alpha
-    if beta is not None:
-        config.strategy[strategy].beta = beta
+    default.set_hyperparameters(config, alpha=alpha, beta=beta)
     return config

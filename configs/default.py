@@ -105,3 +105,12 @@ def get_config(strategy: str = "er") -> ml_collections.ConfigDict:
     config.dtype = "float32"
     config.label_smoothing = 0.0
     return config
+
+
+def set_hyperparameters(config: ml_collections.ConfigDict, **values) -> None:
+    """Sets the given hyperparameters of the config's strategy (`strategy.<name>.*`), those
+    that are not None."""
+    arguments = config.strategy[config.strategy.name]
+    for name, value in values.items():
+        if value is not None:
+            arguments[name] = value

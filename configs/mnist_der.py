@@ -72,10 +72,7 @@ def get_config(arg: str = "er-200") -> ml_collections.ConfigDict:
     config.buffer.size = size
     config.buffer.num_candidates = BATCH_SIZE
     config.buffer.num_representatives = minibatch
-    if alpha is not None:
-        config.strategy[strategy].alpha = alpha
-    if beta is not None:
-        config.strategy[strategy].beta = beta
+    default.set_hyperparameters(config, alpha=alpha, beta=beta)
     return config
 
 

@@ -550,12 +550,12 @@ class TestLibrary:
         with pytest.raises(ValueError, match="num_candidates=5 exceeds the 4 rows"):
             buffer.insert(buffer.init(EXAMPLE), batch, jax.random.key(0))
 
-    def test_importing_the_buffer_pulls_in_no_launcher_code(self):
+    def test_importing_the_buffer_and_cljax_pulls_in_no_launcher_code(self):
         code = (
-            "import sys, cljax.buffer\n"
-            "bad = [m for m in ('cljax.runtime', 'cljax.trainer', 'ml_collections', 'flax')"
-            " if m in sys.modules]\n"
-            "print(bad)\n"
+            "import sys, cljax.buffer, cljax\n"
+            "heavy = ('cljax.runtime', 'cljax.trainer', 'ml_collections', 'flax', 'orbax',"
+            " 'tensorflow_datasets', 'grain')\n"
+            "print([m for m in heavy if m in sys.modules])\n"
         )
         result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
         assert result.returncode == 0, result.stderr

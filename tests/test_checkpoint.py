@@ -88,6 +88,7 @@ def kill_points(seed: int) -> list[str]:
     return [f"{point}:{rng.integers(*ranges[point])}" for point in KILL_POINTS]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("kind", ["device", "pinned_host"])
 def test_a_run_killed_three_times_ends_as_an_uninterrupted_one(tmp_path, env, reference, kind):
     workdir, flags = tmp_path / "run", [f"--config.buffer.memory_kind={kind}"]
@@ -112,6 +113,7 @@ def assert_same_scalars(workdir, reference) -> None:
             np.testing.assert_array_equal(ran[tag], points, err_msg=tag)
 
 
+@pytest.mark.slow
 def test_a_two_process_run_killed_three_times_ends_as_one_process(tmp_path, env, reference):
     """2 processes x 2 devices, process 0 killed at each point (process 1 then stops on its
     own, lost its peer), rerun after each: the one-process, four-device results."""
@@ -156,6 +158,7 @@ def test_a_two_process_run_killed_three_times_ends_as_one_process(tmp_path, env,
     assert_same_results(workdir, reference["device"])
 
 
+@pytest.mark.slow
 def test_sigterm_saves_and_exits_75_and_the_rerun_ends_identically(tmp_path, env, reference):
     workdir, log = tmp_path / "run", tmp_path / "out.log"
     with open(log, "w") as out:
@@ -190,6 +193,7 @@ def copy_of(workdir: str, destination) -> str:
     return str(destination)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("devices", [2, 8])
 def test_a_run_resumes_on_another_number_of_devices(tmp_path, env, interrupted, devices):
     workdir = copy_of(interrupted, tmp_path / "run")
@@ -272,6 +276,7 @@ def test_repartition_keeps_a_uniform_subset_of_each_class_when_it_must_drop():
     assert chi2 < 43.8  # the 0.999 quantile of chi-square with 19 degrees of freedom
 
 
+@pytest.mark.slow
 def test_a_corrupt_latest_checkpoint_is_named_and_the_one_before_is_used(
     tmp_path, env, interrupted
 ):
@@ -289,6 +294,7 @@ def test_a_corrupt_latest_checkpoint_is_named_and_the_one_before_is_used(
     assert metrics(workdir)["status"] == "finished"
 
 
+@pytest.mark.slow
 def test_a_changed_config_is_refused_naming_the_field_and_a_neutral_one_resumes(
     tmp_path, env, interrupted
 ):
@@ -315,6 +321,7 @@ def test_changed_fields_ignore_what_does_not_change_results():
     ]
 
 
+@pytest.mark.slow
 def test_a_non_finite_loss_keeps_the_last_good_checkpoint(tmp_path, data_dir, monkeypatch):
     """The 25th step reports a NaN loss: the run stops, and its latest checkpoint is the
     one of step 20 (a multiple of every_steps whose loss was checked; the task's end may
@@ -350,6 +357,7 @@ def test_a_non_finite_loss_keeps_the_last_good_checkpoint(tmp_path, data_dir, mo
         assert np.isfinite(leaf).all()
 
 
+@pytest.mark.slow
 def test_init_from_loads_exactly_the_exported_model_and_a_run_uses_it(tmp_path, env, reference):
     exported = os.path.join(reference["device"], checkpoint.MODEL_DIRECTORY)
     with ocp.StandardCheckpointer() as checkpointer:

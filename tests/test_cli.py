@@ -27,6 +27,7 @@ def run_cli(*flags: str, cwd: str = REPO) -> subprocess.CompletedProcess:
     )
 
 
+@pytest.mark.slow
 def test_cli_writes_well_formed_metrics_json(tmp_path, data_dir):
     result = run_cli(
         f"--config.dataset.data_dir={data_dir}",
@@ -74,6 +75,7 @@ def test_bad_config_stops_with_one_line_naming_the_field(tmp_path, data_dir, fla
     assert not workdir.exists()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("model", sorted(MODELS))
 def test_every_registered_model_trains_from_the_cli(tmp_path, data_dir, model):
     workdir = tmp_path / "run"

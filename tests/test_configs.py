@@ -41,6 +41,7 @@ def test_every_config_file_is_covered():
         assert (REPO / path).is_file()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("case", sorted(CASES))
 def test_config_runs_end_to_end_with_top1_and_top5_matrices(case, synthetic_data_dir, tmp_path):
     workdir = tmp_path / "run"

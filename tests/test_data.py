@@ -27,6 +27,7 @@ def test_digits_split_is_stratified_disjoint_and_complete(digits):
     assert overlap < 0.02 * len(digits.test)
 
 
+@pytest.mark.slow
 def test_builtin_datasets_build_offline_without_tensorflow(tmp_path):
     """In a fresh process: both build, with the expected shapes, and TensorFlow stays out."""
     code = (

@@ -128,6 +128,7 @@ def test_tfds_labels_are_read_once_then_from_the_cache(synthetic_data_dir, monke
     assert first.train.labels.tolist() == [records[i]["label"] for i in range(len(records))]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("kind", pipeline.WORKER_KINDS)
 def test_batches_are_the_same_with_any_number_of_workers(folder, kind):
     """Every training and evaluation batch of a two-task plan, crops and candidates
@@ -151,6 +152,7 @@ def _corrupt_one(folder: pathlib.Path) -> pathlib.Path:
     return bad
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(("workers", "kind"), [(0, "threads"), (2, "threads"), (2, "processes")])
 def test_an_undecodable_image_stops_the_feed_naming_its_file(folder, workers, kind):
     bad = _corrupt_one(folder)
@@ -204,6 +206,7 @@ def _folder_overrides(folder: pathlib.Path) -> dict[str, str]:
     }
 
 
+@pytest.mark.slow
 def test_a_run_over_an_image_folder_reports_the_images_it_skipped(folder, tmp_path):
     bad = _corrupt_one(folder)
     config = configuration.load_config("default:er")
@@ -216,6 +219,7 @@ def test_a_run_over_an_image_folder_reports_the_images_it_skipped(folder, tmp_pa
     assert np.asarray(run["accuracy_matrix"]).shape == (2, 2)
 
 
+@pytest.mark.slow
 def test_a_run_stops_at_an_undecodable_image_with_one_line(folder, tmp_path):
     bad = _corrupt_one(folder)
     flags = [f"--config.{field}={value}" for field, value in _folder_overrides(folder).items()]

@@ -86,17 +86,3 @@ def test_the_config_check_sees_a_function_that_takes_the_config():
         "def c(x: ml_collections.FrozenConfigDict, section: dict): pass\n"
     )
     assert functions_taking_a_config(tree) == ["a", "b"]
-
-
-def test_importing_the_buffer_does_not_import_the_trainer_or_tfds():
-    import subprocess
-    import sys
-
-    code = (
-        "import sys, cljax.buffer, cljax\n"
-        "heavy = {'cljax.trainer', 'tensorflow_datasets', 'orbax', 'grain', 'flax'}\n"
-        "print(sorted(heavy & set(sys.modules)))\n"
-    )
-    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
-    assert result.returncode == 0, result.stderr
-    assert result.stdout.strip() == "[]"

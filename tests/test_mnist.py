@@ -26,21 +26,21 @@ needs_mnist = pytest.mark.skipif(
 TRAIN_COUNTS = [5923, 6742, 5958, 6131, 5842, 5421, 5918, 6265, 5851, 5949]
 
 
-def prepare(from_dir, data_dir) -> subprocess.CompletedProcess:
+def run_module(module: str, *args: str) -> subprocess.CompletedProcess:
+    """`python -m module args...` from the clone."""
     return subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "cljax.data.prepare",
-            "mnist",
-            f"--from_dir={from_dir}",
-            f"--data_dir={data_dir}",
-        ],
+        [sys.executable, "-m", module, *args],
         cwd=REPO,
         env=subprocess_env(),
         capture_output=True,
         text=True,
-        timeout=600,
+        timeout=900,
+    )
+
+
+def prepare(from_dir, data_dir) -> subprocess.CompletedProcess:
+    return run_module(
+        "cljax.data.prepare", "mnist", f"--from_dir={from_dir}", f"--data_dir={data_dir}"
     )
 
 
@@ -56,6 +56,7 @@ def mnist_data_dir(tmp_path_factory) -> str:
     return str(data_dir)
 
 
+@pytest.mark.slow
 @needs_mnist
 def test_prepared_mnist_is_tfds_mnist_with_every_image_and_label(mnist_data_dir):
     dataset = sources.load("mnist", mnist_data_dir)
@@ -127,20 +128,11 @@ def test_split_mnist_er_200_reaches_the_papers_accuracy(mnist_data_dir, tmp_path
     """The DER paper's Seq-MNIST ER cell with a buffer of 200, seed 0: class-IL at least 0.78
     (the paper: 80.43 on average over 10 runs)."""
     workdir = tmp_path / "run"
-    result = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "cljax.train",
-            "--config=mnist_der:er-200",
-            f"--workdir={workdir}",
-            f"--config.dataset.data_dir={mnist_data_dir}",
-        ],
-        cwd=REPO,
-        env=subprocess_env(),
-        capture_output=True,
-        text=True,
-        timeout=900,
+    result = run_module(
+        "cljax.train",
+        "--config=mnist_der:er-200",
+        f"--workdir={workdir}",
+        f"--config.dataset.data_dir={mnist_data_dir}",
     )
     assert result.returncode == 0, result.stderr[-3000:]
     written = json.loads((workdir / "metrics.json").read_text())

@@ -99,6 +99,7 @@ def resnet_setup(runtime, dtype=jnp.float32, learning_rate: float = 0.5, batch_n
     return settings, state, rehearsal, steps.make_train_step(runtime, settings)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("batch_norm", ["global", "per_device"])
 def test_a_step_with_batch_norm_equals_single_device_passes_over_the_rows_it_normalises_together(
     runtime, batch_norm

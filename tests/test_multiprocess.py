@@ -20,6 +20,8 @@ from jax._src import distributed as jax_distributed
 from cljax import runtime as runtime_lib
 from tests.helpers import wait_for_line
 
+pytestmark = pytest.mark.slow  # every test here trains or starts processes
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BIN = os.path.dirname(sys.executable)
 # r = 3 leaves r mod D rows for the shifted permutes on 2 and 4 devices.
@@ -234,6 +236,7 @@ def test_watchdog_stops_a_process_that_makes_no_progress_once_armed(tmp_path):
 KEY_VALUE_STORE = """
 import os, time
 from cljax.watchdog import KeyValueLiveness, Watchdog
+
 changes_after_s = float(os.environ.get("CHANGES_AFTER_S", "inf"))
 started = time.monotonic()
 class Store:

@@ -9,6 +9,8 @@ from nbclient import NotebookClient
 
 from tests.helpers import REPO
 
+pytestmark = pytest.mark.slow  # every test here trains or starts processes
+
 NOTEBOOKS = REPO / "notebooks"
 # Run after each notebook's own cells, in the same kernel: the final average accuracy of
 # every strategy, which the test checks.

@@ -149,6 +149,7 @@ def test_a_damaged_dataset_names_the_file_and_the_fix(damaged_data_dir, start, t
     assert f"remove {damaged_data_dir}/digits/1.0.0 and run again" in result.stderr
 
 
+@pytest.mark.slow
 def test_a_non_finite_loss_stops_the_run_naming_where_and_marks_it_failed(data_dir, tmp_path):
     run_dir = tmp_path / "run"
     result = cli(
@@ -185,6 +186,7 @@ def start_long_run(run_dir, data_dir, log_dir) -> subprocess.Popen:
     )
 
 
+@pytest.mark.slow
 def test_ctrl_c_exits_130_with_one_line_and_valid_metrics(data_dir, tmp_path):
     run_dir = tmp_path / "run"
     process = start_long_run(run_dir, data_dir, tmp_path / "logs")
@@ -198,6 +200,7 @@ def test_ctrl_c_exits_130_with_one_line_and_valid_metrics(data_dir, tmp_path):
     assert strict_json(run_dir / "metrics.json")["status"] == "interrupted"
 
 
+@pytest.mark.slow
 def test_a_second_run_into_a_busy_workdir_stops_naming_the_holder(data_dir, tmp_path):
     run_dir = tmp_path / "run"
     first = start_long_run(run_dir, data_dir, tmp_path / "logs")
@@ -256,6 +259,7 @@ def test_json_written_by_two_threads_at_once_stays_whole(tmp_path):
     assert written["step"] == 299 and written["rows"] == [written["by"]] * 500
 
 
+@pytest.mark.slow
 def test_backend_mpi_outside_mpirun_warns_in_one_line(data_dir, tmp_path):
     pytest.importorskip("mpi4py")
     result = cli(

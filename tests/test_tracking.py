@@ -7,7 +7,11 @@ import signal
 import subprocess
 import sys
 
+import pytest
+
 from tests.helpers import REPO, subprocess_env, tensorboard_scalars
+
+pytestmark = pytest.mark.slow  # every test here trains or starts processes
 
 TABLE_LINE = re.compile(r"^(top\d accuracy|task_il accuracy|after \\ on|\s+T\d+ )")
 
@@ -64,6 +68,7 @@ KILLED_AFTER_FLUSH = """
 import os, signal, sys
 import ml_collections
 from cljax.tracking import Tracker
+
 logging_config = ml_collections.ConfigDict({"wandb_project": None})
 tracker = Tracker(sys.argv[1], logging_config, {"seed": 0}, ["final"], True, first_step=0)
 for step in (1, 2, 3):

@@ -11,6 +11,8 @@ import pytest
 from cljax import configuration, errors, metrics, plots, profiling, report, steps, trainer
 from tests.helpers import REPO, tensorboard_scalars
 
+pytestmark = pytest.mark.slow  # every test here trains or starts processes
+
 
 def digits_config(data_dir: str, strategy: str):
     """The default experiment on 8 devices: per-device batch 2 keeps the global batch of 8."""
