@@ -42,6 +42,7 @@ NEUTRAL_FIELDS = (
     "dataset.data_dir",
     "dataset.path",
     "buffer.memory_kind",
+    "steps_per_dispatch",
 )
 # Derived from the number of devices, which a resumed run may change.
 PER_DEVICE_FIELDS = ("buffer.budget_per_class", "buffer.total_slots")

@@ -12,7 +12,7 @@ import jax
 import ml_collections
 
 from cljax import augment, components, optim
-from cljax.buffer import MEMORY_KINDS, PARTITIONS, POLICIES
+from cljax.buffer import DRAWS, MEMORY_KINDS, PARTITIONS, POLICIES
 from cljax.data.pipeline import BAD_IMAGES, WORKER_KINDS
 from cljax.data.scenarios import SCENARIOS
 from cljax.data.sources import DATASETS
@@ -104,6 +104,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
     one_of("dataset.bad_images", config.dataset.bad_images, BAD_IMAGES)
     one_of("dataset.workers", config.dataset.workers, WORKER_KINDS)
     optional_positive("dataset.worker_count", config.dataset.worker_count, 0)
+    optional_positive("steps_per_dispatch", config.steps_per_dispatch)
     _validate_optimizer(config.optimizer)
     positive("seed", config.seed, minimum=0)
     optional_positive("scenario.class_order_seed", config.scenario.class_order_seed, 0)
@@ -206,6 +207,7 @@ def _validate_buffer(config: ml_collections.ConfigDict) -> None:
         " set --config.buffer.num_candidates to at most the per-device batch size",
     )
     one_of("buffer.partition", buffer.partition, PARTITIONS)
+    one_of("buffer.draw", buffer.draw, DRAWS)
     optional_positive("buffer.size", buffer.size)
     if buffer.rehearsal_ratio is not None:
         require(

@@ -18,7 +18,7 @@ from collections.abc import Mapping
 import ml_collections
 
 from cljax import augment, components, optim
-from cljax.buffer import PARTITIONS, POLICIES
+from cljax.buffer import DRAWS, PARTITIONS, POLICIES
 from cljax.checks import DTYPES
 from cljax.data.scenarios import SCENARIOS
 from cljax.data.sources import DATASETS
@@ -38,6 +38,9 @@ FIELD_DOCS = {
     "batch_size": "b: new samples per device per step",
     "eval_batch_size": "global batch of the evaluation pass",
     "epochs_per_task": "epochs over each task's training data",
+    "steps_per_dispatch": "K: training steps run in one call on the devices (a scan over K"
+    " batches placed together); the same results for every K; None: chosen from the time of"
+    " the first steps (1 for steps of 50 ms or more)",
     "dtype": f"computation dtype, one of {list(DTYPES)} (parameters, optimizer state and"
     " BatchNorm statistics stay float32; the buffer keeps the stored dtype)",
     "label_smoothing": "weight s of the uniform distribution mixed into the targets of every"
@@ -100,6 +103,9 @@ FIELD_DOCS = {
     "buffer.num_representatives": "r: samples from the global buffer added to each device's"
     " batch per step",
     "buffer.policy": f"one of {list(POLICIES)}",
+    "buffer.draw": f"one of {list(DRAWS)}: how each owner draws its records for a device's"
+    " representatives: uniformly with replacement (the paper's), or distinct slots (the DER"
+    " paper's; while an owner holds fewer than r, all of them and the rest weigh 0)",
     "buffer.augment_from_task": "first task whose batches get representatives (the buffer"
     " fills from task 0)",
     "buffer.memory_kind": "where the buffer's slots live: device, or pinned_host (host"

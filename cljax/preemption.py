@@ -2,8 +2,9 @@
 save a checkpoint and stop; the training loop asks `requested` between steps.
 
 In a job of several processes the signal may reach them at different steps, so they agree:
-every `AGREE_EVERY_STEPS` steps (and at every task's end) each says whether it was signalled
-and all stop if any was, at the same step.
+at the first check at or past every multiple of `AGREE_EVERY_STEPS` steps (every block of
+steps dispatched together ends at a check; every process has the same blocks) and at every
+task's end, each says whether it was signalled and all stop if any was, at the same step.
 """
 
 import signal
@@ -24,6 +25,7 @@ class Preemption:
         self.runtime = runtime
         self.received: int | None = None
         self._previous: dict = {}
+        self._period: int | None = None
 
     def __enter__(self) -> "Preemption":
         if threading.current_thread() is threading.main_thread():
@@ -42,8 +44,11 @@ class Preemption:
         every process reaches, such as a task's end); the same answer on every process."""
         if self.runtime.process_count == 1:
             return self.received is not None
-        if step is not None and step % AGREE_EVERY_STEPS:
-            return False
+        if step is not None:
+            period = step // AGREE_EVERY_STEPS
+            previous, self._period = self._period, period
+            if previous is None or period == previous:
+                return False
         signalled = np.asarray([float(self.received is not None)])
         return bool(self.runtime.max_over_processes(signalled)[0])
 

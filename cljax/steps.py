@@ -115,51 +115,61 @@ def create_train_state(settings: StepConfig, sample_input: jax.Array, key: jax.A
     )
 
 
-def make_train_step(
-    runtime: Runtime, settings: StepConfig, num_steps: int | None = None
-) -> Callable[..., tuple]:
+def make_train_step(runtime: Runtime, settings: StepConfig) -> Callable[..., tuple]:
     """Builds `step(state, rehearsal, batch, task_id, learning_rate) -> (state, rehearsal,
     metrics)`.
 
     `rehearsal` is None for strategies without a buffer. `metrics` holds the global loss,
     each of its terms, and the weight of the representatives used.
-
-    With `num_steps`, one call runs that many steps in one dispatch (a `lax.scan` of the same
-    step): `batch` holds one batch per step along a new leading axis, `learning_rate` one
-    rate per step, and each metric one value per step. The steps draw the same keys from the
-    state as that many single calls, and compute the same values bit for bit (tested): where
-    a step's own work is small, this removes the host's share of every step but one.
     """
     per_device = _per_device_step(runtime.collectives, settings)
-    batch_spec = P(AXIS)
-    if num_steps is not None:
-        batch_spec = P(None, AXIS)
-        per_device = _scanned(per_device, num_steps)
-    specs = (P(), P(AXIS), batch_spec, P(), P())
-    step = runtime.per_device(per_device, specs, (P(), P(AXIS), P()))
+    step = runtime.per_device(per_device, (P(), P(AXIS), P(AXIS), P(), P()), (P(), P(AXIS), P()))
+    return _jitted(step, runtime, settings)
+
+
+def make_train_steps(runtime: Runtime, settings: StepConfig, length: int) -> Callable[..., tuple]:
+    """Builds `steps(state, rehearsal, batches, task_id, learning_rates, count) -> (state,
+    rehearsal, metrics)`: the first `count` (<= `length`) of `length` train steps in one
+    dispatch, a `lax.scan` of the train step over the leading axis of `batches` and
+    `learning_rates`; each metric holds one value per step (zeros past `count`).
+
+    The steps past `count` are skipped (a `lax.cond`), so one compiled program serves every
+    block of up to `length` steps. The steps draw the same keys from the state as that many
+    single calls and compute the same values bit for bit (tested): where a step's own work is
+    small, this removes the host's share of all steps of a block but one.
+    """
+    per_device = _per_device_step(runtime.collectives, settings)
+
+    def block(state, rehearsal, batches, task_id, learning_rates, count):
+        def one_step(carry, inputs):
+            batch, learning_rate, index = inputs
+
+            def run(carry):
+                state, rehearsal, metrics = per_device(*carry, batch, task_id, learning_rate)
+                return (state, rehearsal), metrics
+
+            def skip(carry):
+                metrics = jax.eval_shape(run, carry)[1]
+                return carry, jax.tree.map(lambda m: jnp.zeros(m.shape, m.dtype), metrics)
+
+            return jax.lax.cond(index < count, run, skip, carry)
+
+        inputs = (batches, learning_rates, jnp.arange(length))
+        (state, rehearsal), metrics = jax.lax.scan(one_step, (state, rehearsal), inputs)
+        return state, rehearsal, metrics
+
+    specs = (P(), P(AXIS), P(None, AXIS), P(), P(), P())
+    return _jitted(runtime.per_device(block, specs, (P(), P(AXIS), P())), runtime, settings)
+
+
+def _jitted(step: Callable, runtime: Runtime, settings: StepConfig) -> Callable:
+    """`step` jitted with the train and rehearsal states donated, the buffer's slots kept in
+    their memory kind."""
     out_shardings = None
     buffer = settings.buffer
     if buffer is not None and buffer.on_host:
         out_shardings = (runtime.replicated, buffer.rehearsal_shardings(runtime.sharded), None)
     return jax.jit(step, donate_argnums=(0, 1), keep_unused=True, out_shardings=out_shardings)
-
-
-def _scanned(per_device: Callable, num_steps: int) -> Callable:
-    """`num_steps` calls of `per_device` in one `lax.scan`, over the leading axis of the batch
-    and of the learning rates."""
-
-    def steps(state, rehearsal, batches, task_id, learning_rates):
-        def one_step(carry, inputs):
-            batch, learning_rate = inputs
-            state, rehearsal, metrics = per_device(*carry, batch, task_id, learning_rate)
-            return (state, rehearsal), metrics
-
-        (state, rehearsal), metrics = jax.lax.scan(
-            one_step, (state, rehearsal), (batches, learning_rates), length=num_steps
-        )
-        return state, rehearsal, metrics
-
-    return steps
 
 
 def _per_device_step(collectives, settings: StepConfig) -> Callable:

@@ -113,6 +113,12 @@ class Strategy:
     reinitialise_each_task: ClassVar[bool] = False
     trains_on_seen_tasks: ClassVar[bool] = False
 
+    @property
+    def buffer_draws(self) -> int:
+        """Independent draws of r representatives from the buffer per step (the loss sees
+        them one after the other in `outputs.reps`)."""
+        return 1
+
     def stored_fields(self, num_classes: int) -> dict[str, jax.ShapeDtypeStruct]:
         """Tensors stored with each sample besides its input."""
         return {}
@@ -197,16 +203,36 @@ class DER(Strategy):
 class DERpp(DER):
     """DER++: DER + beta * CE(f(x_buf'), y_buf').
 
-    x_buf and x_buf' are one draw: the same r representatives serve both terms (the DER
-    paper draws twice; one draw halves the replay traffic).
+    With `draws=1`, x_buf and x_buf' are one draw: the same r representatives serve both
+    terms, which halves the replay traffic. With `draws=2` they are two independent draws of
+    r, as in the DER paper (twice the exchange and twice the replayed rows per step).
     """
 
     beta: float = argument(0.5, "weight of the replayed labels' cross-entropy", minimum=0)
+    draws: int = argument(
+        1,
+        "buffer draws per step: 1 (both replay terms see the same r representatives) or 2"
+        " (one independent draw of r per term, as the DER paper)",
+        choices=(1, 2),
+    )
+
+    @property
+    def buffer_draws(self) -> int:
+        return self.draws
 
     def loss(self, outputs: StepOutputs, state: Any) -> tuple[jax.Array, LossTerms]:
-        new, replayed = outputs.batch_and_replay_cross_entropy()
-        new, replayed = new / safe(outputs.totals.batch), replayed / safe(outputs.totals.reps)
-        matching = logit_matching(outputs)
+        if self.draws == 1:
+            new, replayed = outputs.batch_and_replay_cross_entropy()
+            new, replayed = new / safe(outputs.totals.batch), replayed / safe(outputs.totals.reps)
+            matching = logit_matching(outputs)
+        else:
+            new = outputs.cross_entropy(outputs.logits, outputs.labels, outputs.weights)
+            new = new / safe(outputs.totals.batch)
+            reps, logits = _halves(outputs.reps), _halves(outputs.rep_logits)
+            totals = outputs.collectives.sum((reps[0].weights.sum(), reps[1].weights.sum()))
+            matching = _matching(logits[0], reps[0], totals[0])
+            replayed = outputs.cross_entropy(logits[1], reps[1].labels, reps[1].weights)
+            replayed = replayed / safe(totals[1])
         loss = new + self.alpha * matching + self.beta * replayed
         return loss, {"new_ce": new, "logit_mse": matching, "replay_ce": replayed}
 
@@ -214,9 +240,18 @@ class DERpp(DER):
 def logit_matching(outputs: StepOutputs) -> jax.Array:
     """DER's term: the representatives' mean squared distance between their logits now and
     those stored with them, weighted, over the total weight of all devices' representatives."""
-    reps = outputs.reps
-    squared = ((outputs.rep_logits - reps.data["logits"]) ** 2).mean(axis=-1)
-    return (squared * reps.weights).sum() / safe(outputs.totals.reps)
+    return _matching(outputs.rep_logits, outputs.reps, outputs.totals.reps)
+
+
+def _matching(rep_logits: jax.Array, reps: Representatives, total: jax.Array) -> jax.Array:
+    squared = ((rep_logits - reps.data["logits"]) ** 2).mean(axis=-1)
+    return (squared * reps.weights).sum() / safe(total)
+
+
+def _halves(tree):
+    """The two draws a pytree of rows holds, one after the other."""
+    rows = jax.tree.leaves(tree)[0].shape[0] // 2
+    return jax.tree.map(lambda x: x[:rows], tree), jax.tree.map(lambda x: x[rows:], tree)
 
 
 def build(section: Mapping) -> Strategy:

@@ -99,4 +99,5 @@ def _stop(checkpoints: checkpoint.Checkpoints, results: Results, status: str, er
     """Ends a run that did not finish: no more checkpoints, metrics.json says `status`."""
     checkpoints.close()
     results.write(status, error=error)
+    results.plot(results.results(status, error))
     results.close_tracker(status)

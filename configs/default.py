@@ -55,6 +55,7 @@ def get_config(strategy: str = "er") -> ml_collections.ConfigDict:
     config.buffer.num_candidates = 2
     config.buffer.num_representatives = 4
     config.buffer.policy = "reservoir"
+    config.buffer.draw = "with_replacement"
     config.buffer.augment_from_task = 0
     config.buffer.memory_kind = "device"
 
@@ -102,6 +103,7 @@ def get_config(strategy: str = "er") -> ml_collections.ConfigDict:
     config.batch_size = 4
     config.eval_batch_size = 512
     config.epochs_per_task = 5
+    config.steps_per_dispatch = placeholder(int)
     config.dtype = "float32"
     config.label_smoothing = 0.0
     return config

@@ -20,10 +20,10 @@ Class-IL accuracy to expect, quoted from the DER paper's Table 2 (mean of 10 run
 94.90, DER++ 85.61 / 91.00 / 95.30. What cljax measured, with the command, is in
 docs and the README (`benchmarks/seq_mnist.py`).
 
-Differences from the paper's code (Mammoth): cljax draws the replay minibatch with
-replacement (Mammoth without); DER++ uses one draw for both of its replay terms where the
-paper draws twice, which halves the replay work per step and makes the two terms see the
-same samples; the MLP's initialisation is Flax's (LeCun normal) rather than PyTorch's.
+As in the paper's code (Mammoth): the replay minibatch is drawn without replacement
+(`buffer.draw`), DER++ draws its two replay terms' minibatches independently
+(`strategy.derpp.draws=2`; cljax's default is one draw for both, half the replay work), and
+the MLP starts from Xavier-uniform weights and zero biases (`model.mlp.weight_init`).
 """
 
 import ml_collections
@@ -69,10 +69,13 @@ def get_config(arg: str = "er-200") -> ml_collections.ConfigDict:
     learning_rate, minibatch, alpha, beta = BEST[(strategy, size)]
     config = _protocol(default.get_config(strategy), learning_rate)
     config.buffer.partition = "stream"
+    config.buffer.draw = "without_replacement"
     config.buffer.size = size
     config.buffer.num_candidates = BATCH_SIZE
     config.buffer.num_representatives = minibatch
-    default.set_hyperparameters(config, alpha=alpha, beta=beta)
+    default.set_hyperparameters(
+        config, alpha=alpha, beta=beta, draws=2 if strategy == "derpp" else None
+    )
     return config
 
 
@@ -83,6 +86,7 @@ def _protocol(config: ml_collections.ConfigDict, learning_rate: float) -> ml_col
     config.scenario.num_tasks = 5
     config.model.name = "mlp"
     config.model.mlp.hidden_sizes = (100, 100)
+    config.model.mlp.weight_init = "xavier_uniform"
     config.num_cpu_devices = 1
     config.batch_size = BATCH_SIZE
     config.epochs_per_task = 1

@@ -18,7 +18,7 @@ from jax.sharding import PartitionSpec as P
 from scipy import stats
 
 from cljax import buffer as buffer_lib
-from cljax.buffer import core as buffer_core
+from cljax.buffer import ops as buffer_ops
 from cljax.collectives import (
     AXIS,
     JaxCollectives,
@@ -487,7 +487,7 @@ def test_integers_below_is_the_64_bit_word_times_the_bound_over_two_to_the_64():
     words[:, :50] = 2**32 - 1
     words[1, 50:100] = 2**32 - 1
     bounds = rng.choice([1, 2, 3, 7, 1000, 2**16 + 1, 2**31 - 1], 2000)
-    drawn = buffer_core._integers_below(jnp.asarray(words, jnp.uint32), jnp.asarray(bounds))
+    drawn = buffer_ops.integers_below(jnp.asarray(words, jnp.uint32), jnp.asarray(bounds))
     expected = [
         ((int(h) << 32 | int(w)) * int(b)) >> 64 for h, w, b in zip(*words, bounds, strict=True)
     ]

@@ -21,6 +21,7 @@ from cljax.buffer.core import RehearsalBuffer, record_bytes, rehearsal_buffer
 from cljax.buffer.mesh import ShardedBuffer, on_mesh
 from cljax.buffer.repartition import repartition
 from cljax.buffer.state import (
+    DRAWS,
     LABELS,
     MASK,
     MEMORY_KINDS,
@@ -34,6 +35,7 @@ from cljax.buffer.state import (
 )
 
 __all__ = [
+    "DRAWS",
     "LABELS",
     "MASK",
     "MEMORY_KINDS",

@@ -46,16 +46,16 @@ and device.
 """
 
 import dataclasses
-import inspect
 from collections.abc import Callable, Mapping
 
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax.experimental.compute_on import compute_on
 from jax.sharding import NamedSharding
 
+from cljax.buffer import ops
 from cljax.buffer.state import (
+    DRAWS,
     LABELS,
     MASK,
     MEMORY_KINDS,
@@ -78,17 +78,21 @@ def rehearsal_buffer(
     policy: str = "reservoir",
     memory_kind: str = "device",
     partition: str = "class",
+    draw: str = "with_replacement",
+    draws: int = 1,
 ) -> "RehearsalBuffer":
     """A rehearsal buffer with these static settings (checked here, once).
 
     `budget_per_class` is N, the slots of one partition on one device: of each class, or
-    with `partition='stream'` of every class together.
+    with `partition='stream'` of every class together. `sample` makes `draws` independent
+    draws of `num_representatives`, each owner drawing its records `draw`.
     """
     for name, value in (
         ("num_classes", num_classes),
         ("budget_per_class", budget_per_class),
         ("num_candidates", num_candidates),
         ("num_representatives", num_representatives),
+        ("draws", draws),
     ):
         if not isinstance(value, int) or value < 1:
             raise ValueError(f"{name}={value!r} must be an integer >= 1")
@@ -98,6 +102,8 @@ def rehearsal_buffer(
         raise ValueError(f"memory_kind={memory_kind!r} is not one of {MEMORY_KINDS}")
     if partition not in PARTITIONS:
         raise ValueError(f"partition={partition!r} is not one of {PARTITIONS}")
+    if draw not in DRAWS:
+        raise ValueError(f"draw={draw!r} is not one of {DRAWS}")
     return RehearsalBuffer(
         num_classes,
         budget_per_class,
@@ -106,6 +112,8 @@ def rehearsal_buffer(
         policy,
         memory_kind,
         partition,
+        draw,
+        draws,
     )
 
 
@@ -120,6 +128,8 @@ class RehearsalBuffer:
     policy: str = "reservoir"
     memory_kind: str = "device"
     partition: str = "class"
+    draw: str = "with_replacement"
+    draws: int = 1
 
     @property
     def on_host(self) -> bool:
@@ -147,8 +157,9 @@ class RehearsalBuffer:
         )
 
     def empty_representatives(self, example: Example) -> Representatives:
-        """`num_representatives` empty representatives (all weights 0), for a first step."""
-        num = self.num_representatives
+        """The representatives of every draw (`draws` x `num_representatives`), empty (all
+        weights 0), for a first step."""
+        num = self.draws * self.num_representatives
         return Representatives(
             data={
                 name: jnp.zeros((num, *value.shape), value.dtype) for name, value in example.items()
@@ -181,8 +192,8 @@ class RehearsalBuffer:
         classes = labels[chosen]
         partitions = classes if self.partition == "class" else jnp.zeros_like(classes)
 
-        earlier = _earlier_in_same_partition(partitions, valid)
-        slot, accepted = _choose_slots(
+        earlier = ops.earlier_in_same_partition(partitions, valid)
+        slot, accepted = ops.choose_slots(
             state.counts[partitions] + earlier,
             state.seen[partitions] + earlier,
             self.budget_per_class,
@@ -190,9 +201,9 @@ class RehearsalBuffer:
             self.policy,
         )
         target = partitions * self.budget_per_class + slot
-        write = valid & accepted & ~_overwritten_later(target, valid & accepted)
+        write = valid & accepted & ~ops.overwritten_later(target, valid & accepted)
         target = jnp.where(write, target, self.num_partitions * self.budget_per_class)
-        write_rows = _host_write_rows if self.on_host else _write_rows
+        write_rows = ops.host_write_rows if self.on_host else ops.write_rows
 
         def scatter(stored: jax.Array, values: jax.Array) -> jax.Array:
             return write_rows(stored, target, values)
@@ -216,25 +227,41 @@ class RehearsalBuffer:
         collectives: Collectives = SingleDevice(),  # noqa: B008 (stateless)
     ) -> Representatives:
         """`num_representatives` samples from the union of all devices' buffers (see the
-        module docstring).
+        module docstring), for each of `draws` independent draws, one after the other.
 
         `key` must differ between devices and `shared_key` must be the same on all of them.
-        Each record travels as one row of bytes, so a step costs two all-to-alls whatever the
-        number of stored tensors and whatever D, and a sum of fill counts where r < D.
+        Each record travels as one row of bytes, so a draw costs two all-to-alls whatever the
+        number of stored tensors and whatever D, and a sum of fill counts where r < D or
+        records are drawn without replacement.
         """
+        if self.draws == 1:
+            return self._draw(state, key, shared_key, collectives)
+        keys, shared_keys = (
+            jax.random.split(key, self.draws),
+            jax.random.split(shared_key, self.draws),
+        )
+        draws = [
+            self._draw(state, own, shared, collectives)
+            for own, shared in zip(keys, shared_keys, strict=True)
+        ]
+        return jax.tree.map(lambda *parts: jnp.concatenate(parts), *draws)
+
+    def _draw(self, state, key, shared_key, collectives: Collectives) -> Representatives:
+        """One draw of `num_representatives` from the global buffer."""
         num, num_devices = self.num_representatives, collectives.num_devices()
         bulk_rows = num // num_devices * num_devices
         outgoing, filled = self._draw_records(state, key)
-        packed = _pack(outgoing)
+        packed = ops.pack(outgoing)
         bulk = collectives.all_to_all(packed[:bulk_rows].reshape(num_devices, -1, packed.shape[1]))
-        shift = _integers_below(jax.random.bits(shared_key, (2,)), num_devices)
+        shift = ops.integers_below(jax.random.bits(shared_key, (2,)), num_devices)
         rest = collectives.receive_shifted(packed[bulk_rows:], shift)
         received = jnp.concatenate([bulk.reshape(-1, packed.shape[1]), rest])
-        data, labels, task_ids, owner_filled = _unpack(received, outgoing)
+        data, labels, task_ids, owner_filled = ops.unpack(received, outgoing)
 
-        if bulk_rows:
+        if bulk_rows and self.draw == "with_replacement":
             # Every owner sent this device r // D records, each carrying its fill count: their
-            # sum over owners is the global fill, and needs no collective of its own.
+            # sum over owners is the global fill, and needs no collective of its own. (A
+            # record drawn without replacement may be invalid, carrying a count of 0.)
             fills = owner_filled[:bulk_rows].reshape(num_devices, -1)[:, 0]
             total = fills.astype(filled.dtype).sum()
         else:
@@ -244,11 +271,17 @@ class RehearsalBuffer:
         return Representatives(data, labels, task_ids, weights)
 
     def _draw_records(self, state: BufferState, key: jax.Array):
-        """`num_representatives` records drawn uniformly from this device's filled slots,
-        each with the device's fill count (for the weights); and the fill count."""
+        """`num_representatives` records drawn uniformly from this device's filled slots
+        (`draw`), each with the device's fill count (for the weights; 0 for an invalid
+        draw, which then weighs 0); and the fill count."""
         num = self.num_representatives
-        slots, filled = _draw_uniform(state, key, num)
-        read_rows = _host_read_rows if self.on_host else _read_rows
+        if self.draw == "with_replacement":
+            slots, filled = ops.draw_uniform(state, key, num)
+            carried = jnp.full(num, filled)
+        else:
+            slots, valid, filled = ops.draw_distinct(state, key, num)
+            carried = jnp.where(valid, filled, 0)
+        read_rows = ops.host_read_rows if self.on_host else ops.read_rows
 
         def rows(stored: jax.Array) -> jax.Array:
             return read_rows(stored, slots)
@@ -257,7 +290,7 @@ class RehearsalBuffer:
             {name: rows(stored) for name, stored in state.data.items()},
             rows(state.labels),
             rows(state.task_ids),
-            jnp.full(num, filled, _count_dtype(state.labels.size)),
+            carried.astype(ops.count_dtype(state.labels.size)),
         )
         return records, filled
 
@@ -306,139 +339,3 @@ def _per_device_copies(make_local: Callable, sharding: NamedSharding, out_shardi
         )
 
     return jax.jit(tiled, out_shardings=out_shardings)()
-
-
-def _write_rows(stored: jax.Array, target: jax.Array, values: jax.Array) -> jax.Array:
-    """`stored` [C, N, ...] with flat slots `target` set to `values` (out of range: dropped)."""
-    flat = stored.reshape(-1, *stored.shape[2:])
-    return flat.at[target].set(values, mode="drop").reshape(stored.shape)
-
-
-def _read_rows(stored: jax.Array, slots: jax.Array) -> jax.Array:
-    """Rows of `stored` [C, N, ...] at flat slots `slots`."""
-    return stored.reshape(-1, *stored.shape[2:])[slots]
-
-
-def _on_host(function: Callable) -> Callable:
-    """`function`, jitted, run by the host, its outputs left in host memory.
-
-    From JAX 0.11 on, `compute_on` wraps the function and names the outputs' memory; before,
-    it is a context manager that only sets where the computation runs.
-    """
-    if "out_memory_spaces" in inspect.signature(compute_on).parameters:
-        return compute_on(
-            jax.jit(function), compute_type="device_host", out_memory_spaces=jax.memory.Space.Host
-        )
-    return compute_on("device_host")(jax.jit(function))
-
-
-def _host_write_rows(stored: jax.Array, target: jax.Array, values: jax.Array) -> jax.Array:
-    """`_write_rows` run by the host on slots in host memory."""
-    host = jax.memory.Space.Host
-    write = _on_host(_write_rows)
-    return write(stored, jax.device_put(target, host), jax.device_put(values, host))
-
-
-def _host_read_rows(stored: jax.Array, slots: jax.Array) -> jax.Array:
-    """`_read_rows` run by the host on slots in host memory; the rows go to the device."""
-    rows = _on_host(_read_rows)(stored, jax.device_put(slots, jax.memory.Space.Host))
-    return jax.device_put(rows, jax.memory.Space.Device)
-
-
-def _earlier_in_same_partition(partitions: jax.Array, valid: jax.Array) -> jax.Array:
-    """How many valid candidates of each candidate's partition come before it in this step."""
-    same = (partitions[:, None] == partitions[None, :]) & valid[None, :]
-    return jnp.tril(same, k=-1).sum(axis=1)
-
-
-def _choose_slots(
-    free_slot: jax.Array, position: jax.Array, budget: int, bits: jax.Array, policy: str
-) -> tuple[jax.Array, jax.Array]:
-    """Slot per candidate and whether it is stored: the class's next free slot while
-    `free_slot` < `budget`, then by policy from `position`, the candidate's 0-based index
-    among all candidates of its class so far (`bits`: two random words per candidate)."""
-    replaced = _integers_below(bits, position + 1 if policy == "reservoir" else budget)
-    slot = jnp.where(free_slot < budget, free_slot, replaced)
-    return slot, slot < budget
-
-
-def _overwritten_later(target: jax.Array, writes: jax.Array) -> jax.Array:
-    """True where a later candidate writes the same slot (sequential semantics)."""
-    same_target = (target[:, None] == target[None, :]) & writes[None, :]
-    return jnp.triu(same_target, k=1).any(axis=1)
-
-
-def _draw_uniform(state: BufferState, key: jax.Array, num: int) -> tuple[jax.Array, jax.Array]:
-    """`num` draws (with replacement) from this device's filled slots, as flat slot ids.
-
-    Returns the slot ids and this device's number of filled slots; the ids are meaningless
-    when nothing is filled.
-    """
-    num_classes = state.counts.shape[0]
-    budget = state.labels.shape[1]
-    filled = state.counts.sum()
-    rank = _integers_below(jax.random.bits(key, (2, num)), jnp.maximum(filled, 1))
-    ends = jnp.cumsum(state.counts)
-    # One comparison per class and draw: a single fused op, where a binary search is a loop.
-    found = jnp.searchsorted(ends, rank, side="right", method="compare_all")
-    classes = jnp.minimum(found, num_classes - 1)
-    offset = rank - (ends[classes] - state.counts[classes])
-    return classes * budget + offset, filled
-
-
-def _integers_below(bits: jax.Array, bound: jax.Array | int) -> jax.Array:
-    """Integers uniform in [0, `bound`) (int32, `bound` >= 1) from random `bits` [2, ...]
-    (uint32): floor(x * bound / 2^64) for the 64-bit x each pair of words makes, so each
-    value's probability is 1/bound up to a relative error below bound / 2^64.
-
-    The buffer draws each step's random bits with one `jax.random.bits` call per key and
-    maps them here: every `jax.random` call is a loop of its own on XLA:CPU, and
-    `jax.random.randint` makes three.
-    """
-    high, low = bits
-    bound = jnp.asarray(bound, jnp.uint32)
-    low_part = high * bound
-    carry = (low_part + _high_word_of_product(low, bound)) < low_part
-    return (_high_word_of_product(high, bound) + carry).astype(jnp.int32)
-
-
-def _high_word_of_product(a: jax.Array, b: jax.Array) -> jax.Array:
-    """The upper 32 bits of the 64-bit product of uint32 `a` and `b`, from 16-bit halves
-    (`lax.mulhi` fails to lower inside `shard_map` in JAX 0.10)."""
-    a_high, a_low, b_high, b_low = a >> 16, a & 0xFFFF, b >> 16, b & 0xFFFF
-    cross_ab, cross_ba = a_high * b_low, a_low * b_high
-    middle = ((a_low * b_low) >> 16) + (cross_ab & 0xFFFF) + (cross_ba & 0xFFFF)
-    return a_high * b_high + (cross_ab >> 16) + (cross_ba >> 16) + (middle >> 16)
-
-
-def _pack(tree) -> jax.Array:
-    """Row-major leaves [n, ...] as one uint8 array [n, bytes per row]."""
-    return jnp.concatenate(
-        [
-            jax.lax.bitcast_convert_type(leaf, jnp.uint8).reshape(leaf.shape[0], -1)
-            for leaf in jax.tree.leaves(tree)
-        ],
-        axis=1,
-    )
-
-
-def _unpack(packed: jax.Array, template):
-    """Inverse of `_pack`, with the shapes and dtypes of `template`'s leaves."""
-    leaves, treedef = jax.tree.flatten(template)
-    out, start = [], 0
-    for leaf in leaves:
-        itemsize = leaf.dtype.itemsize
-        width = int(np.prod(leaf.shape[1:], dtype=int)) * itemsize
-        chunk = packed[:, start : start + width]
-        byte_shape = (*leaf.shape[1:], itemsize) if itemsize > 1 else leaf.shape[1:]
-        chunk = chunk.reshape(packed.shape[0], *byte_shape)
-        out.append(jax.lax.bitcast_convert_type(chunk, leaf.dtype))
-        start += width
-    return jax.tree.unflatten(treedef, out)
-
-
-def _count_dtype(capacity: int) -> np.dtype:
-    """The smallest unsigned integer type that holds a fill count of up to `capacity`."""
-    return next(
-        np.dtype(t) for t in (np.uint8, np.uint16, np.uint32) if capacity <= np.iinfo(t).max
-    )

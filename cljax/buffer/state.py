@@ -9,6 +9,7 @@ import numpy as np
 
 POLICIES = ("reservoir", "random_replace")
 PARTITIONS = ("class", "stream")
+DRAWS = ("with_replacement", "without_replacement")
 MEMORY_KINDS = ("device", "pinned_host")
 LABELS, MASK, TASK_ID = "labels", "mask", "task_id"
 

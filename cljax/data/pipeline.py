@@ -51,6 +51,8 @@ from cljax.errors import DataError, UndecodableImage
 
 Batch = dict[str, np.ndarray]
 LARGE_IMAGE = 64  # `auto` augmentation: crop_flip up to this size, inception above
+ITEM_BYTES = 4 << 20  # a plan item of in-memory data holds up to this much
+MAX_STEPS_PER_ITEM = 256
 BAD_IMAGES = ("stop", "skip")
 WORKER_KINDS = ("threads", "processes")
 MAX_WORKERS = 16
@@ -179,14 +181,15 @@ class Layout:
 
 @dataclasses.dataclass(frozen=True)
 class Item:
-    """One planned batch: a training step of `task`, or (`eval`) the test rows from `start`
-    evaluated after `task`."""
+    """One planned item: `steps` consecutive training steps of `task` from step `step` of
+    epoch `epoch`, or (`eval`) the test rows from `start` evaluated after `task`."""
 
     kind: str
     task: int
     epoch: int = 0
     step: int = 0
     start: int = 0
+    steps: int = 1
 
 
 def plan(
@@ -196,18 +199,30 @@ def plan(
     global_batch_size: int,
     eval_batch_size: int,
     start: Position = Position(),
+    steps_per_item: int = 1,
 ) -> list[Item]:
-    """Every batch of the run from `start` on: each task's training steps, then the batches
-    of its evaluation."""
+    """Every batch of the run from `start` on: each task's training steps, up to
+    `steps_per_item` to an item (never two tasks'), then the batches of its evaluation."""
     items = []
     for task in range(start.task, len(task_rows)):
         count = steps_per_epoch(len(task_rows[task]), global_batch_size)
-        first = (start.epoch, start.step) if task == start.task else (0, 0)
-        for epoch in range(first[0], epochs):
-            steps = range(first[1] if epoch == first[0] else 0, count)
-            items.extend(Item("train", task, epoch, step) for step in steps)
+        first = start.epoch * count + start.step if task == start.task else 0
+        for index in range(first, epochs * count, steps_per_item):
+            size = min(steps_per_item, epochs * count - index)
+            items.append(Item("train", task, *divmod(index, count), steps=size))
         items.extend(Item("eval", task, start=row) for row in range(0, test_size, eval_batch_size))
     return items
+
+
+def steps_per_item(split: Split, views: Views, step_bytes: int) -> int:
+    """How many training steps one item of the plan holds: for data held in memory as it is
+    stored, as many as fit in `ITEM_BYTES` (a power of two, at most `MAX_STEPS_PER_ITEM`), so
+    that a tiny step's batch costs the feed almost nothing; one for data the pipeline decodes
+    or crops, whose items the workers make in parallel."""
+    if not isinstance(split, ArraySplit) or views.image_size is not None or views.crops_on_host:
+        return 1
+    fitting = max(1, ITEM_BYTES // max(step_bytes, 1))
+    return min(MAX_STEPS_PER_ITEM, 2 ** (fitting.bit_length() - 1))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -249,13 +264,32 @@ class Loader:
         return order
 
     def __call__(self, item: Item) -> Batch:
+        """An evaluation batch, a training step's batch, or (an item of several steps) their
+        batches stacked along a leading axis, with one `skipped` list of its images left
+        out as undecodable."""
         if item.kind == "eval":
             return self._eval_batch(item.start)
-        order = self._order(item.task, item.epoch)
+        if item.steps == 1:
+            return self._train_step(item.task, item.epoch, item.step)
+        per_epoch = steps_per_epoch(len(self.task_rows[item.task]), self.layout.global_batch_size)
+        first = item.epoch * per_epoch + item.step
+        batches = [
+            self._train_step(item.task, *divmod(index, per_epoch))
+            for index in range(first, first + item.steps)
+        ]
+        stacked = {
+            name: np.stack([batch[name] for batch in batches])
+            for name in batches[0]
+            if name != "skipped"
+        }
+        return {**stacked, "skipped": np.concatenate([batch["skipped"] for batch in batches])}
+
+    def _train_step(self, task: int, epoch: int, step: int) -> Batch:
+        order = self._order(task, epoch)
         size = self.layout.global_batch_size
-        chosen = order[item.step * size : (item.step + 1) * size]
+        chosen = order[step * size : (step + 1) * size]
         local, mask = local_rows(chosen, size, self.layout.process_index, self.layout.process_count)
-        return self._train_batch(local, mask, (self.seed, item.task, item.epoch, item.step))
+        return self._train_batch(local, mask, (self.seed, task, epoch, step))
 
     def _train_batch(self, local: np.ndarray, mask: np.ndarray, seed: tuple) -> Batch:
         """Every row decoded once: its training view (and stored view if picked as a

@@ -1,4 +1,5 @@
-"""The prefetch thread: the input pipeline's batches made ahead of the training loop.
+"""The prefetch thread: the input pipeline's batches made ahead of the training loop, and
+the reader that takes training steps from them any number at a time.
 
 The training loop places each batch on the devices itself: device work issued from a second
 thread can deadlock XLA:CPU's in-process collectives. An exception in the thread reaches the
@@ -10,6 +11,8 @@ import queue
 import threading
 import time
 from collections.abc import Iterator
+
+import numpy as np
 
 from cljax.errors import DataError
 
@@ -87,3 +90,44 @@ class Prefetcher:
 
     def __exit__(self, *exc_info) -> None:
         self.close()
+
+
+class TrainSteps:
+    """Takes training steps from a feed whose training items hold one step's batch or
+    several steps' batches stacked along a leading axis (`pipeline.plan`'s items), any
+    number of steps at a time. A task's items hold its steps only, so a task read to its
+    end leaves nothing held."""
+
+    def __init__(self, feed: Iterator):
+        self.feed = feed
+        self._held: dict[str, np.ndarray] | None = None
+        self._offset = 0
+
+    @property
+    def holding(self) -> bool:
+        """Whether steps of the item read last are still to be taken."""
+        return self._held is not None
+
+    def take(self, count: int) -> tuple[dict[str, np.ndarray], list[str]]:
+        """The next `count` steps' batches, stacked along a leading axis, and the images
+        left out as undecodable in the items read to make them."""
+        pieces, skipped = [], []
+        while count:
+            if self._held is None:
+                item = next(self.feed)
+                skipped.extend(item.pop("skipped").tolist())
+                one_step = item["mask"].ndim == 1
+                self._held = (
+                    {name: value[None] for name, value in item.items()} if one_step else item
+                )
+                self._offset = 0
+            size = len(self._held["mask"])
+            taken = min(count, size - self._offset)
+            end = self._offset + taken
+            pieces.append({name: value[self._offset : end] for name, value in self._held.items()})
+            self._offset, count = end, count - taken
+            if end == size:
+                self._held = None
+        if len(pieces) == 1:
+            return pieces[0], skipped
+        return {name: np.concatenate([p[name] for p in pieces]) for name in pieces[0]}, skipped

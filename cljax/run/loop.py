@@ -17,6 +17,7 @@ from cljax.errors import Preempted, RunFailed
 from cljax.run.build import Machinery
 from cljax.run.clock import Clock
 from cljax.run.console import Console
+from cljax.run.dispatch import Block, Dispatcher
 from cljax.run.evaluation import evaluate
 from cljax.run.plan import Plan
 from cljax.run.results import Results
@@ -48,6 +49,7 @@ def feed(plan: Plan, start: pipeline.Position) -> prefetch.Prefetcher:
         plan.global_batch_size,
         inputs.eval_batch_size,
         start,
+        inputs.steps_per_item,
     )
     return prefetch.Prefetcher(
         pipeline.batches(loader, items, inputs.worker_count, inputs.workers),
@@ -81,7 +83,8 @@ def preempted_message(preempt: preemption.Preemption, results: Results, position
 class StepScalars:
     """The training scalars, every `log_every_steps` steps of the run: the loss and its
     terms, the representatives' weight, the learning rate, and the samples/s and fraction
-    of time spent waiting for data since the last point."""
+    of time spent waiting for data since the last point. They are written when a step's
+    metrics are read, one block after it was dispatched."""
 
     def __init__(self, every: int, global_batch_size: int, tracker: tracking.Tracker, feed):
         self.every = every
@@ -94,10 +97,10 @@ class StepScalars:
         """Measures speed from here (after a step that compiled, or an evaluation)."""
         self.since = (done, time.perf_counter(), self.feed.wait_s)
 
-    def at(self, done: int, step_metrics: dict, learning_rate: float) -> None:
+    def at(self, done: int, step_metrics: dict[str, float], learning_rate: float) -> None:
         if done % self.every:
             return
-        values = {f"train/{key}": value for key, value in jax.device_get(step_metrics).items()}
+        values = {f"train/{key}": value for key, value in step_metrics.items()}
         steps_done, start, wait_start = self.since
         seconds = time.perf_counter() - start
         values["train/learning_rate"] = learning_rate
@@ -108,26 +111,9 @@ class StepScalars:
         self.restart(done)
 
 
-class Replicated:
-    """One step argument's host value on every device, copied there again only when it
-    changes: the task id once per task, a learning rate once for as long as it stays the
-    same (see `Runtime.replicate`)."""
-
-    def __init__(self, runtime: Runtime, dtype: type[np.generic]):
-        self.runtime = runtime
-        self.dtype = dtype
-        self.value, self.placed = None, None
-
-    def __call__(self, value: float) -> jax.Array:
-        value = self.dtype(value)
-        if value != self.value:
-            self.value, self.placed = value, self.runtime.replicate(value)
-        return self.placed
-
-
 class TaskLoop:
-    """The training steps of a task, with the checkpoints, the preemption checks and the
-    training scalars between them."""
+    """The training steps of a task, in blocks dispatched together (`Dispatcher`), with the
+    checks, checkpoints, preemption checks and training scalars between them."""
 
     def __init__(self, plan: Plan, machinery: Machinery, runtime: Runtime, session: "Session"):
         self.plan = plan
@@ -140,8 +126,8 @@ class TaskLoop:
             session.results.tracker,
             session.feed,
         )
-        self.task_id = Replicated(runtime, np.int32)
-        self.learning_rate = Replicated(runtime, np.float32)
+        self.dispatcher = Dispatcher(machinery, runtime, session.console, plan.steps_per_dispatch)
+        self.train_steps = prefetch.TrainSteps(session.feed)
         self.profile = profiling.StepProfile(
             os.path.join(plan.workdir.file("profile"), f"process_{runtime.process_index}"),
             plan.cadence.profile_from_step,
@@ -152,64 +138,100 @@ class TaskLoop:
         """Runs `task`'s steps from `first`, taking their batches from the feed; returns
         the states and the names of images left out as undecodable.
 
-        Each step's loss is checked once the next step is queued (so the check never
-        stalls the device): a non-finite loss stops the run, naming where it happened. A
-        checkpoint is only taken of a state whose loss was checked.
+        Each block's losses are read once the next block is queued (so the check never
+        stalls the devices): a non-finite loss stops the run, naming the step where it
+        appeared. A checkpoint is only taken of a state whose losses were checked.
         """
-        plan, session, clock = self.plan, self.session, self.session.clock
-        task_id = self.task_id(task)
+        session, clock = self.session, self.session.clock
         steps, steps_per_epoch = clock.task_steps[task], clock.steps_per_epoch(task)
         begin = first.epoch * steps_per_epoch + first.step
         session.bar.set_description(f"task {task + 1}/{len(clock.task_steps)}")
         timed_start = time.perf_counter() if begin == 0 and task == 0 else None
-        unchecked, skipped = None, []
+        unchecked, skipped, index = None, [], begin
         with self.profile:
-            for index in range(begin, steps):
-                host_batch = next(session.feed)
-                skipped.extend(host_batch.pop("skipped").tolist())
-                batch = self.runtime.place(host_batch)
-                epoch, step = divmod(index, steps_per_epoch)
-                learning_rate = plan.schedule.at_step(task, epoch, step, steps_per_epoch)
-                done_before = clock.done_steps(pipeline.Position(task, epoch, step))
+            while index < steps:
+                done_before = clock.done_steps(self._position(task, index))
+                count = self._block_length(done_before, steps - index)
+                host_batch, left_out = self.train_steps.take(count)
+                skipped.extend(left_out)
+                rates = np.asarray(
+                    [
+                        self.plan.schedule.at_step(
+                            task, *divmod(step, steps_per_epoch), steps_per_epoch
+                        )
+                        for step in range(index, index + count)
+                    ],
+                    np.float32,
+                )
                 if self.profile.starts_at(done_before):
                     jax.block_until_ready((state, rehearsal))
                     self.profile.start(done_before)
-                step_args = (batch, task_id, self.learning_rate(learning_rate))
-                state, rehearsal, step_metrics = self.machinery.train_step(
-                    state, rehearsal, *step_args
+                state, rehearsal, metrics = self.dispatcher.run(
+                    state, rehearsal, host_batch, task, rates
                 )
                 if unchecked is not None:
-                    self._check_finite(*unchecked, task)
-                unchecked = (step_metrics, index)
-                session.bar.update(plan.global_batch_size)
+                    self._check(unchecked, task)
+                unchecked = Block(index, count, metrics, rates)
+                index += count
+                session.bar.update(count * self.plan.global_batch_size)
                 session.watchdog.progress()
-                after = pipeline.Position(task, *divmod(index + 1, steps_per_epoch))
+                after = self._position(task, index)
                 done = clock.done_steps(after)
-                if index == begin:
+                if index == begin + count:
                     self.scalars.restart(done)
-                if timed_start is not None and index == 0:
-                    jax.block_until_ready(step_metrics)
+                if timed_start is not None and index == count:
+                    jax.block_until_ready(metrics)
                     seconds = time.perf_counter() - timed_start
-                    session.console(
-                        f"first train step done in {seconds:.1f}s (compilation included)"
-                    )
-                if (index + 1) % steps_per_epoch == 0:
-                    session.bar.set_postfix(loss=f"{float(step_metrics['loss']):.3f}")
-                self.scalars.at(done, step_metrics, float(learning_rate))
-                if self.profile.ends_at(done, task_ends=index + 1 == steps):
-                    self._finish_profile(done, (state, rehearsal, *step_args))
+                    what = "first train step" if count == 1 else f"first {count} train steps"
+                    session.console(f"{what} done in {seconds:.1f}s (compilation included)")
+                if self.profile.ends_at(done, task_ends=index == steps):
+                    self._finish_profile(done, state, rehearsal)
                 stop = session.preempt.requested(done)
-                every = plan.cadence.checkpoint_every_steps
-                if index + 1 < steps and (stop or (every and done % every == 0)):
-                    self._check_finite(*unchecked, task)
+                every = self.plan.cadence.checkpoint_every_steps
+                if index < steps and (stop or (every and done % every == 0)):
+                    self._check(unchecked, task)
                     unchecked = None
                     self._save(done, state, rehearsal, after)
                 if stop:
                     raise Preempted(preempted_message(session.preempt, session.results, after))
         if unchecked is not None:
-            self._check_finite(*unchecked, task)
+            self._check(unchecked, task)
         jax.block_until_ready((state, rehearsal))
         return state, rehearsal, skipped
+
+    def _position(self, task: int, index: int) -> pipeline.Position:
+        """Where the task's step `index` stands: (task, epoch, step of the epoch)."""
+        return pipeline.Position(task, *divmod(index, self.session.clock.steps_per_epoch(task)))
+
+    def _block_length(self, done_before: int, left: int) -> int:
+        """The next block's steps: up to K, ending at the task's end, at every checkpoint
+        step, and around the profiled steps (traced one per dispatch)."""
+        every = self.plan.cadence.checkpoint_every_steps
+        boundary = every - done_before % every if every else left
+        profile = self.profile
+        if profile.first is not None and profile.traced_from is None:
+            if done_before >= profile.first:
+                return 1
+            boundary = min(boundary, profile.first - done_before)
+        if profile.active:
+            return 1
+        return self.dispatcher.block_length(left, boundary)
+
+    def _check(self, block: Block, task: int) -> None:
+        """Reads a block's metrics: raises `RunFailed` at the first step whose loss is not
+        finite; writes the training scalars of its steps; shows the loss at an epoch's end."""
+        clock, values = self.session.clock, block.read()
+        steps_per_epoch = clock.steps_per_epoch(task)
+        for offset in range(block.count):
+            index = block.first + offset
+            loss = float(values["loss"][offset])
+            if not math.isfinite(loss):
+                self._fail(loss, index, task)
+            done = clock.done_steps(self._position(task, index + 1))
+            step_values = {name: float(value[offset]) for name, value in values.items()}
+            self.scalars.at(done, step_values, float(block.learning_rates[offset]))
+            if (index + 1) % steps_per_epoch == 0:
+                self.session.bar.set_postfix(loss=f"{loss:.3f}")
 
     def end_task(self, task: int, state, rehearsal, skipped: list[str]) -> None:
         """After `task`'s training: its evaluation, results and end-of-task checkpoint; stops
@@ -231,12 +253,12 @@ class TaskLoop:
         if task + 1 < self.plan.num_tasks and session.preempt.requested():
             raise Preempted(preempted_message(session.preempt, results, next_task))
 
-    def _finish_profile(self, done: int, step_args: tuple) -> None:
+    def _finish_profile(self, done: int, state, rehearsal) -> None:
         """Ends the profile once the traced steps have run; the step's HLO text comes from
         the compiled step already in memory."""
-        jax.block_until_ready(step_args)
+        jax.block_until_ready((state, rehearsal))
         folder, summary = self.profile.finish(
-            done, lambda: self.machinery.train_step.lower(*step_args).compile().as_text()
+            done, lambda: self.dispatcher.program_text(state, rehearsal)
         )
         self.session.console(
             f"profiled {summary['steps']} steps: {folder} (summary.json, TensorBoard)"
@@ -252,12 +274,8 @@ class TaskLoop:
         )
         session.clock.add_checkpoint_time(time.perf_counter() - start)
 
-    def _check_finite(self, step_metrics: dict, index: int, task: int) -> None:
-        """Raises `RunFailed` if the loss of the step at `index` (within the task) is not
-        finite."""
-        loss = float(step_metrics["loss"])
-        if math.isfinite(loss):
-            return
+    def _fail(self, loss: float, index: int, task: int) -> None:
+        """Stops the run at the task's step `index`, whose loss was not finite."""
         clock = self.session.clock
         steps_per_epoch = clock.steps_per_epoch(task)
         epoch, step = divmod(index, steps_per_epoch)

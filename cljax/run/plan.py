@@ -37,6 +37,7 @@ class Inputs:
     views: pipeline.Views
     layout: pipeline.Layout
     eval_batch_size: int
+    steps_per_item: int
     worker_count: int
     workers: str
     prefetch_depth: int
@@ -83,6 +84,7 @@ class Plan:
     log_dir: str | None
     seed: int
     epochs_per_task: int
+    steps_per_dispatch: int | None
     init_from: str | None
     accuracies: tuple[str, ...]
     class_tasks: np.ndarray | None
@@ -140,7 +142,9 @@ def _resolve(config, runtime: Runtime, directory: workdir.Workdir) -> Plan:
         "inputs": jax.ShapeDtypeStruct(dataset.input_shape, dataset.input_dtype),
         **strategy.stored_fields(dataset.num_classes),
     }
-    buffer = _buffer(config.buffer, dataset, devices, runtime) if strategy.uses_buffer else None
+    buffer = None
+    if strategy.uses_buffer:
+        buffer = _buffer(config.buffer, dataset, devices, strategy.buffer_draws)
     if buffer is not None:
         _check_buffer_memory(config.buffer, buffer, stored, runtime)
     views = pipeline.Views(
@@ -156,6 +160,11 @@ def _resolve(config, runtime: Runtime, directory: workdir.Workdir) -> Plan:
             num_candidates=buffer.num_candidates if buffer and views.crops_on_host else 0,
         ),
         eval_batch_size=-(-config.eval_batch_size // devices) * devices,
+        steps_per_item=pipeline.steps_per_item(
+            dataset.train,
+            views,
+            config.batch_size * devices // runtime.process_count * record_bytes(stored),
+        ),
         worker_count=pipeline.resolve_worker_count(
             config.dataset.worker_count, dataset, runtime.cores_of_this_process()
         ),
@@ -201,6 +210,7 @@ def _resolve(config, runtime: Runtime, directory: workdir.Workdir) -> Plan:
         log_dir=config.distributed.log_dir,
         seed=config.seed,
         epochs_per_task=config.epochs_per_task,
+        steps_per_dispatch=config.steps_per_dispatch,
         init_from=config.init_from,
         accuracies=accuracies if class_tasks is None else (*accuracies, TASK_IL),
         class_tasks=class_tasks,
@@ -265,7 +275,7 @@ def budget_per_class(section: Mapping, train_size: int, num_classes: int, num_de
 
 
 def _buffer(
-    section: Mapping, dataset: sources.Dataset, devices: int, runtime: Runtime
+    section: Mapping, dataset: sources.Dataset, devices: int, draws: int
 ) -> RehearsalBuffer:
     """The buffer of a config's `buffer` section, its size checked against the data and the
     devices."""
@@ -294,6 +304,8 @@ def _buffer(
         policy=section["policy"],
         memory_kind=section["memory_kind"],
         partition=section["partition"],
+        draw=section["draw"],
+        draws=draws,
     )
 
 

@@ -18,6 +18,10 @@ from cljax.workdir import METRICS_NAME
 
 # A task's times logged as scalars (its checkpointing is only known after they are written).
 TRACKED_TIMES = ("train_s", "data_wait_s", "eval_s")
+# The plots are redrawn after a task once this long has passed since they were last drawn
+# (drawing them takes about 0.6 s: more than a whole task of a small benchmark), and always
+# when the run ends.
+PLOTS_EVERY_S = 30.0
 
 
 class Results:
@@ -34,6 +38,7 @@ class Results:
         self.tracker: tracking.Tracker | None = None
         self.wall_start = wall_start
         self.path = plan.workdir.file(METRICS_NAME)
+        self._plotted_at: float | None = None
 
     @property
     def acc(self) -> np.ndarray:
@@ -86,16 +91,16 @@ class Results:
 
     def publish(self, task: int, checkpoint_s: float) -> None:
         """Adds the end-of-task checkpoint's time to the task's timing, then writes
-        metrics.json and the plots, and prints the task's line."""
+        metrics.json (and the plots, if due: `PLOTS_EVERY_S`), and prints the task's line."""
         timing = dict(self.timings[-1])
         timing["checkpoint_s"] += checkpoint_s
         self.timings[-1] = _with_max_over_processes(self.runtime, timing)
         results = self.results("running")
         if self.runtime.is_main:
             self.plan.workdir.write_json(METRICS_NAME, results)
-            from cljax import plots  # matplotlib takes 0.5 s to import: only where it draws
-
-            plots.write_run_plots(self.plan.workdir.path, results)
+            due = self._plotted_at is None or time.monotonic() - self._plotted_at >= PLOTS_EVERY_S
+            if due or task + 1 == self.plan.num_tasks:
+                self.plot(results)
         if self.skipped_images and self.runtime.is_main:
             warn(
                 f"{len(self.skipped_images)} images could not be decoded and were left out so"
@@ -163,6 +168,14 @@ class Results:
     def write(self, status: str, error: str | None = None) -> None:
         if self.runtime.is_main:
             self.plan.workdir.write_json(METRICS_NAME, self.results(status, error))
+
+    def plot(self, results: dict) -> None:
+        """Process 0 draws the run's plots from `results` (what metrics.json holds)."""
+        if self.runtime.is_main and self.completed:
+            from cljax import plots  # matplotlib takes 0.5 s to import: only where it draws
+
+            plots.write_run_plots(self.plan.workdir.path, results)
+            self._plotted_at = time.monotonic()
 
     def print_final(self, model_path: str) -> dict:
         """Prints the accuracy tables and the run's line; returns the final results."""
