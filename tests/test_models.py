@@ -210,3 +210,21 @@ def test_bfloat16_and_float32_steps_agree_within_bfloat16_precision(runtime):
     assert stats_error < 1e-2
     a, b = flat(update32), flat(update16)
     assert a @ b / (np.linalg.norm(a) * np.linalg.norm(b)) >= 0.9
+
+
+def test_mlp_weights_start_xavier_uniform_as_the_der_papers_when_asked():
+    """Xavier uniform: U(-a, a), a = sqrt(6 / (fan_in + fan_out)), biases 0 (Mammoth's MLP)."""
+    from cljax.models.mlp import MLP
+
+    def kernels(init: str) -> list[np.ndarray]:
+        model = MLP(num_classes=10, hidden_sizes=(100, 100), weight_init=init)
+        params = model.init(jax.random.key(0), jnp.zeros((1, 784)))["params"]
+        assert all((np.asarray(layer["bias"]) == 0).all() for layer in params.values())
+        return [np.asarray(layer["kernel"]) for layer in params.values()]
+
+    for kernel in kernels("xavier_uniform"):
+        bound = np.sqrt(6 / sum(kernel.shape))
+        assert np.abs(kernel).max() <= bound and np.abs(kernel).max() > 0.95 * bound
+        assert abs(kernel.std() - bound / np.sqrt(3)) < 0.05 * bound
+    first_lecun = kernels("lecun_normal")[0]  # Flax's default: standard deviation 1/sqrt(fan_in)
+    assert abs(first_lecun.std() - 1 / np.sqrt(784)) < 0.05 / np.sqrt(784)

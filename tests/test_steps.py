@@ -4,6 +4,7 @@ import dataclasses
 import re
 from typing import ClassVar
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -30,10 +31,33 @@ def make_setup(
     strategy: strategies.Strategy = strategies.ER(),  # noqa: B008 (frozen)
 ):
     """Model, replicated train state, sharded rehearsal state and the jitted step."""
-    model = MLP(num_classes=NUM_CLASSES, hidden_sizes=(16,))
+    model, settings = make_settings(budget, augment_from_task, memory_kind, strategy)
     example = {**EXAMPLE, **strategy.stored_fields(NUM_CLASSES)}
+    buffer = settings.buffer
+    state = steps.create_train_state(settings, jnp.zeros((1, 3)), jax.random.key(0))
+    state = jax.device_put(state, runtime.replicated)
+    rehearsal = buffer_lib.RehearsalState(
+        buffer.init_sharded(example, runtime.sharded),
+        buffer.empty_representatives_sharded(example, runtime.sharded),
+    )
+    return model, state, rehearsal, steps.make_train_step(runtime, settings)
+
+
+def make_settings(
+    budget: int = BUDGET,
+    augment_from_task: int = 0,
+    memory_kind: str = "device",
+    strategy: strategies.Strategy = strategies.ER(),  # noqa: B008 (frozen)
+) -> tuple:
+    """The model and what the steps are built from."""
+    model = MLP(num_classes=NUM_CLASSES, hidden_sizes=(16,))
     buffer = buffer_lib.rehearsal_buffer(
-        NUM_CLASSES, budget, CANDIDATES, REPS, memory_kind=memory_kind
+        NUM_CLASSES,
+        budget,
+        CANDIDATES,
+        REPS,
+        memory_kind=memory_kind,
+        draws=strategy.buffer_draws,
     )
     settings = steps.StepConfig(
         model=model,
@@ -43,13 +67,7 @@ def make_setup(
         buffer=buffer,
         augment_from_task=augment_from_task,
     )
-    state = steps.create_train_state(settings, jnp.zeros((1, 3)), jax.random.key(0))
-    state = jax.device_put(state, runtime.replicated)
-    rehearsal = buffer_lib.RehearsalState(
-        buffer.init_sharded(example, runtime.sharded),
-        buffer.empty_representatives_sharded(example, runtime.sharded),
-    )
-    return model, state, rehearsal, steps.make_train_step(runtime, settings)
+    return model, settings
 
 
 def host_batch(step: int, num_devices: int) -> dict[str, np.ndarray]:
@@ -292,3 +310,29 @@ def test_a_strategys_own_state_reaches_its_loss_through_the_step(runtime):
     # Each device adds the replicated offset to its part of the loss: D times in the sum.
     np.testing.assert_allclose(metrics["loss"], expected + 2.5 * runtime.num_devices, rtol=1e-5)
     assert float(state.strategy_state) == 2.5
+
+
+class Echo(nn.Module):
+    """Logits that are the inputs themselves (times a parameter that starts at 1)."""
+
+    @nn.compact
+    def __call__(self, x, *, train: bool = False, mask=None):
+        return self.param("scale", nn.initializers.ones, ()) * x.reshape(x.shape[0], -1)
+
+
+def test_task_il_prediction_is_the_best_class_of_each_task(runtime):
+    """Top-1 over every class, and per task the best of that task's classes (the logits
+    masked to them): what task-IL accuracy counts."""
+    settings = steps.StepConfig(
+        model=Echo(), optimizer=optax.sgd(0.1), strategy=strategies.ER(), max_value=1.0
+    )
+    state = steps.create_train_state(settings, jnp.zeros((1, 4)), jax.random.key(0))
+    predict = steps.make_predict(runtime, settings, 2, class_tasks=np.asarray([0, 0, 1, 1]))
+    logits = np.zeros((runtime.num_devices, 4), np.float32)
+    logits[:3] = [[0, 1, 5, 0], [3, 2, 0, 4], [0, 0, 1, 2]]
+    best, top2, per_task = (np.asarray(x) for x in predict(state, runtime.place(logits)))
+    np.testing.assert_array_equal(best[:3], [2, 3, 3])
+    np.testing.assert_array_equal(top2[:3], [[2, 1], [3, 0], [3, 2]])
+    np.testing.assert_array_equal(per_task[:3], [[1, 2], [0, 3], [0, 3]])
+    no_tasks = steps.make_predict(runtime, settings, 2)
+    assert np.asarray(no_tasks(state, runtime.place(logits))[2]).shape == (len(logits), 0)
