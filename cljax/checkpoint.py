@@ -14,6 +14,8 @@ Resuming on another number of devices re-partitions the buffer (`cljax.buffer.re
 """
 
 import dataclasses
+import hashlib
+import json
 import os
 import warnings
 from collections.abc import Callable
@@ -22,7 +24,7 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
-from cljax import configuration, steps
+from cljax import configuration, fingerprint, steps
 from cljax.buffer import BufferState, RehearsalState, repartition
 from cljax.data.pipeline import Position
 from cljax.errors import ConfigError, warn
@@ -46,6 +48,11 @@ NEUTRAL_FIELDS = (
 )
 # Derived from the number of devices, which a resumed run may change.
 PER_DEVICE_FIELDS = ("buffer.budget_per_class", "buffer.total_slots")
+# The progress document's SHA-256 is kept in it: Orbax's array files have checksums of their
+# own (TensorStore's OCDBT stops with DATA_LOSS on a damaged one), a JSON document has none.
+DIGEST = "digest"
+# The arrays' fingerprints (`cljax.fingerprint`), kept in the progress document.
+FINGERPRINTS = "fingerprints"
 
 
 @dataclasses.dataclass
@@ -75,9 +82,20 @@ class Checkpoints:
 
     def save(self, step: int, state, rehearsal, position: Position, progress: dict) -> None:
         """Starts writing checkpoint `step` in the background (waiting for the previous)."""
+        arrays = {"state": state, "rehearsal": rehearsal}
+        recorded = {
+            item: fingerprint.fingerprints(tree, self._add_over_processes)
+            for item, tree in arrays.items()
+            if tree is not None
+        }
+        document = {
+            **progress,
+            "position": dataclasses.asdict(position),
+            FINGERPRINTS: recorded,
+        }
         items = {
             "state": ocp.args.StandardSave(state),
-            "progress": ocp.args.JsonSave({**progress, "position": dataclasses.asdict(position)}),
+            "progress": ocp.args.JsonSave({**document, DIGEST: _digest(document)}),
         }
         if rehearsal is not None:
             items["rehearsal"] = ocp.args.StandardSave(rehearsal)
@@ -105,8 +123,8 @@ class Checkpoints:
                 if isinstance(error, ConfigError):
                     raise
                 warn(
-                    f"checkpoint {self.path}/{step} cannot be read ({_first_line(error)});"
-                    " using the one before"
+                    f"checkpoint {self.path}/{step} is damaged or cannot be read"
+                    f" ({_first_line(error)}); using the one before"
                 )
         return None
 
@@ -114,10 +132,14 @@ class Checkpoints:
         progress = self.manager.restore(
             step, args=ocp.args.Composite(progress=ocp.args.JsonRestore())
         )["progress"]
+        if progress.pop(DIGEST, None) != _digest(progress):
+            raise DamagedCheckpoint("its progress document differs from the one saved")
         check(progress)
+        recorded = progress.pop(FINGERPRINTS)
         state = self.manager.restore(
             step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state))
         )["state"]
+        _verify("state", fingerprint.fingerprints(state, self._add_over_processes), recorded)
         position = Position(**progress.pop("position"))
         rehearsal = None
         if abstract_rehearsal is not None:
@@ -127,11 +149,23 @@ class Checkpoints:
                     step,
                     args=ocp.args.Composite(rehearsal=ocp.args.StandardRestore(abstract_rehearsal)),
                 )["rehearsal"]
+                found = fingerprint.fingerprints(rehearsal, self._add_over_processes)
+                _verify("rehearsal", found, recorded)
             else:
-                rehearsal = self._restore_repartitioned(step, abstract_rehearsal, saved_devices)
+                rehearsal = self._restore_repartitioned(
+                    step, abstract_rehearsal, saved_devices, recorded
+                )
         return Restored(step, state, rehearsal, position, progress)
 
-    def _restore_repartitioned(self, step: int, abstract, saved_devices: int):
+    def _add_over_processes(self, values: np.ndarray) -> np.ndarray:
+        """`values` summed over the processes that write the checkpoint together (a process
+        of distributed.backend=mpi writes one of its own)."""
+        if self.runtime.process_count == 1 or not self.runtime.writes_together:
+            return values
+        texts = self.runtime.all_texts(json.dumps([int(value) for value in values]))
+        return np.sum([np.asarray(json.loads(text), np.uint64) for text in texts], axis=0)
+
+    def _restore_repartitioned(self, step: int, abstract, saved_devices: int, recorded: dict):
         """The buffer of a run saved on `saved_devices` devices, re-partitioned by class onto
         this run's (every process reads it whole); the representatives start empty."""
         if not self.runtime.writes_together:
@@ -139,7 +173,9 @@ class Checkpoints:
                 f"{self.root} was saved by {saved_devices} processes of distributed.backend=mpi;"
                 " resume it on as many, or resume a distributed.backend=jax run instead"
             )
-        old = _as_numpy(self.manager, step, "rehearsal")["buffer"]
+        saved = _as_numpy(self.manager, step, "rehearsal")
+        _verify("rehearsal", fingerprint.of_numpy(saved), recorded)
+        old = saved["buffer"]
         num_classes = old["counts"].shape[0] // saved_devices
         buffer = repartition(
             BufferState(**old),
@@ -173,6 +209,22 @@ def _as_numpy(manager: ocp.CheckpointManager, step: int, item: str) -> dict:
     as_numpy = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), saved)
     arguments = {item: ocp.args.PyTreeRestore(restore_args=as_numpy)}
     return manager.restore(step, args=ocp.args.Composite(**arguments))[item]
+
+
+class DamagedCheckpoint(ValueError):
+    """A checkpoint whose files were changed after they were saved."""
+
+
+def _verify(item: str, found: dict[str, int], recorded: dict[str, dict[str, int]]) -> None:
+    """Refuses arrays whose fingerprints differ from those recorded at the save."""
+    changed = [name for name, value in found.items() if recorded[item].get(name) != value]
+    if changed:
+        raise DamagedCheckpoint(f"{item} array {changed[0]} differs from the one saved")
+
+
+def _digest(document: dict) -> str:
+    """The SHA-256 of a JSON document, its keys sorted."""
+    return hashlib.sha256(json.dumps(document, sort_keys=True).encode()).hexdigest()
 
 
 def _first_line(error: Exception) -> str:

@@ -22,7 +22,7 @@ from cljax.buffer import DRAWS, PARTITIONS, POLICIES
 from cljax.checks import DTYPES
 from cljax.data.scenarios import SCENARIOS
 from cljax.data.sources import DATASETS
-from cljax.errors import ConfigError
+from cljax.errors import CljaxError, ConfigError
 from cljax.models import MODELS
 from cljax.strategies import STRATEGIES
 
@@ -161,8 +161,31 @@ def load_config(spec: str = "default") -> ml_collections.ConfigDict:
                 f"config={spec!r}: no config {name!r} in {package.__path__[0]}; {hint}give"
                 f" --config=NAME[:ARG] with NAME one of {known}, or --config=PATH.py[:ARG]"
             )
-        module = importlib.import_module(f"{CONFIGS_PACKAGE}.{name}")
-    return module.get_config(argument) if argument else module.get_config()
+        module = _imported(f"{CONFIGS_PACKAGE}.{name}", spec)
+    try:
+        return module.get_config(argument) if argument else module.get_config()
+    except CljaxError:
+        raise
+    except Exception as error:
+        raise ConfigError(_raised(spec, module.__file__, error)) from None
+
+
+def _imported(module_name: str, spec: str) -> types.ModuleType:
+    try:
+        return importlib.import_module(module_name)
+    except CljaxError:
+        raise
+    except Exception as error:
+        raise ConfigError(_raised(spec, module_name, error)) from None
+
+
+def _raised(spec: str, where: str, error: Exception) -> str:
+    """The one line for a config file that raised: which file, and what."""
+    message = str(error).strip().splitlines()[0] if str(error).strip() else ""
+    return (
+        f"config={spec!r}: {where} raised {type(error).__name__}: {message}; fix the config"
+        " file or give another --config"
+    )
 
 
 def configs_package() -> types.ModuleType:
@@ -194,7 +217,12 @@ def _module_from_file(path: pathlib.Path, spec: str) -> types.ModuleType:
         )
     module_spec = importlib.util.spec_from_file_location(f"cljax_config_{path.stem}", path)
     module = importlib.util.module_from_spec(module_spec)
-    module_spec.loader.exec_module(module)
+    try:
+        module_spec.loader.exec_module(module)
+    except CljaxError:
+        raise
+    except Exception as error:
+        raise ConfigError(_raised(spec, str(path), error)) from None
     return module
 
 

@@ -11,6 +11,9 @@ Two families, told apart by when they happen:
 Catch `CljaxError` for both.
 """
 
+import errno
+import os
+import re
 import sys
 
 EXIT_FAILED = 1  # the run started and failed (non-finite loss, damaged data, a bug)
@@ -60,9 +63,63 @@ class DataError(RunFailed):
     """Input the pipeline cannot use during a run (an image that cannot be decoded)."""
 
 
+class WriteFailed(RunFailed):
+    """A file of the run could not be written (a full disk, a quota, a read-only file
+    system): what the libraries were writing in the background is abandoned."""
+
+
 class UndecodableImage(ValueError):
     """Bytes that are not an image the decoders can read (the input pipeline names the file
     and applies `dataset.bad_images`)."""
+
+
+# Failures to write that no retry fixes (a full disk, a quota, a read-only file system, a
+# file-size limit), and how TensorStore (Orbax's writer) words them.
+WRITE_FAILURES = {
+    errno.ENOSPC: "No space left on device",
+    errno.EDQUOT: "Disk quota exceeded",
+    errno.EROFS: "Read-only file system",
+    errno.EFBIG: "File too large",
+}
+# What a file of a run's directory is, by the first part of its path in the directory.
+WRITTEN = {
+    "checkpoints": "a checkpoint",
+    "metrics.json": "metrics.json",
+    "plots": "the plots",
+    "tensorboard": "the TensorBoard events",
+    "final_model": "the final model",
+    "wandb": "the W&B run",
+}
+
+
+def write_failure(error: BaseException, workdir: str) -> WriteFailed | None:
+    """One line for a failure to write into `workdir` (a full disk, a quota, a read-only
+    file system) found anywhere in `error`'s chain, naming the path and what was being
+    written; None for any other error."""
+    while error is not None:
+        reason = _reason(error)
+        if reason is not None:
+            path = getattr(error, "filename", None) or _quoted_path(str(error)) or workdir
+            relative = os.path.relpath(os.path.abspath(path), os.path.abspath(workdir))
+            what = WRITTEN.get(relative.split(os.sep)[0], "a file")
+            return WriteFailed(
+                f"cannot write {what} at {path} ({reason}); free space there and run the same"
+                " command again: it resumes from the last complete checkpoint"
+            )
+        error = error.__cause__ or error.__context__
+    return None
+
+
+def _reason(error: BaseException) -> str | None:
+    if isinstance(error, OSError) and error.errno in WRITE_FAILURES:
+        return WRITE_FAILURES[error.errno]
+    return next((text for text in WRITE_FAILURES.values() if text in str(error)), None)
+
+
+def _quoted_path(message: str) -> str | None:
+    """The last absolute path quoted in `message` (TensorStore names the file it failed)."""
+    paths = re.findall(r'"(/[^"]+)"', message)
+    return paths[-1] if paths else None
 
 
 def exit_status(error: BaseException) -> int:

@@ -3,7 +3,11 @@
 Each RUN_DIR is a run's workdir (its metrics.json is read; finished or still running) or a
 directory of workdirs, such as runs/. Runs whose configs differ only in `seed` (and in
 fields that change nothing computed, such as the data dir or the logging) form one group,
-named by its strategy and, where two groups share a strategy, by the fields that differ.
+named by its strategy and, where two groups share a strategy, by the fields that differ (at
+most three, by their last names). Runs of different datasets or scenarios are never compared:
+the table gives each setting its own section, and each group's time is held against its own
+setting's incremental group. A metrics.json that cannot be read is named in one warning line
+and left out.
 
 Prints one table row per group: runs, tasks done, and the mean ± standard deviation over
 its runs of the final average accuracy, forgetting, top-5 and task-IL accuracy (where
@@ -33,6 +37,11 @@ OPTIONAL_COLUMNS = {
 SUMMARISED = ("final_average_accuracy", "average_forgetting", *OPTIONAL_COLUMNS, "train_time_s")
 # Fields that may differ between the runs of one group.
 SEED_FIELDS = ("seed",)
+# What makes runs comparable at all: groups of different settings are tabled apart, and
+# each setting's train times are held against its own incremental group.
+SETTING_FIELDS = ("dataset.name", "scenario.name", "scenario.num_tasks")
+# A label names at most this many fields that set its group apart, values cut to this long.
+LABEL_FIELDS, LABEL_VALUE = 3, 12
 
 
 def find_runs(paths: list[str]) -> list[tuple[str, dict]]:
@@ -66,10 +75,19 @@ def _workdirs_under(path: str) -> list[str]:
 
 
 def _read(path: str) -> dict | None:
-    """A run's metrics, or None (with a warning) if it has not finished a task yet."""
-    with open(path) as file:
-        metrics = json.load(file)
-    if "config" not in metrics or not metrics.get("accuracy_matrix"):
+    """A run's metrics, or None (with a warning) if they cannot be read or it has not
+    finished a task yet."""
+    try:
+        with open(path) as file:
+            metrics = json.load(file)
+    except (OSError, ValueError) as error:
+        warn(f"{path} cannot be read ({type(error).__name__}: {error}); left out")
+        return None
+    if (
+        not isinstance(metrics, dict)
+        or "config" not in metrics
+        or not metrics.get("accuracy_matrix")
+    ):
         warn(f"{path} has no finished task yet; left out")
         return None
     return metrics
@@ -77,7 +95,8 @@ def _read(path: str) -> dict | None:
 
 def group_runs(runs: list[tuple[str, dict]]) -> list[dict]:
     """The runs grouped by config up to the seed, each group summarised (see the module's
-    docstring), in the order their first run was given."""
+    docstring): the groups of one setting (dataset and scenario) together, in the order
+    their first run was given."""
     members: list[list[tuple[str, dict]]] = []
     for run in runs:
         group = next(
@@ -89,14 +108,21 @@ def group_runs(runs: list[tuple[str, dict]]) -> list[dict]:
             group.append(run)
     groups = [_summary(group) for group in members]
     _label(groups, [group[0][1]["config"] for group in members])
-    incremental = next((g for g in groups if g["strategy"] == "incremental"), None)
     for group in groups:
+        incremental = next(
+            (
+                other
+                for other in groups
+                if other["strategy"] == "incremental" and other["setting"] == group["setting"]
+            ),
+            None,
+        )
         group["time_vs_incremental"] = (
             group["train_time_s"]["mean"] / incremental["train_time_s"]["mean"]
             if incremental and incremental["train_time_s"]["mean"] > 0
             else None
         )
-    return groups
+    return sorted(groups, key=lambda group: group["setting"])
 
 
 def _differences(first: dict, second: dict) -> list[str]:
@@ -108,7 +134,9 @@ def _differences(first: dict, second: dict) -> list[str]:
 def _summary(runs: list[tuple[str, dict]]) -> dict:
     metrics = [m for _, m in runs]
     num_tasks = len(metrics[0]["accuracy_matrix"][0])
+    flat = configuration.flat_fields(metrics[0]["config"])
     summary = {
+        "setting": ", ".join(f"{field}={flat.get(field)}" for field in SETTING_FIELDS),
         "strategy": metrics[0]["config"]["strategy"]["name"],
         "runs": len(runs),
         "workdirs": [path for path, _ in runs],
@@ -134,18 +162,31 @@ def _mean_std(values: list[float]) -> dict:
 
 
 def _label(groups: list[dict], configs: list[dict]) -> None:
-    """Names each group by its strategy, plus `field=value` for what sets it apart from
-    the other groups of the same strategy."""
+    """Names each group by its strategy, plus `field=value` for what sets it apart from the
+    other groups of the same strategy and setting: at most `LABEL_FIELDS` fields, each by
+    its last name, values cut short."""
     for index, group in enumerate(groups):
         same = [
             j
             for j, other in enumerate(groups)
-            if other["strategy"] == group["strategy"] and j != index
+            if (other["strategy"], other["setting"]) == (group["strategy"], group["setting"])
+            and j != index
         ]
         fields = sorted({field for j in same for field in _differences(configs[index], configs[j])})
         flat = configuration.flat_fields(configs[index])
-        extra = ", ".join(f"{field}={flat.get(field)}" for field in fields)
+        shown = [f"{field.rsplit('.', 1)[-1]}={_short(flat.get(field))}" for field in fields]
+        if len(shown) > LABEL_FIELDS:
+            shown = [*shown[:LABEL_FIELDS], f"+{len(shown) - LABEL_FIELDS} more"]
+        extra = ", ".join(shown)
         group["label"] = f"{group['strategy']} ({extra})" if extra else group["strategy"]
+        if len({other["setting"] for other in groups}) > 1:
+            setting = [flat.get(field) for field in SETTING_FIELDS]
+            group["label"] += f" [{setting[0]}, {setting[1]}, {setting[2]} tasks]"
+
+
+def _short(value) -> str:
+    text = str(value)
+    return text if len(text) <= LABEL_VALUE else text[: LABEL_VALUE - 1] + "…"
 
 
 def format_table(groups: list[dict]) -> str:
@@ -161,8 +202,10 @@ def format_table(groups: list[dict]) -> str:
         "train time (s)",
         "÷ incremental",
     ]
-    rows = [header]
+    rows, settings = [header], []
     for group in groups:
+        if not settings or settings[-1][0] != group["setting"]:
+            settings.append((group["setting"], len(rows)))
         ratio = group["time_vs_incremental"]
         rows.append(
             [
@@ -184,6 +227,9 @@ def format_table(groups: list[dict]) -> str:
         )
         for row in rows
     ]
+    if len(settings) > 1:  # runs of different settings are never compared: say which is which
+        for setting, row in reversed(settings):
+            lines.insert(row, f"-- {setting} (not comparable with the other settings)")
     running = sum(status != "finished" for g in groups for status in g["statuses"])
     note = (
         f"; {running} run(s) not finished: their numbers are after the tasks done"

@@ -9,7 +9,9 @@ compiles, with one line that names the field and the fix. Exit statuses (`cljax.
 SIGUSR1: a checkpoint was saved; rerun the same command), 130 interrupted (Ctrl-C).
 """
 
+import logging as logging_module
 import os
+import signal
 import sys
 
 import jax
@@ -39,6 +41,12 @@ def split_overrides(argv: list[str]) -> tuple[list[str], dict[str, str]]:
             field, equals, value = arg.removeprefix(OVERRIDE_PREFIX).partition("=")
             if not equals:
                 _stop(f"{arg} has no value; write {arg}=VALUE", errors.EXIT_BAD_INPUT)
+            if field in overrides:
+                _stop(
+                    f"--config.{field} is given twice ({overrides[field]!r}, then {value!r});"
+                    " give it once",
+                    errors.EXIT_BAD_INPUT,
+                )
             overrides[field] = value
         else:
             rest.append(arg)
@@ -55,7 +63,37 @@ def parse_flags(argv: list[str]) -> list[str]:
 
 def _stop(message: str, status: int) -> None:
     print(f"cljax: {message}", file=sys.stderr, flush=True)
+    if status:
+        # What libraries left half done (Orbax's writes after a full disk) may complain while
+        # Python shuts down; the one line above says what happened.
+        sys.unraisablehook = lambda unraisable: None
     sys.exit(status)
+
+
+def _preempted_before_training(signum: int, frame) -> None:
+    """SIGTERM or SIGUSR1 before the training loop took them over: nothing to save."""
+    raise errors.Preempted(
+        f"{signal.Signals(signum).name} before the first training step: nothing was saved;"
+        " run the same command to start again"
+    )
+
+
+def _report_unraisable(unraisable) -> None:
+    """`sys.unraisablehook`, but quiet about what Orbax's writes in flight report once its
+    event loop has closed after a failed save (the run's one line says what failed)."""
+    if isinstance(unraisable.exc_value, RuntimeError) and (
+        str(unraisable.exc_value) == "Event loop is closed"
+    ):
+        return
+    sys.__unraisablehook__(unraisable)
+
+
+class _QuietLibraries(logging_module.Filter):
+    """Keeps Orbax's own log lines out of a run's output (below --verbosity=0): the errors
+    they repeat reach the user as cljax's one line."""
+
+    def filter(self, record: logging_module.LogRecord) -> bool:
+        return f"{os.sep}orbax{os.sep}" not in record.pathname
 
 
 def run(overrides: dict[str, str], argv: list[str]) -> None:
@@ -64,6 +102,10 @@ def run(overrides: dict[str, str], argv: list[str]) -> None:
         _stop(f"unexpected arguments {' '.join(argv[1:])}", errors.EXIT_BAD_INPUT)
     if not flags.FLAGS["verbosity"].present:
         logging.set_verbosity(logging.WARNING)
+        logging.get_absl_handler().addFilter(_QuietLibraries())
+    sys.unraisablehook = _report_unraisable
+    for preemption_signal in (signal.SIGTERM, signal.SIGUSR1):
+        signal.signal(preemption_signal, _preempted_before_training)
     if not jax.config.jax_compilation_cache_dir:
         jax.config.update("jax_compilation_cache_dir", os.path.expanduser(COMPILATION_CACHE))
     try:
@@ -73,6 +115,11 @@ def run(overrides: dict[str, str], argv: list[str]) -> None:
             print(configuration.fields_table(config))
             return
         trainer.train_and_evaluate(config, _WORKDIR.value)
+    except errors.WriteFailed as error:
+        # Orbax's writes in flight would fail again, loudly, while Python shuts down.
+        print(f"cljax: {error}", file=sys.stderr, flush=True)
+        sys.stdout.flush()
+        os._exit(errors.EXIT_FAILED)
     except errors.CljaxError as error:
         _stop(str(error), errors.exit_status(error))
     except KeyboardInterrupt:

@@ -12,6 +12,7 @@ Returns the metrics it writes to `<workdir>/metrics.json`, which always says how
 stands (`status`).
 """
 
+import contextlib
 import time
 
 import ml_collections
@@ -19,7 +20,7 @@ import ml_collections
 from cljax import checkpoint, checks, preemption
 from cljax import runtime as runtime_lib
 from cljax.data.pipeline import Position
-from cljax.errors import Interrupted, Preempted
+from cljax.errors import ConfigError, Interrupted, Preempted, write_failure
 from cljax.run.build import Machinery, build
 from cljax.run.clock import Clock
 from cljax.run.console import Console, progress_bar
@@ -55,6 +56,11 @@ def _run_tasks(
         state, rehearsal, start = resume(
             plan, machinery, runtime, checkpoints, results, clock, console
         )
+    except ConfigError:  # refused (another run's config): the workdir stays as it was
+        checkpoints.close()
+        raise
+    plan.workdir.claim()
+    try:
         results.open_tracker(clock.done_steps(start))
         watchdog = runtime.watchdog()
         watchdog.on_stop = lambda line: results.write("failed", line.removeprefix("cljax: "))
@@ -86,7 +92,11 @@ def _run_tasks(
             f"interrupted; {results.path} holds the {results.completed} finished task(s)"
         ) from None
     except BaseException as error:
-        _stop(checkpoints, results, "failed", error=str(error) or repr(error))
+        failure = write_failure(error, plan.workdir.path)
+        message = str(failure or error) or repr(error)
+        _stop(None if failure else checkpoints, results, "failed", error=message)
+        if failure is not None:
+            raise failure from None
         raise
     checkpoints.close()
     model_path = checkpoint.export_model(plan.workdir.path, state, runtime)
@@ -95,9 +105,15 @@ def _run_tasks(
     return results.print_final(model_path)
 
 
-def _stop(checkpoints: checkpoint.Checkpoints, results: Results, status: str, error=None) -> None:
-    """Ends a run that did not finish: no more checkpoints, metrics.json says `status`."""
-    checkpoints.close()
-    results.write(status, error=error)
-    results.plot(results.results(status, error))
-    results.close_tracker(status)
+def _stop(checkpoints: checkpoint.Checkpoints | None, results: Results, status: str, error=None):
+    """Ends a run that did not finish: no more checkpoints (those being written are left
+    unfinished where `checkpoints` is None: the disk failed), metrics.json says `status` (as
+    far as the disk lets it: the error that stopped the run is the one to report)."""
+    for finish in (
+        checkpoints.close if checkpoints else lambda: None,
+        lambda: results.write(status, error=error),
+        lambda: results.plot(results.results(status, error)),
+        lambda: results.close_tracker(status),
+    ):
+        with contextlib.suppress(Exception):
+            finish()

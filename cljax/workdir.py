@@ -2,11 +2,14 @@
 
 `Workdir.open` creates the directory (or checks the one given), proves it writable and
 takes an exclusive lock on `<workdir>/.lock` for the life of the run, so a second run
-pointed at the same directory stops at once with one line naming the holder. Default
+pointed at the same directory stops at once with one line naming the holder. A run that is
+refused before it claims the directory (a changed config on resume) leaves it as it was,
+the lock file's line included. Default
 directories get a unique name. Files are written atomically (a temporary file, then a
 rename) as standard JSON: non-finite numbers become null.
 """
 
+import contextlib
 import datetime
 import fcntl
 import json
@@ -74,6 +77,8 @@ class Workdir:
         self.is_main = is_main
         self._created = created
         self._lock_file = None
+        self._previous_holder: str | None = None
+        self.claimed = False
 
     def open(self) -> "Workdir":
         """Creates the directory if needed, checks it is writable, and (process 0) locks
@@ -115,6 +120,8 @@ class Workdir:
                 f"workdir={self.path} is in use by {holder}; wait for that run to end or pass"
                 " another --workdir"
             ) from None
+        self._lock_file.seek(0)
+        self._previous_holder = self._lock_file.read()
         self._lock_file.truncate(0)
         started = datetime.datetime.now().isoformat(timespec="seconds")
         self._lock_file.write(
@@ -125,8 +132,13 @@ class Workdir:
 
     def close(self) -> None:
         """Releases the lock; removes the directory if this run created it and left it
-        empty (a run that stopped on bad input leaves nothing behind)."""
+        empty (a run that stopped on bad input leaves nothing behind); gives the lock file
+        back its earlier line if this run never claimed the directory."""
         if self._lock_file is not None:
+            if not self.claimed and self._previous_holder:
+                self._lock_file.truncate(0)
+                self._lock_file.write(self._previous_holder)
+                self._lock_file.flush()
             fcntl.flock(self._lock_file, fcntl.LOCK_UN)
             self._lock_file.close()
             self._lock_file = None
@@ -140,6 +152,10 @@ class Workdir:
     def __exit__(self, *exc_info) -> None:
         self.close()
 
+    def claim(self) -> None:
+        """Marks the directory as this run's: its lock file keeps this run's line."""
+        self.claimed = True
+
     def file(self, name: str) -> str:
         return os.path.join(self.path, name)
 
@@ -147,11 +163,17 @@ class Workdir:
         """Writes `content` atomically as standard JSON (non-finite numbers as null),
         through a temporary file of this thread's own (the watchdog's thread may write
         metrics.json while the training loop does)."""
+        self.claim()
         path = self.file(name)
         temporary = f"{path}.{threading.get_ident()}.tmp"
-        with open(temporary, "w") as file:
-            json.dump(finite(content), file, indent=2, allow_nan=False)
-        os.replace(temporary, path)
+        try:
+            with open(temporary, "w") as file:
+                json.dump(finite(content), file, indent=2, allow_nan=False)
+            os.replace(temporary, path)
+        except OSError:
+            with contextlib.suppress(OSError):  # the full disk keeps the last complete file
+                os.remove(temporary)
+            raise
 
 
 def finite(value):

@@ -3,7 +3,9 @@
 import atexit
 import os
 import shutil
+import signal
 import tempfile
+import uuid
 
 # Simulated devices are threads: on a loaded 2-core machine one can reach a collective late.
 os.environ["XLA_FLAGS"] = (
@@ -13,6 +15,11 @@ os.environ["XLA_FLAGS"] = (
 import jax
 
 NUM_DEVICES = 8
+
+# Every process a test starts inherits this mark; once the whole suite is done, none may be
+# alive (`pytest_sessionfinish`).
+SESSION_MARK = "CLJAX_TEST_SESSION"
+os.environ.setdefault(SESSION_MARK, uuid.uuid4().hex)
 
 # Indexes of test datasets (labels, file lists) stay with this session (and its children).
 os.environ["CLJAX_CACHE_DIR"] = tempfile.mkdtemp(prefix="cljax-test-cache-")
@@ -65,3 +72,44 @@ def synthetic_data_dir(tmp_path_factory) -> str:
     synthetic.write_tfds("synthetic_imagenet", data_dir, synthetic.Spec(8, 16, 4, 24, 48))
     synthetic.write_tfds("synthetic_cifar", data_dir, synthetic.Spec(10, 8, 2, 32, 32))
     return data_dir
+
+
+def pytest_sessionfinish(session, exitstatus) -> None:
+    """Fails the suite, and ends them, if processes that tests started are still alive
+    (checked by the controlling pytest process once every worker is done)."""
+    if hasattr(session.config, "workerinput"):
+        return
+    leftovers = marked_processes(os.environ[SESSION_MARK])
+    for pid, _ in leftovers:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            continue
+    if leftovers:
+        listed = "; ".join(f"{pid}: {command[:120]}" for pid, command in leftovers)
+        print(f"\n{len(leftovers)} process(es) started by tests outlived them: {listed}")
+        session.exitstatus = pytest.ExitCode.TESTS_FAILED
+
+
+def marked_processes(mark: str) -> list[tuple[int, str]]:
+    """(pid, command line) of the live processes, other than pytest's own, whose
+    environment holds this session's mark."""
+    found = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit() or int(entry) == os.getpid():
+            continue
+        try:
+            with open(f"/proc/{entry}/environ", "rb") as file:
+                environ = file.read()
+            with open(f"/proc/{entry}/cmdline", "rb") as file:
+                command = file.read().replace(b"\0", b" ").decode(errors="replace").strip()
+            with open(f"/proc/{entry}/stat") as file:
+                state = file.read().rsplit(")", 1)[1].split()[0]
+        except OSError:
+            continue
+        if f"{SESSION_MARK}={mark}".encode() not in environ.split(b"\0") or state == "Z":
+            continue
+        if "pytest" in command or "sys.stdin.readline()" in command:  # pytest and its workers
+            continue
+        found.append((int(entry), command))
+    return found

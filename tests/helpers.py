@@ -1,8 +1,12 @@
 """Helpers shared by tests that run cljax in other processes."""
 
+import contextlib
 import os
 import pathlib
+import signal
+import subprocess
 import time
+from collections.abc import Iterator
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 
@@ -36,3 +40,31 @@ def tensorboard_scalars(workdir) -> dict[str, list[tuple[int, float]]]:
         tag: [(event.step, event.value) for event in reader.Scalars(tag)]
         for tag in reader.Tags()["scalars"]
     }
+
+
+@contextlib.contextmanager
+def started(*commands: list, **popen_kwargs) -> Iterator[list[subprocess.Popen]]:
+    """The processes of `commands`, each in a process group of its own, killed with all that
+    they started when the block ends, however it ends: no run outlives its test."""
+    processes = []
+    try:
+        for command in commands:
+            processes.append(subprocess.Popen(command, start_new_session=True, **popen_kwargs))
+        yield processes
+    finally:
+        for process in processes:
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.killpg(process.pid, signal.SIGKILL)
+            process.wait()
+
+
+def run_process(
+    command: list, timeout: float = 900, capture_output: bool = True, text: bool = True, **kwargs
+) -> subprocess.CompletedProcess:
+    """`subprocess.run(command, ...)`, but in a process group of its own that is killed, with
+    whatever the command started (a launcher's processes), when it ends or times out."""
+    if capture_output:
+        kwargs.update(stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    with started(command, text=text, **kwargs) as (process,):
+        stdout, stderr = process.communicate(timeout=timeout)
+    return subprocess.CompletedProcess(command, process.returncode, stdout, stderr)

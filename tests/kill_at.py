@@ -1,7 +1,7 @@
 """Test tool: `python tests/kill_at.py POINT:N [cljax.train flags...]` runs cljax.train and
 SIGKILLs its own process right after the N-th call at POINT has started: `step` (a train
-step dispatched, running on the devices), `eval` (a prediction batch dispatched) or `save`
-(a checkpoint whose write goes on in the background)."""
+step, or a block of them, dispatched and running on the devices), `eval` (a prediction batch
+dispatched) or `save` (a checkpoint whose write goes on in the background)."""
 
 import functools
 import os
@@ -33,8 +33,10 @@ def main() -> None:
     point, number = sys.argv.pop(1).split(":")
     number = int(number)
     if point == "step":
-        make = steps.make_train_step
-        steps.make_train_step = lambda *args: killing_after(number, make(*args))
+        make_one, make_block = steps.make_train_step, steps.make_train_steps
+        dispatches = killing_after(number, lambda program, *args: program(*args))
+        steps.make_train_step = lambda *args: functools.partial(dispatches, make_one(*args))
+        steps.make_train_steps = lambda *args: functools.partial(dispatches, make_block(*args))
     elif point == "eval":
         make = steps.make_predict
         steps.make_predict = lambda *args: killing_after(number, make(*args))

@@ -6,6 +6,7 @@ Runs are short digits experiments in their own processes (4 devices unless said)
 checkpoint every 10 steps; kills come from tests/kill_at.py.
 """
 
+import glob
 import json
 import os
 import signal
@@ -21,7 +22,14 @@ import pytest
 from cljax import buffer as buffer_lib
 from cljax import checkpoint, configuration, errors, steps, trainer
 from cljax.buffer import BufferState
-from tests.helpers import REPO, subprocess_env, tensorboard_scalars, wait_for_line
+from tests.helpers import (
+    REPO,
+    run_process,
+    started,
+    subprocess_env,
+    tensorboard_scalars,
+    wait_for_line,
+)
 from tests.test_multiprocess import free_port
 
 RUN = [
@@ -31,13 +39,17 @@ RUN = [
     "--config.num_cpu_devices=4",
 ]
 KILL_POINTS = ("step", "eval", "save")
+# One step per call, so that `kill_at` counts steps (a test of blocks gives its own K).
+ONE_STEP = "--config.steps_per_dispatch=1"
 
 
 def train(workdir, *flags: str, kill_at: str | None = None, env=None, check=True):
     """One run of cljax.train (through tests/kill_at.py when `kill_at` is given)."""
     entry = ["tests/kill_at.py", kill_at] if kill_at else ["-m", "cljax.train"]
-    result = subprocess.run(
-        [sys.executable, *entry, f"--workdir={workdir}", *RUN, *flags],
+    given = {flag.split("=")[0] for flag in flags}
+    defaults = [flag for flag in [*RUN, ONE_STEP] if flag.split("=")[0] not in given]
+    result = run_process(
+        [sys.executable, *entry, f"--workdir={workdir}", *defaults, *flags],
         cwd=REPO,
         env=env,
         capture_output=True,
@@ -127,29 +139,25 @@ def test_a_two_process_run_killed_three_times_ends_as_one_process(tmp_path, env,
             "--config.distributed.num_processes=2",
         ]
         entry = ["tests/kill_at.py", kill_at] if kill_at else ["-m", "cljax.train"]
-        processes = [
-            subprocess.Popen(
-                [
-                    sys.executable,
-                    *(entry if rank == 0 else ["-m", "cljax.train"]),
-                    f"--workdir={workdir}",
-                    *RUN,
-                    *flags,
-                    f"--config.distributed.process_id={rank}",
-                ],
-                cwd=REPO,
-                env=env,
-                stdout=subprocess.DEVNULL,
-                stderr=subprocess.PIPE,
-                text=True,
-            )
+        commands = [
+            [
+                sys.executable,
+                *(entry if rank == 0 else ["-m", "cljax.train"]),
+                f"--workdir={workdir}",
+                *RUN,
+                ONE_STEP,
+                *flags,
+                f"--config.distributed.process_id={rank}",
+            ]
             for rank in (0, 1)
         ]
-        statuses = [process.wait(timeout=600) for process in processes]
-        if kill_at is None:
-            assert statuses == [0, 0], processes[0].stderr.read()[-3000:]
-        else:
-            assert statuses[0] == -signal.SIGKILL and statuses[1] != 0
+        output = {"stdout": subprocess.DEVNULL, "stderr": subprocess.PIPE, "text": True}
+        with started(*commands, cwd=REPO, env=env, **output) as processes:
+            statuses = [process.wait(timeout=600) for process in processes]
+            if kill_at is None:
+                assert statuses == [0, 0], processes[0].stderr.read()[-3000:]
+            else:
+                assert statuses[0] == -signal.SIGKILL and statuses[1] != 0
 
     for kill_at in kill_points(seed=2):
         both(kill_at)
@@ -161,15 +169,13 @@ def test_a_two_process_run_killed_three_times_ends_as_one_process(tmp_path, env,
 @pytest.mark.slow
 def test_sigterm_saves_and_exits_75_and_the_rerun_ends_identically(tmp_path, env, reference):
     workdir, log = tmp_path / "run", tmp_path / "out.log"
-    with open(log, "w") as out:
-        process = subprocess.Popen(
-            [sys.executable, "-m", "cljax.train", f"--workdir={workdir}", *RUN],
-            cwd=REPO,
-            env=env,
-            stdout=out,
-            stderr=subprocess.PIPE,
-            text=True,
-        )
+    command = [sys.executable, "-m", "cljax.train", f"--workdir={workdir}", *RUN, ONE_STEP]
+    with (
+        open(log, "w") as out,
+        started(command, cwd=REPO, env=env, stdout=out, stderr=subprocess.PIPE, text=True) as (
+            process,
+        ),
+    ):
         wait_for_line(log, "task 1/5: accuracy")
         process.send_signal(signal.SIGTERM)
         _, stderr = process.communicate(timeout=300)
@@ -289,7 +295,7 @@ def test_a_corrupt_latest_checkpoint_is_named_and_the_one_before_is_used(
     result = train(workdir, env=env)
     warnings = [line for line in result.stderr.splitlines() if line.startswith("cljax:")]
     assert len(warnings) == 1
-    assert warnings[0].startswith(f"cljax: warning: checkpoint {latest} cannot be read")
+    assert warnings[0].startswith(f"cljax: warning: checkpoint {latest} is damaged or cannot be")
     assert f"resuming from {os.path.dirname(latest)}/30" in result.stdout
     assert metrics(workdir)["status"] == "finished"
 
@@ -344,7 +350,12 @@ def test_a_non_finite_loss_keeps_the_last_good_checkpoint(tmp_path, data_dir, mo
     config = configuration.load_config("default")
     configuration.apply_overrides(
         config,
-        {"dataset.data_dir": data_dir, "epochs_per_task": "2", "checkpoint.every_steps": "10"},
+        {
+            "dataset.data_dir": data_dir,
+            "epochs_per_task": "2",
+            "checkpoint.every_steps": "10",
+            "steps_per_dispatch": "1",
+        },
     )
     workdir = str(tmp_path / "run")
     with pytest.raises(errors.RunFailed, match="the loss became nan at task "):
@@ -380,3 +391,78 @@ def test_init_from_loads_exactly_the_exported_model_and_a_run_uses_it(tmp_path, 
     )
     assert wrong.returncode == errors.EXIT_BAD_INPUT
     assert wrong.stderr.strip().splitlines()[-1].startswith(f"cljax: init_from={exported}")
+
+
+@pytest.mark.slow
+def test_a_run_in_blocks_killed_twice_ends_as_an_uninterrupted_one(tmp_path, env, reference):
+    """Blocks of 4 steps per call, the process killed after its 7th and then its 20th call
+    (each rerun counts its own): the results of single steps, uninterrupted."""
+    workdir, blocks = tmp_path / "run", "--config.steps_per_dispatch=4"
+    for kill_at in ("step:7", "step:20"):
+        train(workdir, blocks, kill_at=kill_at, env=env)
+    train(workdir, blocks, env=env)
+    assert_same_results(workdir, reference["device"])
+
+
+def flip_a_byte(path: str) -> None:
+    with open(path, "rb") as file:
+        data = bytearray(file.read())
+    data[len(data) // 2] ^= 0x55
+    with open(path, "wb") as file:
+        file.write(data)
+
+
+# One file of each kind in a checkpoint (a pattern below its step's folder), and whether a
+# restore reads it: a flipped byte in such a file must make the run fall back to the
+# checkpoint before; in another it must change nothing.
+CHECKPOINT_FILES = {
+    "progress/metadata": True,  # the progress document (cljax keeps its SHA-256 in it)
+    "state/d/*": True,  # the arrays (TensorStore's OCDBT checks them)
+    "rehearsal/d/*": True,
+    "state/manifest.ocdbt": True,
+    "state/_sharding": None,  # shardings come from the run restoring it
+    "state/_METADATA": None,  # read; some bytes of it change nothing
+    "state/array_metadatas/*": None,
+    "_CHECKPOINT_METADATA": None,
+    "state/ocdbt.process_0/d/*": None,  # a process's part, merged into state/d at the save
+}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("pattern", sorted(CHECKPOINT_FILES))
+def test_a_flipped_byte_in_any_checkpoint_file_is_caught_and_the_run_ends_identically(
+    pattern, tmp_path, env, interrupted, reference
+):
+    workdir = copy_of(interrupted, tmp_path / "run")
+    latest = os.path.join(workdir, checkpoint.DIRECTORY, "36")
+    (target,) = glob.glob(os.path.join(latest, pattern))[:1]
+    flip_a_byte(target)
+    result = train(workdir, env=env)
+    warnings = [line for line in result.stderr.splitlines() if line.startswith("cljax:")]
+    fell_back = f"resuming from {os.path.dirname(latest)}/30" in result.stdout
+    if CHECKPOINT_FILES[pattern] or fell_back:
+        assert fell_back and len(warnings) == 1, (result.stdout[-2000:], warnings)
+        assert warnings[0].startswith(f"cljax: warning: checkpoint {latest} is damaged")
+    else:
+        assert f"resuming from {latest}" in result.stdout and not warnings
+    assert_same_results(workdir, reference["device"])
+
+
+def snapshot(folder: str) -> dict[str, bytes]:
+    """Every file under `folder` and its bytes."""
+    return {
+        os.path.relpath(os.path.join(root, name), folder): open(
+            os.path.join(root, name), "rb"
+        ).read()
+        for root, _, names in os.walk(folder)
+        for name in names
+    }
+
+
+@pytest.mark.slow
+def test_a_refused_resume_leaves_the_workdir_byte_for_byte_as_it_was(tmp_path, env, interrupted):
+    workdir = copy_of(interrupted, tmp_path / "run")
+    before = snapshot(workdir)
+    refused = train(workdir, "--config.seed=1", env=env, check=False)
+    assert refused.returncode == errors.EXIT_BAD_INPUT
+    assert snapshot(workdir) == before

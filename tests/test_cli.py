@@ -11,13 +11,14 @@ import pytest
 from cljax import checks, configuration, errors
 from cljax.models import MODELS
 from cljax.run import plan as planning
+from tests.helpers import run_process
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def run_cli(*flags: str, cwd: str = REPO) -> subprocess.CompletedProcess:
     env = {key: value for key, value in os.environ.items() if key != "XLA_FLAGS"}
-    return subprocess.run(
+    return run_process(
         [sys.executable, "-m", "cljax.train", *flags],
         cwd=cwd,
         env=env,

@@ -2,7 +2,6 @@
 
 import json
 import os
-import subprocess
 import sys
 import threading
 import time
@@ -13,6 +12,7 @@ from scipy import stats
 
 from cljax import errors
 from cljax.data import pipeline, prefetch, scenarios, sources, transforms
+from tests.helpers import run_process
 
 
 def test_digits_split_is_stratified_disjoint_and_complete(digits):
@@ -42,7 +42,7 @@ def test_builtin_datasets_build_offline_without_tensorflow(tmp_path):
         "print('RESULT', json.dumps(out))\n"
     )
     env = {**os.environ, "no_proxy": "*", "https_proxy": "http://127.0.0.1:9"}
-    result = subprocess.run(
+    result = run_process(
         [sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300
     )
     assert result.returncode == 0, result.stderr[-2000:]

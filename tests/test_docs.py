@@ -4,12 +4,11 @@ each in a fresh process; the README stays short and links every document."""
 import os
 import pathlib
 import re
-import subprocess
 import sys
 
 import pytest
 
-from tests.helpers import REPO, subprocess_env
+from tests.helpers import REPO, run_process, subprocess_env
 
 DOCUMENTS = [REPO / "README.md", *sorted((REPO / "docs").glob("*.md"))]
 README_MAX_LINES = 250
@@ -46,7 +45,7 @@ CHECKS = {
 
 def run_block(code: str, cwd: pathlib.Path, data_dir: str, devices: int):
     env = subprocess_env(TFDS_DATA_DIR=data_dir, JAX_NUM_CPU_DEVICES=str(devices))
-    return subprocess.run(
+    return run_process(
         [sys.executable, "-c", code], cwd=cwd, env=env, capture_output=True, text=True, timeout=600
     )
 

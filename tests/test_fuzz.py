@@ -5,10 +5,11 @@ import collections
 import json
 import os
 import pathlib
-import subprocess
 import sys
 
 import pytest
+
+from tests.helpers import run_process
 
 pytestmark = pytest.mark.slow  # every test here trains or starts processes
 
@@ -17,7 +18,7 @@ REPO = pathlib.Path(__file__).resolve().parents[1]
 
 def test_plausible_but_wrong_configs_fail_in_one_line_or_run_cleanly(data_dir, tmp_path):
     env = {key: value for key, value in os.environ.items() if key != "XLA_FLAGS"}
-    result = subprocess.run(
+    result = run_process(
         [sys.executable, str(REPO / "tests" / "fuzz_cli.py"), data_dir, str(tmp_path), "200", "0"],
         env=env,
         capture_output=True,

@@ -8,11 +8,11 @@ import sysconfig
 
 import pytest
 
-from tests.helpers import REPO, subprocess_env
+from tests.helpers import REPO, run_process, subprocess_env
 
 
 def run(*command: str, cwd, **env: str) -> subprocess.CompletedProcess:
-    return subprocess.run(
+    return run_process(
         list(command),
         cwd=cwd,
         env=subprocess_env(**env),

@@ -16,7 +16,7 @@ import pytest
 
 from cljax import errors
 from cljax.data import mnist, sources
-from tests.helpers import REPO, subprocess_env
+from tests.helpers import REPO, run_process, subprocess_env
 
 MNIST_DIR = pathlib.Path(os.environ.get("CLJAX_MNIST_DIR", REPO.parent / "shared/data/mnist"))
 needs_mnist = pytest.mark.skipif(
@@ -28,7 +28,7 @@ TRAIN_COUNTS = [5923, 6742, 5958, 6131, 5842, 5421, 5918, 6265, 5851, 5949]
 
 def run_module(module: str, *args: str) -> subprocess.CompletedProcess:
     """`python -m module args...` from the clone."""
-    return subprocess.run(
+    return run_process(
         [sys.executable, "-m", module, *args],
         cwd=REPO,
         env=subprocess_env(),

@@ -18,7 +18,7 @@ import pytest
 from jax._src import distributed as jax_distributed
 
 from cljax import runtime as runtime_lib
-from tests.helpers import wait_for_line
+from tests.helpers import run_process, started, wait_for_line
 
 pytestmark = pytest.mark.slow  # every test here trains or starts processes
 
@@ -46,7 +46,7 @@ def free_port() -> int:
 
 
 def run(command: list[str], env: dict[str, str], timeout: int = 400):
-    result = subprocess.run(
+    result = run_process(
         command, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout
     )
     assert result.returncode == 0, result.stderr[-3000:]
@@ -121,7 +121,7 @@ def test_overhead_benchmark_times_steps_across_mpirun_processes(data_dir):
 def test_benchmark_devices_that_do_not_split_over_the_processes_stop_it(data_dir):
     pytest.importorskip("mpi4py", reason="pip install -e '.[mpi]' (see README)")
     command = [f"{BIN}/mpirun", "-n", "2", sys.executable, "benchmarks/overhead.py"]
-    result = subprocess.run(
+    result = run_process(
         [*command, "--devices=3"],
         cwd=REPO,
         env=environment(data_dir),
@@ -160,27 +160,24 @@ def test_every_broadcast_reaches_a_process_that_reads_it_late(monkeypatch):
     assert received == {0: ["a of 0", "b of 0"], 1: ["a of 0", "b of 0"]}
 
 
-def start_process(rank: int, port: int, timeout_s: int, workdir, env) -> subprocess.Popen:
-    return subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "cljax.train",
-            f"--workdir={workdir}",
-            "--config.num_cpu_devices=4",
-            "--config.epochs_per_task=100000",
-            f"--config.distributed.timeout_s={timeout_s}",
-            f"--config.distributed.log_dir={workdir}/logs",
-            f"--config.distributed.coordinator_address=127.0.0.1:{port}",
-            "--config.distributed.num_processes=2",
-            f"--config.distributed.process_id={rank}",
-        ],
-        cwd=REPO,
-        env=env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
+def process_command(rank: int, port: int, timeout_s: int, workdir) -> list[str]:
+    """Process `rank` of a 2-process training job that would run for ever."""
+    return [
+        sys.executable,
+        "-m",
+        "cljax.train",
+        f"--workdir={workdir}",
+        "--config.num_cpu_devices=4",
+        "--config.epochs_per_task=100000",
+        f"--config.distributed.timeout_s={timeout_s}",
+        f"--config.distributed.log_dir={workdir}/logs",
+        f"--config.distributed.coordinator_address=127.0.0.1:{port}",
+        "--config.distributed.num_processes=2",
+        f"--config.distributed.process_id={rank}",
+    ]
+
+
+PIPES = {"stdout": subprocess.PIPE, "stderr": subprocess.PIPE, "text": True}
 
 
 def test_survivor_of_a_killed_process_stops_with_a_clear_error_within_the_timeout(
@@ -188,11 +185,12 @@ def test_survivor_of_a_killed_process_stops_with_a_clear_error_within_the_timeou
 ):
     env, timeout_s = environment(data_dir), 15
     port = int(env["CLJAX_PORT"])
-    survivor, victim = (start_process(r, port, timeout_s, tmp_path / "run", env) for r in (0, 1))
-    wait_for_line(tmp_path / "run" / "logs" / "process_1.log", "first train step done", 120)
-    assert survivor.poll() is None and victim.poll() is None, "both should still be training"
-    victim.send_signal(signal.SIGKILL)
-    _, stderr = survivor.communicate(timeout=timeout_s + 120)
+    commands = [process_command(rank, port, timeout_s, tmp_path / "run") for rank in (0, 1)]
+    with started(*commands, cwd=REPO, env=env, **PIPES) as (survivor, victim):
+        wait_for_line(tmp_path / "run" / "logs" / "process_1.log", "first train step done", 120)
+        assert survivor.poll() is None and victim.poll() is None, "both should still be training"
+        victim.send_signal(signal.SIGKILL)
+        _, stderr = survivor.communicate(timeout=timeout_s + 120)
     assert survivor.returncode == 3, stderr[-3000:]
     lines = stderr.strip().splitlines()
     assert lines[-1].startswith("cljax: process 0 made no training progress")
@@ -205,8 +203,9 @@ def test_survivor_of_a_killed_process_stops_with_a_clear_error_within_the_timeou
 
 def test_a_process_that_cannot_reach_the_others_stops_within_the_timeout(tmp_path, data_dir):
     env, timeout_s = environment(data_dir), 5
-    lonely = start_process(1, int(env["CLJAX_PORT"]), timeout_s, tmp_path / "run", env)
-    _, stderr = lonely.communicate(timeout=timeout_s + 60)
+    command = process_command(1, int(env["CLJAX_PORT"]), timeout_s, tmp_path / "run")
+    with started(command, cwd=REPO, env=env, **PIPES) as (lonely,):
+        _, stderr = lonely.communicate(timeout=timeout_s + 60)
     assert lonely.returncode != 0
     assert "cljax: joining a job of 2 processes" in stderr
 
@@ -221,9 +220,7 @@ def test_watchdog_stops_a_process_that_makes_no_progress_once_armed(tmp_path):
         "    watchdog.progress()\n"
         "    time.sleep(30)\n"
     )
-    result = subprocess.run(
-        [sys.executable, "-c", code], capture_output=True, text=True, timeout=60
-    )
+    result = run_process([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert result.returncode == 3
     assert "not armed yet" in result.stdout
     assert "made no training progress" in result.stderr
@@ -260,7 +257,7 @@ with watchdog:
 
 def watch(**variables: str) -> subprocess.CompletedProcess:
     """KEY_VALUE_STORE's process run with these variables."""
-    return subprocess.run(
+    return run_process(
         [sys.executable, "-c", KEY_VALUE_STORE],
         capture_output=True,
         text=True,
@@ -305,20 +302,13 @@ def test_two_local_jobs_started_together_pick_their_own_ports(tmp_path, data_dir
     env = environment(data_dir)
     del env["CLJAX_PORT"]
     flags = ["--config.scenario.name=joint", "--config.scenario.num_tasks=1"]
-    jobs = [
-        subprocess.Popen(
-            ["bash", "launch/local.sh", "2", f"--workdir={tmp_path}/job{i}", *flags],
-            cwd=REPO,
-            env=env,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-        )
-        for i in range(2)
+    commands = [
+        ["bash", "launch/local.sh", "2", f"--workdir={tmp_path}/job{i}", *flags] for i in range(2)
     ]
-    for job in jobs:
-        _, stderr = job.communicate(timeout=400)
-        assert job.returncode == 0, stderr[-3000:]
+    with started(*commands, cwd=REPO, env=env, **PIPES) as jobs:
+        for job in jobs:
+            _, stderr = job.communicate(timeout=400)
+            assert job.returncode == 0, stderr[-3000:]
     assert accuracy(tmp_path / "job0").shape == accuracy(tmp_path / "job1").shape == (1, 1)
 
 
@@ -328,7 +318,7 @@ def test_the_local_launcher_names_a_port_in_use(data_dir):
         taken.bind(("127.0.0.1", 0))
         taken.listen()
         env["CLJAX_PORT"] = str(taken.getsockname()[1])
-        result = subprocess.run(
+        result = run_process(
             ["bash", "launch/local.sh", "2"], cwd=REPO, env=env, capture_output=True, text=True
         )
     assert result.returncode == 2

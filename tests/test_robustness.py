@@ -15,7 +15,7 @@ import threading
 import pytest
 
 from cljax import configuration, errors, workdir
-from tests.helpers import wait_for_line
+from tests.helpers import run_process, started, wait_for_line
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 
@@ -25,7 +25,7 @@ def cli(*flags: str, cwd=None, env_extra=None, timeout: int = 300) -> subprocess
     anything cannot print a single line."""
     env = {key: value for key, value in os.environ.items() if key != "XLA_FLAGS"}
     env.update({"JAX_LOG_COMPILES": "1", **(env_extra or {})})
-    return subprocess.run(
+    return run_process(
         [sys.executable, "-m", "cljax.train", *flags],
         cwd=cwd or REPO,
         env=env,
@@ -166,9 +166,10 @@ def test_a_non_finite_loss_stops_the_run_naming_where_and_marks_it_failed(data_d
     assert written["status"] == "failed" and written["error"] == lines[0].removeprefix("cljax: ")
 
 
-def start_long_run(run_dir, data_dir, log_dir) -> subprocess.Popen:
+def long_run(run_dir, data_dir, log_dir):
+    """A run that would train for ever, its process killed when the block ends."""
     env = {key: value for key, value in os.environ.items() if key != "XLA_FLAGS"}
-    return subprocess.Popen(
+    return started(
         [
             sys.executable,
             "-m",
@@ -189,10 +190,10 @@ def start_long_run(run_dir, data_dir, log_dir) -> subprocess.Popen:
 @pytest.mark.slow
 def test_ctrl_c_exits_130_with_one_line_and_valid_metrics(data_dir, tmp_path):
     run_dir = tmp_path / "run"
-    process = start_long_run(run_dir, data_dir, tmp_path / "logs")
-    wait_for_line(tmp_path / "logs" / "process_0.log", "first train step done")
-    process.send_signal(signal.SIGINT)
-    _, stderr = process.communicate(timeout=60)
+    with long_run(run_dir, data_dir, tmp_path / "logs") as (process,):
+        wait_for_line(tmp_path / "logs" / "process_0.log", "first train step done")
+        process.send_signal(signal.SIGINT)
+        _, stderr = process.communicate(timeout=300)
     assert process.returncode == 130
     assert stderr.strip().splitlines() == [
         f"cljax: interrupted; {run_dir}/metrics.json holds the 0 finished task(s)"
@@ -203,8 +204,7 @@ def test_ctrl_c_exits_130_with_one_line_and_valid_metrics(data_dir, tmp_path):
 @pytest.mark.slow
 def test_a_second_run_into_a_busy_workdir_stops_naming_the_holder(data_dir, tmp_path):
     run_dir = tmp_path / "run"
-    first = start_long_run(run_dir, data_dir, tmp_path / "logs")
-    try:
+    with long_run(run_dir, data_dir, tmp_path / "logs") as (first,):
         wait_for_line(tmp_path / "logs" / "process_0.log", "first train step done")
         result = cli(f"--config.dataset.data_dir={data_dir}", f"--workdir={run_dir}")
         assert result.returncode == 2 and result.stderr.count("\n") == 1
@@ -212,9 +212,8 @@ def test_a_second_run_into_a_busy_workdir_stops_naming_the_holder(data_dir, tmp_
             f"cljax: workdir={run_dir} is in use by process {first.pid}"
         )
         assert first.poll() is None
-    finally:
         first.send_signal(signal.SIGINT)
-        first.communicate(timeout=60)
+        first.communicate(timeout=300)
     assert first.returncode == 130
 
 

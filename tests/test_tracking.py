@@ -9,7 +9,7 @@ import sys
 
 import pytest
 
-from tests.helpers import REPO, subprocess_env, tensorboard_scalars
+from tests.helpers import REPO, run_process, subprocess_env, tensorboard_scalars
 
 pytestmark = pytest.mark.slow  # every test here trains or starts processes
 
@@ -17,7 +17,7 @@ TABLE_LINE = re.compile(r"^(top\d accuracy|task_il accuracy|after \\ on|\s+T\d+ 
 
 
 def train(workdir, data_dir, *flags: str) -> subprocess.CompletedProcess:
-    result = subprocess.run(
+    result = run_process(
         [sys.executable, "-m", "cljax.train", f"--workdir={workdir}", *flags],
         cwd=REPO,
         env=subprocess_env(TFDS_DATA_DIR=str(data_dir)),
@@ -80,7 +80,7 @@ os.kill(os.getpid(), signal.SIGKILL)
 
 def test_a_run_killed_right_after_a_flush_leaves_every_point_it_flushed(tmp_path):
     """What is flushed before a checkpoint must be on disk when the process dies."""
-    result = subprocess.run(
+    result = run_process(
         [sys.executable, "-c", KILLED_AFTER_FLUSH, str(tmp_path)],
         cwd=REPO,
         capture_output=True,

@@ -135,6 +135,7 @@ def test_the_step_gets_its_scalars_on_every_device_placed_again_only_when_they_c
     config = configuration.load_config("default:incremental")
     config.dataset.data_dir = data_dir
     config.scenario.num_tasks, config.epochs_per_task = 2, 2
+    config.steps_per_dispatch = 1  # the single step, whose scalars are placed one by one
     config.optimizer.update(lr_scaling="linear", warmup_epochs=1.0)
     devices = trainer.train_and_evaluate(config, str(tmp_path / "run"))["num_devices"]
 

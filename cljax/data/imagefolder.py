@@ -13,7 +13,7 @@ import os
 import numpy as np
 
 from cljax.data import cache
-from cljax.errors import DatasetError
+from cljax.errors import DatasetError, warn
 
 EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
 TEST_FOLDERS = ("val", "validation", "test")
@@ -59,6 +59,12 @@ def load(path: str) -> tuple[FileSplit, FileSplit, list[str]]:
         "imagefolder", os.path.abspath(path), cache.signature(folders), lambda: _scan(train, test)
     )
     classes = [str(name) for name in index["classes"]]
+    unreadable = index["unreadable"]
+    if len(unreadable):
+        warn(
+            f"{len(unreadable)} entries of {path} cannot be read (a symbolic link in a loop or"
+            f" to nowhere, no permission) and were left out, e.g. {unreadable[0]}"
+        )
     return (
         FileSplit(train, index["train_files"], index["train_labels"]),
         FileSplit(test, index["test_files"], index["test_labels"]),
@@ -66,16 +72,34 @@ def load(path: str) -> tuple[FileSplit, FileSplit, list[str]]:
     )
 
 
-def _subfolders(folder: str) -> list[str]:
-    return sorted(entry.path for entry in os.scandir(folder) if entry.is_dir())
+def _subfolders(folder: str, unreadable: list[str] | None = None) -> list[str]:
+    return sorted(entry.path for entry in _entries(folder, unreadable) if entry.is_dir())
 
 
-def _images(folder: str) -> list[str]:
+def _images(folder: str, unreadable: list[str]) -> list[str]:
     return sorted(
         entry.name
-        for entry in os.scandir(folder)
+        for entry in _entries(folder, unreadable)
         if entry.is_file() and entry.name.lower().endswith(EXTENSIONS)
     )
+
+
+def _entries(folder: str, unreadable: list[str] | None) -> list[os.DirEntry]:
+    """The entries of `folder` that can be read; the paths of the others (a symbolic link
+    in a loop or to nowhere readable, an entry without permission) go to `unreadable`."""
+    readable = []
+    for entry in os.scandir(folder):
+        try:
+            entry.is_dir()
+            entry.is_file()
+            if entry.is_symlink():
+                os.stat(entry.path)
+        except OSError:
+            if unreadable is not None:
+                unreadable.append(entry.path)
+            continue
+        readable.append(entry)
+    return readable
 
 
 def _scan(train: str, test: str) -> cache.Arrays:
@@ -87,16 +111,17 @@ def _scan(train: str, test: str) -> cache.Arrays:
         )
     label_of = {name: label for label, name in enumerate(classes)}
     index = {"classes": np.asarray(classes)}
+    unreadable: list[str] = []
     for split, root in (("train", train), ("test", test)):
         files, labels = [], []
-        for folder in _subfolders(root):
+        for folder in _subfolders(root, unreadable):
             name = os.path.basename(folder)
             if name not in label_of:
                 raise DatasetError(
                     f"{folder} is not one of train/'s {len(classes)} class folders; remove it or"
                     " add the class to train/"
                 )
-            images = _images(folder)
+            images = _images(folder, unreadable)
             if not images and split == "train":
                 raise DatasetError(
                     f"{folder} holds no images ({', '.join(EXTENSIONS)}); remove the folder or"
@@ -106,4 +131,5 @@ def _scan(train: str, test: str) -> cache.Arrays:
             labels.extend([label_of[name]] * len(images))
         index[f"{split}_files"] = np.asarray(files)
         index[f"{split}_labels"] = np.asarray(labels, np.int32)
+    index["unreadable"] = np.asarray(unreadable, dtype=str)
     return index

@@ -35,6 +35,8 @@ def decode(encoded: bytes | np.ndarray, channels: int = 3) -> np.ndarray:
     channels; arrays pass through."""
     if isinstance(encoded, np.ndarray):
         return encoded
+    if not encoded:
+        raise UndecodableImage("an empty file")
     if simplejpeg.is_jpeg(encoded):
         try:
             image = simplejpeg.decode_jpeg(encoded, colorspace="RGB" if channels == 3 else "GRAY")
@@ -42,7 +44,10 @@ def decode(encoded: bytes | np.ndarray, channels: int = 3) -> np.ndarray:
         except ValueError as error:
             raise UndecodableImage(str(error)) from None
     flag = cv2.IMREAD_COLOR if channels == 3 else cv2.IMREAD_GRAYSCALE
-    image = cv2.imdecode(np.frombuffer(encoded, np.uint8), flag)
+    try:
+        image = cv2.imdecode(np.frombuffer(encoded, np.uint8), flag)
+    except cv2.error as error:
+        raise UndecodableImage(f"OpenCV: {str(error).strip().splitlines()[-1]}") from None
     if image is None:
         raise UndecodableImage("not an image OpenCV or libjpeg-turbo can decode")
     if channels == 3:

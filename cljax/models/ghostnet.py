@@ -8,7 +8,7 @@ and squeeze-and-excitation (hard sigmoid gate) where the table below says.
 
 import functools
 import math
-from typing import Any
+from typing import Any, ClassVar
 
 import flax.linen as nn
 import jax
@@ -130,6 +130,9 @@ class _Bottleneck(_Layers):
 
 class GhostNet(_Layers):
     """GhostNet v1; `width` 0.5 is timm's `ghostnet_050`, the paper's model."""
+
+    #: How many times smaller than the input its last feature maps are.
+    REDUCTION: ClassVar[int] = 32
 
     num_classes: int = 0
     width: float = argument(0.5, "width multiplier (the paper's ghostnet_050: 0.5)", minimum=0.05)

@@ -56,6 +56,8 @@ class ResNet(nn.Module):
     """ResNet; the subclasses fix the depth, the block and the stem."""
 
     STAGE_SIZES: ClassVar[Sequence[int]] = (2, 2, 2, 2)
+    #: How many times smaller than the input its last feature maps are.
+    REDUCTION: ClassVar[int] = 32
     BOTTLENECK: ClassVar[bool] = False
     CIFAR_STEM: ClassVar[bool] = False
 
@@ -105,3 +107,4 @@ class ResNet18Cifar(ResNet):
     """ResNet-18 for 32x32 inputs (the DER paper's backbone): a 3x3 stride-1 stem."""
 
     CIFAR_STEM: ClassVar[bool] = True
+    REDUCTION: ClassVar[int] = 8

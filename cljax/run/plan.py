@@ -21,6 +21,8 @@ from cljax import optim, workdir
 from cljax.buffer import RehearsalBuffer, record_bytes, rehearsal_buffer
 from cljax.checks import require, validate_memory_kind
 from cljax.data import pipeline, scenarios, sources
+from cljax.errors import warn
+from cljax.models import MODELS
 from cljax.runtime import Runtime
 from cljax.strategies import Strategy
 from cljax.strategies import build as build_strategy
@@ -137,6 +139,7 @@ def _resolve(config, runtime: Runtime, directory: workdir.Workdir) -> Plan:
     dataset = _load_dataset(config.dataset, runtime)
     _check_for_data(config, dataset)
     scenario = scenarios.build(config.scenario, dataset, config.seed)
+    _warn_of_mismatches(config, dataset, scenario, devices)
     strategy = build_strategy(config.strategy)
     stored = {
         "inputs": jax.ShapeDtypeStruct(dataset.input_shape, dataset.input_dtype),
@@ -254,6 +257,28 @@ def _check_for_data(config, dataset: sources.Dataset) -> None:
         f" {config.dataset.name}, whose inputs have a fixed shape; unset"
         " --config.dataset.image_size",
     )
+
+
+def _warn_of_mismatches(config, dataset: sources.Dataset, scenario, devices: int) -> None:
+    """One warning line for input that makes a run, but probably not the one meant: inputs
+    smaller than the model's reduction, a global batch larger than a whole task."""
+    reduction = getattr(MODELS[config.model.name], "REDUCTION", 1)
+    side = min(dataset.input_shape[:2]) if len(dataset.input_shape) == 3 else None
+    if side is not None and side < reduction:
+        warn(
+            f"the {side}-pixel inputs of {config.dataset.name} are smaller than model.name="
+            f"{config.model.name}'s {reduction}-fold reduction: its last feature maps hold less"
+            " than a pixel of them; give larger images (dataset.image_size) or a smaller model"
+            " (mlp, cnn)"
+        )
+    global_batch = config.batch_size * devices
+    smallest = min(len(rows) for rows in scenario.train_rows)
+    if global_batch > smallest:
+        warn(
+            f"the global batch ({config.batch_size} x {devices} devices = {global_batch}) is"
+            f" larger than the smallest task's {smallest} training samples: its steps are mostly"
+            " padding; lower --config.batch_size"
+        )
 
 
 def num_partitions(section: Mapping, num_classes: int) -> int:
