@@ -9,6 +9,7 @@ checkpoint every 10 steps; kills come from tests/kill_at.py.
 import glob
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -108,6 +109,7 @@ def test_a_run_killed_three_times_ends_as_an_uninterrupted_one(tmp_path, env, re
         train(workdir, *flags, kill_at=kill_at, env=env)
     result = train(workdir, *flags, env=env)
     assert "resuming from" in result.stdout
+    assert not re.findall(r"(?m)^[IWEF]\d{4} ", result.stderr)  # no library's raw log line
     assert metrics(workdir)["resumes"] >= 1
     assert_same_results(workdir, reference[kind])
     assert_same_scalars(workdir, reference[kind])

@@ -128,6 +128,7 @@ class TaskLoop:
         )
         self.dispatcher = Dispatcher(machinery, runtime, session.console, plan.steps_per_dispatch)
         self.train_steps = prefetch.TrainSteps(session.feed)
+        self.compiled = False
         self.profile = profiling.StepProfile(
             os.path.join(plan.workdir.file("profile"), f"process_{runtime.process_index}"),
             plan.cadence.profile_from_step,
@@ -148,6 +149,8 @@ class TaskLoop:
         session.bar.set_description(f"task {task + 1}/{len(clock.task_steps)}")
         timed_start = time.perf_counter() if begin == 0 and task == 0 else None
         unchecked, skipped, index = None, [], begin
+        if self.compiled:  # speed is measured from the task's start (after its evaluation)
+            self.scalars.restart(clock.done_steps(self._position(task, begin)))
         with self.profile:
             while index < steps:
                 done_before = clock.done_steps(self._position(task, index))
@@ -177,8 +180,9 @@ class TaskLoop:
                 session.watchdog.progress()
                 after = self._position(task, index)
                 done = clock.done_steps(after)
-                if index == begin + count:
+                if not self.compiled:  # speed leaves out the first call, which compiled
                     self.scalars.restart(done)
+                    self.compiled = True
                 if timed_start is not None and index == count:
                     jax.block_until_ready(metrics)
                     seconds = time.perf_counter() - timed_start
