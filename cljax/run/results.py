@@ -18,9 +18,9 @@ from cljax.workdir import METRICS_NAME
 
 # A task's times logged as scalars (its checkpointing is only known after they are written).
 TRACKED_TIMES = ("train_s", "data_wait_s", "eval_s")
-# The plots are redrawn after a task once this long has passed since they were last drawn
-# (drawing them takes about 0.6 s: more than a whole task of a small benchmark), and always
-# when the run ends.
+# The plots are drawn after a task once this long has passed since the run started or they
+# were last drawn (drawing them takes about 0.6 s: more than a whole task of a small
+# benchmark), and always when the run ends.
 PLOTS_EVERY_S = 30.0
 
 
@@ -38,7 +38,7 @@ class Results:
         self.tracker: tracking.Tracker | None = None
         self.wall_start = wall_start
         self.path = plan.workdir.file(METRICS_NAME)
-        self._plotted_at: float | None = None
+        self._plotted_at = time.monotonic()  # the first drawing, too, waits PLOTS_EVERY_S
 
     @property
     def acc(self) -> np.ndarray:
@@ -98,7 +98,7 @@ class Results:
         results = self.results("running")
         if self.runtime.is_main:
             self.plan.workdir.write_json(METRICS_NAME, results)
-            due = self._plotted_at is None or time.monotonic() - self._plotted_at >= PLOTS_EVERY_S
+            due = time.monotonic() - self._plotted_at >= PLOTS_EVERY_S
             if due or task + 1 == self.plan.num_tasks:
                 self.plot(results)
         if self.skipped_images and self.runtime.is_main:
