@@ -3,7 +3,7 @@
 Commands (from the repo root), and the final average accuracy to expect (mean of seeds
 0, 1, 2 on 4 simulated CPU devices, memory 200 samples in total; measured by cljax):
     python -m cljax.train                                           # er:           0.919
-    python -m cljax.train --config=configs/default.py:derpp         # derpp:        0.923
+    python -m cljax.train --config=configs/default.py:derpp         # derpp:        0.922
     python -m cljax.train --config=configs/default.py:der           # der:          0.789
     python -m cljax.train --config=configs/default.py:from_scratch  # from_scratch: 0.967
     python -m cljax.train --config=configs/default.py:incremental   # incremental:  0.199
