@@ -107,8 +107,9 @@ def test_a_full_disk_is_one_line_and_keeps_what_was_written_before(tmp_path, dat
         assert lines[-1].startswith("cljax: cannot write ") and "Traceback" not in result.stderr
         assert ("No space left on device" if mounted else "File too large") in lines[-1]
         assert len(result.stderr.strip().splitlines()) == 1
+        # The last complete metrics.json stays; it says `failed` where the disk had room.
         written = json.loads((disk / "run" / "metrics.json").read_text())
-        assert written["status"] == "failed" and written["completed_tasks"] >= 1
+        assert written["status"] in ("failed", "running") and written["completed_tasks"] >= 1
     finally:
         if mounted:
             subprocess.run(["umount", str(disk)])
