@@ -8,7 +8,9 @@ The protocol of `mnist_der:er-500`: 5 tasks of 2 classes in order, an MLP 784-10
 reservoir buffer of 500 (Avalanche's `ReplayPlugin` with `ReservoirSamplingBuffer`, which
 adds each task's samples at its end), inputs in [0, 1]; after each task, the class-IL
 accuracy on all 10,000 test images. Prints one JSON line: the training time (the strategy's
-`train` calls), the whole run's time (training and evaluations) and the final accuracy.
+`train` calls), the whole run's time (from the IDX files to the last evaluation, as cljax's
+`wall_time_s` counts from its prepared files: reading them, building the benchmark, the model
+and the strategy, training and evaluating), the loop's alone, and the final accuracy.
 """
 
 import gzip
@@ -55,6 +57,7 @@ class Split(TensorDataset):
 
 def main() -> None:
     directory = sys.argv[1]
+    setup_start = time.perf_counter()
     torch.manual_seed(0)
     benchmark = class_incremental_benchmark(
         {"train": Split(directory, "train"), "test": Split(directory, "t10k")},
@@ -86,6 +89,7 @@ def main() -> None:
         evaluator=EvaluationPlugin(accuracy_metrics(stream=True), loggers=[]),
     )
     start, train_s, accuracy = time.perf_counter(), 0.0, None
+    setup_s = start - setup_start
     for experience in benchmark.train_stream:
         train_start = time.perf_counter()
         strategy.train(experience)
@@ -93,7 +97,11 @@ def main() -> None:
         results = strategy.eval(benchmark.test_stream)
         accuracy = next(v for k, v in results.items() if k.startswith("Top1_Acc_Stream"))
     run_s = time.perf_counter() - start
-    print(json.dumps({"train_s": train_s, "run_s": run_s, "class_il": accuracy}))
+    print(
+        json.dumps(
+            {"train_s": train_s, "run_s": setup_s + run_s, "loop_s": run_s, "class_il": accuracy}
+        )
+    )
 
 
 if __name__ == "__main__":
