@@ -9,7 +9,7 @@ next to the paper's table, and speed side by side with Avalanche.
 The grid runs every cell (`mnist_der:CELL`) for every seed, each as `python -m cljax.train`,
 and prints one JSON line per run and a table of class-IL and task-IL accuracy (mean ± sample
 standard deviation over the seeds) beside the DER paper's means (its Table 2: class-IL of
-every cell, task-IL where the issue that set the bars quotes it).
+every cell it has, task-IL where the issue that set the bars quotes it; ER-ACE is not in it).
 
 `--speed` runs the ER protocol with a buffer of 500 (batch 10, replay minibatch 10, one epoch
 per task) in cljax and in Avalanche 0.6 (`benchmarks/avalanche_er.py`, in a virtualenv of
@@ -35,7 +35,7 @@ REPO = pathlib.Path(__file__).resolve().parents[1]
 CELLS = [
     "sgd",
     "joint",
-    *(f"{s}-{b}" for s in ("er", "der", "derpp") for b in (200, 500, 5120)),
+    *(f"{s}-{b}" for s in ("er", "der", "derpp", "er_ace") for b in (200, 500, 5120)),
 ]
 # The DER paper's Table 2, Seq-MNIST (means of 10 runs): class-IL; task-IL where quoted.
 PAPER_CLASS_IL = {

@@ -58,9 +58,10 @@ class StepConfig:
 
     `max_value`, `mean` and `std` normalise the stored inputs (per channel); `dtype` is the
     model's computation dtype; `augmentation` is one of `augment.MODES` (resolved: not
-    `auto`). `average_model_state` averages the model's other variables over devices every
-    step, with the gradients: set it where the model computes its BatchNorm statistics per
-    device, so that the running statistics stay replicated.
+    `auto`). `class_tasks` gives each class's task, for strategies that read it
+    (`Strategy.needs_task_classes`). `average_model_state` averages the model's other
+    variables over devices every step, with the gradients: set it where the model computes
+    its BatchNorm statistics per device, so that the running statistics stay replicated.
     """
 
     model: nn.Module
@@ -75,6 +76,7 @@ class StepConfig:
     buffer: RehearsalBuffer | None = None
     augment_from_task: int = 0
     average_model_state: bool = False
+    class_tasks: tuple[int, ...] | None = None
 
     def normalise(self, inputs: jax.Array) -> jax.Array:
         return augment.normalise(
@@ -175,6 +177,7 @@ def _jitted(step: Callable, runtime: Runtime, settings: StepConfig) -> Callable:
 def _per_device_step(collectives, settings: StepConfig) -> Callable:
     """One device's part of a training step (see the module docstring)."""
     strategy, buffer = settings.strategy, settings.buffer
+    class_tasks = None if settings.class_tasks is None else np.asarray(settings.class_tasks)
 
     def per_device(state: TrainState, rehearsal, batch, task_id, learning_rate):
         rng, keys, shared_key = step_keys(
@@ -218,6 +221,8 @@ def _per_device_step(collectives, settings: StepConfig) -> Callable:
                 inputs=model_inputs,
                 apply=evaluate,
                 collectives=collectives,
+                task_id=task_id,
+                class_tasks=None if class_tasks is None else jnp.asarray(class_tasks),
                 label_smoothing=settings.label_smoothing,
             )
             loss, terms = strategy.loss(outputs, state.strategy_state)

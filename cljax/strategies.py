@@ -10,7 +10,9 @@ attributes and methods declare the rest:
 - `init_state` / `begin_task`: the strategy's own state (a frozen teacher, a gradient
   memory), built from the model's variables, kept in the train state, replicated, and
   handed to `loss` at every step;
-- `loss`: the loss of one device's rows, and the named terms it is made of.
+- `loss`: the loss of one device's rows, and the named terms it is made of;
+- `needs_task_classes`: the loss reads `outputs.class_tasks` (each class's task), so the
+  scenario's tasks must have classes of their own.
 
 Strategies are chosen by `strategy.name` from the registry; `@register(NAME)` adds one, from
 cljax or from the user's own code, and its hyperparameters appear in the config as
@@ -55,7 +57,9 @@ class StepOutputs:
     `logits` and `rep_logits` come from one forward pass over [batch ‖ representatives] with
     the parameters being differentiated; `reps` is None for strategies without a buffer.
     `apply(variables, inputs)` runs the model in evaluation mode (for a teacher's logits)
-    on `inputs`, the model's input rows of this step.
+    on `inputs`, the model's input rows of this step. `task_id` is the task being trained;
+    `class_tasks` [C] gives each class's task, for strategies with `needs_task_classes`
+    (else None).
     """
 
     logits: jax.Array
@@ -67,6 +71,8 @@ class StepOutputs:
     inputs: jax.Array
     apply: Callable[[Any, jax.Array], jax.Array]
     collectives: Collectives
+    task_id: jax.Array
+    class_tasks: jax.Array | None = None
     label_smoothing: float = 0.0
 
     def cross_entropy(self, logits: jax.Array, labels: jax.Array, weights: jax.Array) -> jax.Array:
@@ -112,6 +118,7 @@ class Strategy:
     uses_buffer: ClassVar[bool] = False
     reinitialise_each_task: ClassVar[bool] = False
     trains_on_seen_tasks: ClassVar[bool] = False
+    needs_task_classes: ClassVar[bool] = False
 
     @property
     def buffer_draws(self) -> int:
@@ -173,6 +180,38 @@ class ER(Strategy):
         new, replayed = outputs.batch_and_replay_cross_entropy()
         total = safe(totals.batch + totals.reps)
         return (new + replayed) / total, {"new_ce": new / total, "replay_ce": replayed / total}
+
+
+@register("er_ace")
+@dataclasses.dataclass(frozen=True)
+class ERACE(Strategy):
+    """ER with asymmetric cross-entropy (ER-ACE, Caccia et al., ICLR 2022): the new samples'
+    cross-entropy sees only the logits of the current task's classes, so learning them does
+    not push the old classes' logits down; the representatives' sees every class seen so far.
+    Each term is a mean over its own rows (of all devices), as in the paper's code."""
+
+    uses_buffer: ClassVar[bool] = True
+    needs_task_classes: ClassVar[bool] = True
+
+    def loss(self, outputs: StepOutputs, state: Any) -> tuple[jax.Array, LossTerms]:
+        current = outputs.class_tasks == outputs.task_id
+        seen = outputs.class_tasks <= outputs.task_id
+        new = outputs.cross_entropy(
+            masked(outputs.logits, current), outputs.labels, outputs.weights
+        ) / safe(outputs.totals.batch)
+        replayed = outputs.cross_entropy(
+            masked(outputs.rep_logits, seen), outputs.reps.labels, outputs.reps.weights
+        ) / safe(outputs.totals.reps)
+        return new + replayed, {"new_ce": new, "replay_ce": replayed}
+
+
+def masked(logits: jax.Array, classes: jax.Array) -> jax.Array:
+    """`logits` with the columns outside `classes` [C] (bool) out of the softmax: a large
+    finite negative, so a padding row whose label is masked still has a finite loss."""
+    return jnp.where(classes, logits, MASKED_LOGIT)
+
+
+MASKED_LOGIT = -1e9
 
 
 @register("der")

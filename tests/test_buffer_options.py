@@ -147,6 +147,7 @@ def test_derpp_with_two_draws_matches_logits_on_the_first_and_labels_on_the_seco
         inputs=jnp.zeros((5, 2)),
         apply=None,
         collectives=SingleDevice(),
+        task_id=jnp.int32(0),
     )
     _, terms = strategies.DERpp(alpha=1.0, beta=1.0, draws=2).loss(outputs, ())
     assert float(terms["logit_mse"]) == 0.0  # the first draw's logits are those stored

@@ -65,6 +65,14 @@ def test_cli_writes_well_formed_metrics_json(tmp_path, data_dir):
         (["--config.model.batch_norm=sync"], "model.batch_norm="),
         (["--config.logging.profile_from_step=0"], "logging.profile_from_step="),
         (["--config.strategy.der.alpha=-1", "--config.strategy.name=der"], "strategy.der.alpha="),
+        (
+            [
+                "--config.strategy.name=er_ace",
+                "--config.scenario.name=joint",
+                "--config.scenario.num_tasks=1",
+            ],
+            "strategy.name='er_ace' needs tasks",
+        ),
     ],
 )
 def test_bad_config_stops_with_one_line_naming_the_field(tmp_path, data_dir, flags, start):

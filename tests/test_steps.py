@@ -29,9 +29,10 @@ def make_setup(
     augment_from_task: int = 0,
     memory_kind: str = "device",
     strategy: strategies.Strategy = strategies.ER(),  # noqa: B008 (frozen)
+    class_tasks: tuple[int, ...] | None = None,
 ):
     """Model, replicated train state, sharded rehearsal state and the jitted step."""
-    model, settings = make_settings(budget, augment_from_task, memory_kind, strategy)
+    model, settings = make_settings(budget, augment_from_task, memory_kind, strategy, class_tasks)
     example = {**EXAMPLE, **strategy.stored_fields(NUM_CLASSES)}
     buffer = settings.buffer
     state = steps.create_train_state(settings, jnp.zeros((1, 3)), jax.random.key(0))
@@ -48,6 +49,7 @@ def make_settings(
     augment_from_task: int = 0,
     memory_kind: str = "device",
     strategy: strategies.Strategy = strategies.ER(),  # noqa: B008 (frozen)
+    class_tasks: tuple[int, ...] | None = None,
 ) -> tuple:
     """The model and what the steps are built from."""
     model = MLP(num_classes=NUM_CLASSES, hidden_sizes=(16,))
@@ -66,6 +68,7 @@ def make_settings(
         max_value=MAX_VALUE,
         buffer=buffer,
         augment_from_task=augment_from_task,
+        class_tasks=class_tasks,
     )
     return model, settings
 
@@ -283,6 +286,49 @@ def test_der_and_derpp_losses_equal_their_definitions(runtime, strategy):
     np.testing.assert_allclose(metrics["logit_mse"], mse, rtol=1e-5)
     np.testing.assert_allclose(metrics["new_ce"], new_ce, rtol=1e-5)
     np.testing.assert_allclose(metrics["loss"], expected, rtol=1e-5)
+
+
+CLASS_TASKS = (0, 0, 1, 1)
+
+
+def task_batch(step: int, num_devices: int, task: int) -> dict[str, np.ndarray]:
+    """`host_batch(step)` with labels of `task`'s two classes only (`CLASS_TASKS`)."""
+    batch = host_batch(step, num_devices)
+    return {**batch, "labels": (2 * task + batch["labels"] % 2).astype(np.int32)}
+
+
+@pytest.mark.parametrize("task", [0, 1])
+def test_er_ace_loss_masks_new_rows_to_the_task_and_replay_to_seen_classes(runtime, task):
+    """CE(batch, current task's classes) + CE(representatives, classes seen so far), each a
+    mean over its rows of all devices. The buffer holds task 0's classes; at task 0 the replay
+    term leaves out the unseen classes, at task 1 the new term leaves out the old ones."""
+    model, state, rehearsal, train_step = make_setup(
+        runtime, strategy=strategies.ERACE(), class_tasks=CLASS_TASKS
+    )
+    for step in range(6):
+        batch = task_batch(step, runtime.num_devices, 0)
+        state, rehearsal, _ = train_step(state, rehearsal, batch, jnp.int32(0), 3.0)
+    reps = jax.device_get(rehearsal.representatives)
+    params = jax.device_get(state.params)
+    batch = task_batch(6, runtime.num_devices, task)
+    _, _, metrics = train_step(state, rehearsal, batch, jnp.int32(task), LR)
+
+    def mean_ce(inputs, labels, weights, classes):
+        logits = model.apply({"params": params}, np.asarray(inputs).reshape(-1, 3) / MAX_VALUE)
+        logits = np.where(classes, logits, -1e9)
+        ce = optax.softmax_cross_entropy_with_integer_labels(logits, labels.ravel())
+        return (ce * weights).sum() / weights.sum()
+
+    class_tasks = np.asarray(CLASS_TASKS)
+    mask, weights = batch["mask"].astype(np.float32), reps.weights.ravel()
+    rep_rows = (reps.data["inputs"], reps.labels, weights)
+    new_ce = mean_ce(batch["inputs"], batch["labels"], mask, class_tasks == task)
+    replay_ce = mean_ce(*rep_rows, class_tasks <= task)
+    unmasked = mean_ce(batch["inputs"], batch["labels"], mask, True) + mean_ce(*rep_rows, True)
+    assert weights.sum() > 0 and abs(unmasked - (new_ce + replay_ce)) > 1e-2 * unmasked
+    np.testing.assert_allclose(metrics["new_ce"], new_ce, rtol=1e-5)
+    np.testing.assert_allclose(metrics["replay_ce"], replay_ce, rtol=1e-5)
+    np.testing.assert_allclose(metrics["loss"], new_ce + replay_ce, rtol=1e-5)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -55,6 +55,7 @@ def build(plan: Plan, runtime: Runtime) -> Machinery:
         buffer=plan.buffer,
         augment_from_task=plan.augment_from_task,
         average_model_state=per_device_batch_norm(plan.model),
+        class_tasks=None if plan.class_tasks is None else tuple(plan.class_tasks.tolist()),
     )
     sample = pipeline.read_inputs(
         dataset.train, np.arange(1), plan.inputs.views, dataset.input_shape

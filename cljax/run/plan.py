@@ -180,6 +180,12 @@ def _resolve(config, runtime: Runtime, directory: workdir.Workdir) -> Plan:
     top_k = min(TOP_K, dataset.num_classes)
     accuracies = ("top1", f"top{top_k}") if dataset.num_classes > TOP_K else ("top1",)
     class_tasks = scenario.class_tasks(dataset.num_classes)
+    require(
+        class_tasks is not None or not strategy.needs_task_classes,
+        f"strategy.name={config.strategy.name!r} needs tasks with classes of their own, and"
+        f" scenario.name={config.scenario.name!r} with {scenario.num_tasks} task(s) has none;"
+        " use a class-incremental scenario of 2 tasks or more (--config.scenario.name)",
+    )
     return Plan(
         workdir=directory,
         dataset=dataset,
