@@ -35,12 +35,14 @@ REPO = pathlib.Path(__file__).resolve().parents[1]
 CELLS = [
     "sgd",
     "joint",
+    "lwf",
     *(f"{s}-{b}" for s in ("er", "der", "derpp", "er_ace") for b in (200, 500, 5120)),
 ]
 # The DER paper's Table 2, Seq-MNIST (means of 10 runs): class-IL; task-IL where quoted.
 PAPER_CLASS_IL = {
     "sgd": 19.60,
     "joint": 95.57,
+    "lwf": 19.62,
     "er-200": 80.43,
     "er-500": 86.12,
     "er-5120": 93.40,

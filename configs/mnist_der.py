@@ -6,8 +6,8 @@ The buffer (200, 500 or 5120 samples in all) is one reservoir over every sample 
 stream (`buffer.partition=stream`: all 10 rows of each batch are candidates); each step
 replays the paper's minibatch from it. Learning rate, replay minibatch and the DER weights
 are the paper's best (its appendix; Mammoth's `utils/best_args.py`). :ARG is
-STRATEGY[-BUFFER], STRATEGY one of sgd (fine-tuning), joint (all tasks at once), er, der,
-derpp, er_ace:
+STRATEGY[-BUFFER], STRATEGY one of sgd (fine-tuning), joint (all tasks at once), lwf
+(no buffer), er, der, derpp, er_ace:
 
     python -m cljax.data.prepare mnist --from_dir=../shared/data/mnist   # once
     python -m cljax.train --config=mnist_der:er-200
@@ -17,11 +17,12 @@ derpp, er_ace:
     python -m cljax.train --config=mnist_der:er_ace-500
 
 Class-IL accuracy to expect, quoted from the DER paper's Table 2 (mean of 10 runs; buffers
-200 / 500 / 5120): sgd 19.60, joint 95.57, ER 80.43 / 86.12 / 93.40, DER 84.55 / 90.54 /
-94.90, DER++ 85.61 / 91.00 / 95.30. Measured by cljax (`python benchmarks/seq_mnist.py
---from_dir=../shared/data/mnist`, seeds 0-4, 2-core CPU; docs/results.md has task-IL too):
-sgd 19.72, joint 95.48, ER 78.86 / 85.98 / 93.15, DER 84.09 / 90.26 / 95.03, DER++ 84.82 /
-91.04 / 94.73; each run takes 3 to 10 s of training on that CPU.
+200 / 500 / 5120): sgd 19.60, joint 95.57, LwF 19.62, ER 80.43 / 86.12 / 93.40, DER 84.55 /
+90.54 / 94.90, DER++ 85.61 / 91.00 / 95.30. Measured by cljax (`python
+benchmarks/seq_mnist.py --from_dir=../shared/data/mnist`, seeds 0-4, 2-core CPU;
+docs/results.md has task-IL too): sgd 19.72, joint 95.48, LwF 20.02, ER 78.86 / 85.98 /
+93.15, DER 84.09 / 90.26 / 95.03, DER++ 84.82 / 91.04 / 94.73; each run takes 2 to 10 s of
+training on that CPU. LwF uses the paper's learning rate 0.03, alpha 1 and temperature 2.
 
 ER-ACE (Caccia et al., ICLR 2022) is not in the DER paper, which has no figure for it on
 Split MNIST; its cells use ER's hyperparameters at the same buffer, so that beside ER they
@@ -56,13 +57,14 @@ BEST.update({("er_ace", size): BEST[("er", size)] for size in BUFFER_SIZES})
 WITHOUT_BUFFER = {
     "sgd": ("incremental", "class_incremental", 0.03),
     "joint": ("incremental", "joint", 0.03),
+    "lwf": ("lwf", "class_incremental", 0.03),  # alpha 1, temperature 2: the defaults
 }
 BATCH_SIZE = 10
 
 
 def get_config(arg: str = "er-200") -> ml_collections.ConfigDict:
-    """`arg` is STRATEGY[-BUFFER]: sgd, joint, or er, der, derpp, er_ace with BUFFER 200,
-    500 or 5120 samples in all (default 200)."""
+    """`arg` is STRATEGY[-BUFFER]: sgd, joint, lwf, or er, der, derpp, er_ace with BUFFER
+    200, 500 or 5120 samples in all (default 200)."""
     strategy, _, size = arg.partition("-")
     if strategy in WITHOUT_BUFFER:
         name, scenario, learning_rate = WITHOUT_BUFFER[strategy]
@@ -73,8 +75,8 @@ def get_config(arg: str = "er-200") -> ml_collections.ConfigDict:
     size = int(size or BUFFER_SIZES[0])
     if (strategy, size) not in BEST:
         raise ValueError(
-            f"mnist_der:{arg}: give sgd, joint or STRATEGY-BUFFER with STRATEGY one of er, der,"
-            f" derpp, er_ace and BUFFER one of {BUFFER_SIZES}"
+            f"mnist_der:{arg}: give sgd, joint, lwf or STRATEGY-BUFFER with STRATEGY one of er,"
+            f" der, derpp, er_ace and BUFFER one of {BUFFER_SIZES}"
         )
     learning_rate, minibatch, alpha, beta = BEST[(strategy, size)]
     config = _protocol(default.get_config(strategy), learning_rate)

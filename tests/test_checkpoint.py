@@ -115,6 +115,23 @@ def test_a_run_killed_three_times_ends_as_an_uninterrupted_one(tmp_path, env, re
     assert_same_scalars(workdir, reference[kind])
 
 
+@pytest.mark.slow
+def test_a_strategy_with_its_own_state_killed_twice_ends_as_an_uninterrupted_run(tmp_path, env):
+    """LwF's teacher (its state) is in the checkpoints: a run killed mid-task and after a
+    save resumes to the same accuracies and the same final state, teacher included."""
+    flags = ["--config.strategy.name=lwf"]
+    reference, workdir = tmp_path / "reference", tmp_path / "run"
+    train(reference, *flags, env=env)
+    for kill_at in ("step:45", "save:4"):
+        train(workdir, *flags, kill_at=kill_at, env=env)
+    assert "resuming from" in train(workdir, *flags, env=env).stdout
+    ran, expected = metrics(workdir), metrics(reference)
+    assert ran["resumes"] == 2 and ran["accuracy_matrix"] == expected["accuracy_matrix"]
+    state = checkpoint.read(str(workdir), "state")
+    assert state["strategy_state"]  # the teacher
+    jax.tree.map(np.testing.assert_array_equal, state, checkpoint.read(str(reference), "state"))
+
+
 def assert_same_scalars(workdir, reference) -> None:
     """The killed run's TensorBoard files hold one point per logged step, as the
     uninterrupted run's do: the same steps and, but for timing, the same values."""

@@ -331,6 +331,47 @@ def test_er_ace_loss_masks_new_rows_to_the_task_and_replay_to_seen_classes(runti
     np.testing.assert_allclose(metrics["loss"], new_ce + replay_ce, rtol=1e-5)
 
 
+def test_lwf_loss_is_cross_entropy_over_seen_classes_plus_distillation_of_old_ones(runtime):
+    """At task 1: CE(batch, classes of tasks 0-1) + alpha T-softmax cross-entropy from the
+    teacher (the model when the task began) to the model, over task 0's classes."""
+    lwf = strategies.LwF(alpha=0.7, temperature=2.0)
+    model, state, _, train_step = make_setup(runtime, strategy=lwf, class_tasks=CLASS_TASKS)
+    first = task_batch(0, runtime.num_devices, 0)
+    seen_logits = model.apply({"params": jax.device_get(state.params)}, first["inputs"] / MAX_VALUE)
+    first_ce = optax.softmax_cross_entropy_with_integer_labels(seen_logits[:, :2], first["labels"])
+    for step in range(4):
+        batch = task_batch(step, runtime.num_devices, 0)
+        state, _, metrics = train_step(state, None, batch, jnp.int32(0), 3.0)
+        if step == 0:  # task 0's classes only, and no old classes to distil
+            weights = first["mask"].astype(np.float32)
+            np.testing.assert_allclose(
+                metrics["new_ce"], (first_ce * weights).sum() / weights.sum(), rtol=1e-5
+            )
+            assert float(metrics["distillation"]) == 0.0
+    teacher = jax.device_get(state.params)
+    state = state.replace(strategy_state=lwf.begin_task(state.strategy_state, state.variables, 1))
+    state, _, _ = train_step(state, None, task_batch(4, runtime.num_devices, 1), jnp.int32(1), 3.0)
+    params = jax.device_get(state.params)
+    batch = task_batch(5, runtime.num_devices, 1)
+    _, _, metrics = train_step(state, None, batch, jnp.int32(1), LR)
+
+    def logits(variables):
+        return model.apply({"params": variables}, batch["inputs"] / MAX_VALUE)
+
+    mask = batch["mask"].astype(np.float32)
+    ce = optax.softmax_cross_entropy_with_integer_labels(logits(params), batch["labels"])
+    new_ce = (ce * mask).sum() / mask.sum()
+    old = slice(0, 2)  # task 0's classes
+    soft = optax.softmax_cross_entropy(
+        logits(params)[:, old] / 2.0, jax.nn.softmax(logits(teacher)[:, old] / 2.0)
+    )
+    distillation = (soft * mask).sum() / mask.sum()
+    assert 0.7 * distillation > 1e-2 * new_ce  # zeroing the term fails the test
+    np.testing.assert_allclose(metrics["new_ce"], new_ce, rtol=1e-5)
+    np.testing.assert_allclose(metrics["distillation"], distillation, rtol=1e-5)
+    np.testing.assert_allclose(metrics["loss"], new_ce + 0.7 * distillation, rtol=1e-5)
+
+
 @dataclasses.dataclass(frozen=True)
 class OffsetLoss(strategies.Strategy):
     """Fine-tuning plus a constant kept in the strategy's own state."""
