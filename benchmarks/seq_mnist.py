@@ -36,7 +36,7 @@ CELLS = [
     "sgd",
     "joint",
     "lwf",
-    *(f"{s}-{b}" for s in ("er", "der", "derpp", "er_ace") for b in (200, 500, 5120)),
+    *(f"{s}-{b}" for s in ("er", "der", "derpp", "agem", "er_ace") for b in (200, 500, 5120)),
 ]
 # The DER paper's Table 2, Seq-MNIST (means of 10 runs): class-IL; task-IL where quoted.
 PAPER_CLASS_IL = {
@@ -52,6 +52,8 @@ PAPER_CLASS_IL = {
     "derpp-200": 85.61,
     "derpp-500": 91.00,
     "derpp-5120": 95.30,
+    "agem-200": 45.72,
+    "agem-500": 46.66,
 }
 PAPER_TASK_IL = {"er-200": 97.86, "er-500": 99.04, "derpp-200": 98.76, "derpp-500": 98.94}
 SPEED_CELL = "er-500"

@@ -228,10 +228,18 @@ def _per_device_step(collectives, settings: StepConfig) -> Callable:
             loss, terms = strategy.loss(outputs, state.strategy_state)
             return loss, (terms, model_state, strategy.fields_to_store(outputs))
 
-        grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
-        (loss, (terms, model_state, stored)), grads = grad_fn(collectives.per_device(state.params))
+        params = collectives.per_device(state.params)
+        if strategy.gradient_terms:
+            (loss, (terms, model_state, stored)), grads = term_gradients(
+                loss_fn, params, strategy.gradient_terms
+            )
+        else:
+            grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+            (loss, (terms, model_state, stored)), grads = grad_fn(params)
         varying_state = model_state if settings.average_model_state else None
         grads, loss, terms, state_sum = collectives.sum((grads, loss, terms, varying_state))
+        if strategy.gradient_terms:
+            grads = strategy.combine_gradients(grads)
         if settings.average_model_state:
             model_state = jax.tree.map(lambda total: total / collectives.num_devices(), state_sum)
         opt_state = optim.with_learning_rate(state.opt_state, learning_rate)
@@ -258,6 +266,20 @@ def _per_device_step(collectives, settings: StepConfig) -> Callable:
         return state, rehearsal, {"loss": loss, **terms, "rep_weight": totals.reps}
 
     return per_device
+
+
+def term_gradients(loss_fn: Callable, params, names: tuple[str, ...]) -> tuple:
+    """`loss_fn(params) -> (loss, (terms, ...))`'s value and, for each term in `names`, its
+    gradient: one forward pass, one backward pass per term."""
+
+    def named_terms(params):
+        loss, aux = loss_fn(params)
+        return jnp.stack([aux[0][name] for name in names]), (loss, aux)
+
+    values, backward, value = jax.vjp(named_terms, params, has_aux=True)
+    # Each term's cotangent is built from `values`, so it has their type (per device).
+    basis = [jnp.zeros_like(values).at[index].set(1.0) for index in range(len(names))]
+    return value, {name: backward(row)[0] for name, row in zip(names, basis, strict=True)}
 
 
 def _rep_weight_rows(reps: Representatives | None) -> jax.Array:

@@ -12,7 +12,10 @@ attributes and methods declare the rest:
   handed to `loss` at every step;
 - `loss`: the loss of one device's rows, and the named terms it is made of;
 - `needs_task_classes`: the loss reads `outputs.class_tasks` (each class's task), so the
-  scenario's tasks must have classes of their own.
+  scenario's tasks must have classes of their own;
+- `gradient_terms` / `combine_gradients`: a strategy that acts on gradients (A-GEM) names
+  the loss terms whose gradients it needs; the step takes each term's gradient, sums it
+  over devices, and updates the parameters with what `combine_gradients` makes of them.
 
 Strategies are chosen by `strategy.name` from the registry; `@register(NAME)` adds one, from
 cljax or from the user's own code, and its hyperparameters appear in the config as
@@ -119,6 +122,7 @@ class Strategy:
     reinitialise_each_task: ClassVar[bool] = False
     trains_on_seen_tasks: ClassVar[bool] = False
     needs_task_classes: ClassVar[bool] = False
+    gradient_terms: ClassVar[tuple[str, ...]] = ()
 
     @property
     def buffer_draws(self) -> int:
@@ -143,6 +147,11 @@ class Strategy:
         """The strategy's state at the start of `task`, given the model's variables. Arrays
         kept from `variables` must be copies (`jnp.copy`): the step donates both."""
         return state
+
+    def combine_gradients(self, gradients: dict[str, Any]) -> Any:
+        """The update's gradient from the gradients of the `gradient_terms` (each summed over
+        devices, so the result is the same on every device)."""
+        raise NotImplementedError(f"{type(self).__name__} declares no gradient_terms")
 
     def loss(self, outputs: StepOutputs, state: Any) -> tuple[jax.Array, LossTerms]:
         """This device's part of the loss, and its named terms: the step sums both over
@@ -203,6 +212,39 @@ class ERACE(Strategy):
             masked(outputs.rep_logits, seen), outputs.reps.labels, outputs.reps.weights
         ) / safe(outputs.totals.reps)
         return new + replayed, {"new_ce": new, "replay_ce": replayed}
+
+
+@register("agem")
+@dataclasses.dataclass(frozen=True)
+class AGEM(Strategy):
+    """Averaged GEM (Chaudhry et al., ICLR 2019): the gradient of the new rows' cross-entropy,
+    projected where it would raise the loss on the representatives of earlier tasks: with g
+    that gradient and g_ref the representatives', g - (g.g_ref / g_ref.g_ref) g_ref where
+    g.g_ref < 0. Both are gradients of the global batch (summed over devices), so every
+    device projects alike. The representatives of the task being trained are left out."""
+
+    uses_buffer: ClassVar[bool] = True
+    gradient_terms: ClassVar[tuple[str, ...]] = ("new_ce", "reference_ce")
+
+    def loss(self, outputs: StepOutputs, state: Any) -> tuple[jax.Array, LossTerms]:
+        reps = outputs.reps
+        weights = reps.weights * (reps.task_ids < outputs.task_id)
+        total = outputs.collectives.sum(weights.sum())
+        new = outputs.cross_entropy(outputs.logits, outputs.labels, outputs.weights)
+        new = new / safe(outputs.totals.batch)
+        reference = outputs.cross_entropy(outputs.rep_logits, reps.labels, weights) / safe(total)
+        return new, {"new_ce": new, "reference_ce": reference}
+
+    def combine_gradients(self, gradients: dict[str, Any]) -> Any:
+        new, reference = gradients["new_ce"], gradients["reference_ce"]
+        dot, norm = tree_dot(new, reference), tree_dot(reference, reference)
+        scale = jnp.where(dot < 0, dot / safe(norm), 0.0)
+        return jax.tree.map(lambda g, r: g - scale * r, new, reference)
+
+
+def tree_dot(a, b) -> jax.Array:
+    """The dot product of two pytrees of the same structure, as flat vectors."""
+    return sum(jnp.vdot(x, y) for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True))
 
 
 @register("lwf")

@@ -331,6 +331,47 @@ def test_er_ace_loss_masks_new_rows_to_the_task_and_replay_to_seen_classes(runti
     np.testing.assert_allclose(metrics["loss"], new_ce + replay_ce, rtol=1e-5)
 
 
+@pytest.mark.parametrize(("warm_up_lr", "projects"), [(0.1, True), (3.0, False)])
+def test_agem_projects_the_global_gradient_where_it_would_raise_the_old_tasks_loss(
+    runtime, warm_up_lr, projects
+):
+    """At task 1, the update is -lr (g - (g.g_ref / g_ref.g_ref) g_ref) where g.g_ref < 0,
+    else -lr g, with g the new rows' gradient and g_ref the task-0 representatives', both of
+    the global batch (8 devices). The warm-up's learning rate makes g.g_ref < 0 or > 0."""
+    model, state, rehearsal, train_step = make_setup(runtime, strategy=strategies.AGEM())
+    for step in range(6):
+        batch = task_batch(step, runtime.num_devices, 0)
+        state, rehearsal, metrics = train_step(state, rehearsal, batch, jnp.int32(0), warm_up_lr)
+        assert float(metrics["reference_ce"]) == 0.0  # task 0 has no earlier task to protect
+    reps = jax.device_get(rehearsal.representatives)
+    params = jax.device_get(state.params)
+    batch = task_batch(6, runtime.num_devices, 1)
+    state, _, metrics = train_step(state, rehearsal, batch, jnp.int32(1), LR)
+
+    def mean_ce(params, inputs, labels, weights):
+        logits = model.apply({"params": params}, np.asarray(inputs).reshape(-1, 3) / MAX_VALUE)
+        ce = optax.softmax_cross_entropy_with_integer_labels(logits, labels.ravel())
+        return (ce * weights).sum() / weights.sum()
+
+    weights = reps.weights.ravel() * (reps.task_ids.ravel() < 1)
+    new = jax.grad(mean_ce)(params, batch["inputs"], batch["labels"], batch["mask"] * 1.0)
+    reference = jax.grad(mean_ce)(params, reps.data["inputs"], reps.labels, weights)
+    dot = strategies.tree_dot(new, reference)
+    assert weights.sum() > 0 and (dot < 0) == projects
+    scale = min(dot, 0.0) / strategies.tree_dot(reference, reference)
+    expected = jax.tree.map(lambda p, g, r: p - LR * (g - scale * r), params, new, reference)
+    jax.tree.map(
+        lambda a, b: np.testing.assert_allclose(a, b, rtol=2e-5, atol=2e-6),
+        jax.device_get(state.params),
+        expected,
+    )
+    np.testing.assert_allclose(
+        metrics["loss"],
+        mean_ce(params, batch["inputs"], batch["labels"], batch["mask"] * 1.0),
+        rtol=1e-5,
+    )
+
+
 def test_lwf_loss_is_cross_entropy_over_seen_classes_plus_distillation_of_old_ones(runtime):
     """At task 1: CE(batch, classes of tasks 0-1) + alpha T-softmax cross-entropy from the
     teacher (the model when the task began) to the model, over task 0's classes."""
