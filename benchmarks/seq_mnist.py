@@ -36,6 +36,7 @@ CELLS = [
     "sgd",
     "joint",
     "lwf",
+    "ewc_online",
     *(f"{s}-{b}" for s in ("er", "der", "derpp", "agem", "er_ace") for b in (200, 500, 5120)),
 ]
 # The DER paper's Table 2, Seq-MNIST (means of 10 runs): class-IL; task-IL where quoted.
@@ -43,6 +44,7 @@ PAPER_CLASS_IL = {
     "sgd": 19.60,
     "joint": 95.57,
     "lwf": 19.62,
+    "ewc_online": 20.46,
     "er-200": 80.43,
     "er-500": 86.12,
     "er-5120": 93.40,

@@ -222,6 +222,7 @@ def _per_device_step(collectives, settings: StepConfig) -> Callable:
                 apply=evaluate,
                 collectives=collectives,
                 task_id=task_id,
+                params=params,
                 class_tasks=None if class_tasks is None else jnp.asarray(class_tasks),
                 label_smoothing=settings.label_smoothing,
             )
@@ -285,6 +286,37 @@ def term_gradients(loss_fn: Callable, params, names: tuple[str, ...]) -> tuple:
 def _rep_weight_rows(reps: Representatives | None) -> jax.Array:
     """The representatives' weights, or no rows at all without a buffer."""
     return jnp.zeros(0, jnp.float32) if reps is None else reps.weights
+
+
+def make_task_pass(runtime: Runtime, settings: StepConfig) -> tuple[Callable, Callable]:
+    """Builds the end-of-task pass of a strategy with `needs_task_pass`:
+    `batch_sums(state, inputs, labels, valid) -> (sums, count)`, its `task_pass_sums` over
+    one batch of the task's rows, summed over devices, and `finish(state, sums, count) ->
+    state`, the state with the strategy's `end_task` state (the train state is donated).
+    The model runs in evaluation mode."""
+    strategy = settings.strategy
+
+    def per_device(state: TrainState, inputs, labels, valid):
+        weights = valid.astype(jnp.float32)
+        # This device's own copy: a gradient of the replicated one would be summed over devices.
+        params = runtime.collectives.per_device(state.params)
+        sums = strategy.task_pass_sums(
+            state.strategy_state,
+            {**state.variables, "params": params},
+            settings.model.apply,
+            settings.normalise(inputs),
+            labels,
+            weights,
+        )
+        return runtime.collectives.sum((sums, weights.sum()))
+
+    batch_sums = runtime.per_device(per_device, (P(), P(AXIS), P(AXIS), P(AXIS)), P())
+
+    def finish(state: TrainState, sums, count) -> TrainState:
+        strategy_state = strategy.end_task(state.strategy_state, state.variables, sums, count)
+        return state.replace(strategy_state=strategy_state)
+
+    return jax.jit(batch_sums), jax.jit(finish, donate_argnums=0)
 
 
 def make_predict(runtime: Runtime, settings: StepConfig, top_k: int, class_tasks=None):

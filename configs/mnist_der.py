@@ -6,8 +6,8 @@ The buffer (200, 500 or 5120 samples in all) is one reservoir over every sample 
 stream (`buffer.partition=stream`: all 10 rows of each batch are candidates); each step
 replays the paper's minibatch from it. Learning rate, replay minibatch and the DER weights
 are the paper's best (its appendix; Mammoth's `utils/best_args.py`). :ARG is
-STRATEGY[-BUFFER], STRATEGY one of sgd (fine-tuning), joint (all tasks at once), lwf
-(no buffer), er, der, derpp, agem, er_ace:
+STRATEGY[-BUFFER], STRATEGY one of sgd (fine-tuning), joint (all tasks at once), lwf and
+ewc_online (no buffer), er, der, derpp, agem, er_ace:
 
     python -m cljax.data.prepare mnist --from_dir=../shared/data/mnist   # once
     python -m cljax.train --config=mnist_der:er-200
@@ -17,13 +17,14 @@ STRATEGY[-BUFFER], STRATEGY one of sgd (fine-tuning), joint (all tasks at once),
     python -m cljax.train --config=mnist_der:er_ace-500
 
 Class-IL accuracy to expect, quoted from the DER paper's Table 2 (mean of 10 runs; buffers
-200 / 500 / 5120): sgd 19.60, joint 95.57, LwF 19.62, ER 80.43 / 86.12 / 93.40, DER 84.55 /
-90.54 / 94.90, DER++ 85.61 / 91.00 / 95.30, A-GEM 45.72 / 46.66 (200 / 500). Measured by
-cljax (`python benchmarks/seq_mnist.py --from_dir=../shared/data/mnist`, seeds 0-4, 2-core
-CPU; docs/results.md has task-IL too): sgd 19.72, joint 95.48, LwF 20.02, ER 78.86 / 85.98 /
-93.15, DER 84.09 / 90.26 / 95.03, DER++ 84.82 / 91.04 / 94.73, A-GEM 48.72 / 47.21 / 50.32;
-each run takes 2 to 10 s of training on that CPU. LwF uses the paper's learning rate 0.03,
-alpha 1 and temperature 2; A-GEM its learning rate 0.1 and reference draw of 128.
+200 / 500 / 5120): sgd 19.60, joint 95.57, LwF 19.62, oEWC 20.46, ER 80.43 / 86.12 / 93.40,
+DER 84.55 / 90.54 / 94.90, DER++ 85.61 / 91.00 / 95.30, A-GEM 45.72 / 46.66 (200 / 500).
+Measured by cljax (`python benchmarks/seq_mnist.py --from_dir=../shared/data/mnist`, seeds
+0-4, 2-core CPU; docs/results.md has task-IL too): sgd 19.72, joint 95.48, LwF 20.02, oEWC
+20.95, ER 78.86 / 85.98 / 93.15, DER 84.09 / 90.26 / 95.03, DER++ 84.82 / 91.04 / 94.73,
+A-GEM 48.72 / 47.21 / 50.32; each run takes 2 to 10 s of training on that CPU. LwF uses the
+paper's learning rate 0.03, alpha 1 and temperature 2; online EWC its learning rate 0.03,
+lambda 90 and gamma 1; A-GEM its learning rate 0.1 and reference draw of 128.
 
 ER-ACE (Caccia et al., ICLR 2022) is not in the DER paper, which has no figure for it on
 Split MNIST; its cells use ER's hyperparameters at the same buffer, so that beside ER they
@@ -60,13 +61,14 @@ WITHOUT_BUFFER = {
     "sgd": ("incremental", "class_incremental", 0.03),
     "joint": ("incremental", "joint", 0.03),
     "lwf": ("lwf", "class_incremental", 0.03),  # alpha 1, temperature 2: the defaults
+    "ewc_online": ("ewc_online", "class_incremental", 0.03),  # lambda 90, gamma 1: defaults
 }
 BATCH_SIZE = 10
 
 
 def get_config(arg: str = "er-200") -> ml_collections.ConfigDict:
-    """`arg` is STRATEGY[-BUFFER]: sgd, joint, lwf, or er, der, derpp, agem, er_ace with BUFFER
-    200, 500 or 5120 samples in all (default 200)."""
+    """`arg` is STRATEGY[-BUFFER]: sgd, joint, lwf, ewc_online, or er, der, derpp, agem,
+    er_ace with BUFFER 200, 500 or 5120 samples in all (default 200)."""
     strategy, _, size = arg.partition("-")
     if strategy in WITHOUT_BUFFER:
         name, scenario, learning_rate = WITHOUT_BUFFER[strategy]
@@ -77,8 +79,8 @@ def get_config(arg: str = "er-200") -> ml_collections.ConfigDict:
     size = int(size or BUFFER_SIZES[0])
     if (strategy, size) not in BEST:
         raise ValueError(
-            f"mnist_der:{arg}: give sgd, joint, lwf or STRATEGY-BUFFER with STRATEGY one of er,"
-            f" der, derpp, agem, er_ace and BUFFER one of {BUFFER_SIZES}"
+            f"mnist_der:{arg}: give sgd, joint, lwf, ewc_online or STRATEGY-BUFFER with STRATEGY"
+            f" one of er, der, derpp, agem, er_ace and BUFFER one of {BUFFER_SIZES}"
         )
     learning_rate, minibatch, alpha, beta = BEST[(strategy, size)]
     config = _protocol(default.get_config(strategy), learning_rate)

@@ -1,7 +1,8 @@
 """Test tool: `python tests/kill_at.py POINT:N [cljax.train flags...]` runs cljax.train and
 SIGKILLs its own process right after the N-th call at POINT has started: `step` (a train
 step, or a block of them, dispatched and running on the devices), `eval` (a prediction batch
-dispatched) or `save` (a checkpoint whose write goes on in the background)."""
+dispatched), `pass` (a batch of a strategy's end-of-task pass dispatched) or `save` (a
+checkpoint whose write goes on in the background)."""
 
 import functools
 import os
@@ -40,10 +41,18 @@ def main() -> None:
     elif point == "eval":
         make = steps.make_predict
         steps.make_predict = lambda *args: killing_after(number, make(*args))
+    elif point == "pass":
+        make = steps.make_task_pass
+
+        def make_killing(*args):
+            batch_sums, finish = make(*args)
+            return killing_after(number, batch_sums), finish
+
+        steps.make_task_pass = make_killing
     elif point == "save":
         checkpoint.Checkpoints.save = killing_after(number, checkpoint.Checkpoints.save)
     else:
-        raise SystemExit(f"unknown point {point}; use step, eval or save")
+        raise SystemExit(f"unknown point {point}; use step, eval, pass or save")
     train.main()
 
 

@@ -116,19 +116,27 @@ def test_a_run_killed_three_times_ends_as_an_uninterrupted_one(tmp_path, env, re
 
 
 @pytest.mark.slow
-def test_a_strategy_with_its_own_state_killed_twice_ends_as_an_uninterrupted_run(tmp_path, env):
-    """LwF's teacher (its state) is in the checkpoints: a run killed mid-task and after a
-    save resumes to the same accuracies and the same final state, teacher included."""
-    flags = ["--config.strategy.name=lwf"]
+@pytest.mark.parametrize(
+    "strategy, kill_points",
+    [("lwf", ("step:45", "save:4")), ("ewc_online", ("pass:3", "step:45"))],
+)
+def test_a_strategy_with_its_own_state_killed_twice_ends_as_an_uninterrupted_run(
+    tmp_path, env, strategy, kill_points
+):
+    """A strategy's own state is in the checkpoints (LwF's teacher; online EWC's Fisher and
+    anchor, made by a pass over each task's rows): a run killed mid-task, during an
+    end-of-task pass or after a save resumes to the same accuracies and the same final
+    state, the strategy's included."""
+    flags = [f"--config.strategy.name={strategy}", "--config.eval_batch_size=128"]
     reference, workdir = tmp_path / "reference", tmp_path / "run"
     train(reference, *flags, env=env)
-    for kill_at in ("step:45", "save:4"):
+    for kill_at in kill_points:
         train(workdir, *flags, kill_at=kill_at, env=env)
     assert "resuming from" in train(workdir, *flags, env=env).stdout
     ran, expected = metrics(workdir), metrics(reference)
     assert ran["resumes"] == 2 and ran["accuracy_matrix"] == expected["accuracy_matrix"]
     state = checkpoint.read(str(workdir), "state")
-    assert state["strategy_state"]  # the teacher
+    assert state["strategy_state"]
     jax.tree.map(np.testing.assert_array_equal, state, checkpoint.read(str(reference), "state"))
 
 

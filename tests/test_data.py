@@ -202,6 +202,38 @@ def test_the_plan_is_each_tasks_steps_then_its_evaluation_and_resumes_mid_run():
     assert next_task == items[len(train0) + len(eval0) :]
 
 
+def test_a_task_pass_comes_between_a_tasks_steps_and_its_evaluation_and_resumes():
+    task_rows = (np.arange(10), np.arange(5))
+    plain = pipeline.plan(task_rows, 7, 2, 4, 3)
+    items = pipeline.plan(task_rows, 7, 2, 4, 3, task_pass=True)
+    passes = [(item.task, item.start) for item in items if item.kind == "pass"]
+    assert passes == [(0, 0), (0, 3), (0, 6), (0, 9), (1, 0), (1, 3)]
+    assert [item for item in items if item.kind != "pass"] == plain
+    first_pass = items.index(pipeline.Item("pass", 0, start=0))
+    assert items[first_pass - 1].kind == "train" and items[first_pass + 4].kind == "eval"
+    resumed = pipeline.plan(
+        task_rows, 7, 2, 4, 3, pipeline.Position(task=0, epoch=1, step=1), task_pass=True
+    )
+    assert resumed == items[4:]
+
+
+def test_a_pass_batch_holds_the_tasks_rows_in_order_with_labels_and_padding():
+    train = sources.ArraySplit(np.arange(20, dtype=np.uint8).reshape(20, 1), np.arange(20) % 4)
+    task_rows = (np.asarray([3, 5, 8, 13, 17]),)
+    layout = pipeline.Layout(4, process_index=1, process_count=2)
+    loader = pipeline.Loader(
+        train, train, task_rows, layout, pipeline.Views(), (1,), seed=0, eval_batch_size=4
+    )
+    batch = loader(pipeline.Item("pass", 0, start=4))  # rows [17, (17, 17, 17) padding]
+    np.testing.assert_array_equal(batch["inputs"][:, 0], [17, 17])
+    np.testing.assert_array_equal(batch["labels"], [1, 1])
+    np.testing.assert_array_equal(batch["valid"], [False, False])
+    first = loader(pipeline.Item("pass", 0, start=0))  # process 1: rows 8 and 13
+    np.testing.assert_array_equal(first["inputs"][:, 0], [8, 13])
+    np.testing.assert_array_equal(first["labels"], [0, 1])
+    assert first["valid"].all()
+
+
 def test_varying_size_images_are_resized_and_centre_cropped():
     wide = np.zeros((40, 80, 3), np.uint8)
     wide[:, 30:50] = 255

@@ -58,7 +58,7 @@ def accuracy(workdir) -> np.ndarray:
         return np.asarray(json.load(file)["accuracy_matrix"])
 
 
-def single_process(tmp_path, env, devices: int) -> np.ndarray:
+def single_process(tmp_path, env, devices: int, *flags: str) -> np.ndarray:
     workdir = tmp_path / f"single{devices}"
     run(
         [
@@ -68,32 +68,28 @@ def single_process(tmp_path, env, devices: int) -> np.ndarray:
             f"--workdir={workdir}",
             f"--config.num_cpu_devices={devices}",
             *SHORT_RUN,
+            *flags,
         ],
         env,
     )
     return accuracy(workdir)
 
 
-def test_two_processes_of_two_devices_equal_one_process_of_four(tmp_path, data_dir):
+# ER, and a strategy with each hook of the step: tasks' classes (ER-ACE), gradients of named
+# terms (A-GEM), an end-of-task pass and a penalty on the parameters (online EWC).
+@pytest.mark.parametrize("strategy", ["er", "er_ace", "agem", "ewc_online"])
+def test_two_processes_of_two_devices_equal_one_process_of_four(tmp_path, data_dir, strategy):
     """launch/local.sh 2 with no device flag splits the default 4 devices over 2 processes."""
     env = environment(data_dir)
     workdir = tmp_path / "jax2x2"
-    run(
-        [
-            "bash",
-            "launch/local.sh",
-            "2",
-            f"--workdir={workdir}",
-            *SHORT_RUN,
-        ],
-        env,
-    )
+    flags = [f"--config.strategy.name={strategy}"]
+    run(["bash", "launch/local.sh", "2", f"--workdir={workdir}", *SHORT_RUN, *flags], env)
     with open(workdir / "metrics.json") as file:
         metrics = json.load(file)
     assert metrics["num_devices"] == 4
     timing = metrics["task_timings"][0]
     assert timing["train_s_max"] >= timing["train_s"] > 0
-    np.testing.assert_array_equal(accuracy(workdir), single_process(tmp_path, env, 4))
+    np.testing.assert_array_equal(accuracy(workdir), single_process(tmp_path, env, 4, *flags))
 
 
 def test_mpirun_with_the_mpi_backend_equals_one_process_of_two_devices(tmp_path, data_dir):

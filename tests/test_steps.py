@@ -464,3 +464,86 @@ def test_task_il_prediction_is_the_best_class_of_each_task(runtime):
     np.testing.assert_array_equal(per_task[:3], [[1, 2], [0, 3], [0, 3]])
     no_tasks = steps.make_predict(runtime, settings, 2)
     assert np.asarray(no_tasks(state, runtime.place(logits))[2]).shape == (len(logits), 0)
+
+
+def test_online_ewc_step_descends_cross_entropy_plus_the_fisher_weighted_penalty(runtime):
+    """With F and theta* in the strategy's state: one step on 8 devices is the single-device
+    gradient step on CE(global batch) + lambda sum F (theta - theta*)^2."""
+    ewc = strategies.OnlineEWC(penalty_weight=40.0)
+    model, state, _, train_step = make_setup(runtime, strategy=ewc)
+    params = jax.device_get(state.params)
+    keys = iter(jax.random.split(jax.random.key(1), 8))
+    fisher = jax.device_get(jax.tree.map(lambda p: jax.random.uniform(next(keys), p.shape), params))
+    anchor = jax.device_get(
+        jax.tree.map(lambda p: p + 0.3 * jax.random.normal(next(keys), p.shape), params)
+    )
+    state = state.replace(
+        strategy_state=jax.device_put({"fisher": fisher, "anchor": anchor}, runtime.replicated)
+    )
+    batch = host_batch(0, runtime.num_devices)
+
+    def penalty(params):
+        terms = jax.tree.map(lambda f, p, a: (f * (p - a) ** 2).sum(), fisher, params, anchor)
+        return sum(jax.tree.leaves(terms))
+
+    def global_loss(params):
+        logits = model.apply({"params": params}, batch["inputs"] / MAX_VALUE)
+        ce = optax.softmax_cross_entropy_with_integer_labels(logits, batch["labels"])
+        return (ce * batch["mask"]).sum() / batch["mask"].sum() + 40.0 * penalty(params)
+
+    expected = jax.tree.map(lambda p, g: p - LR * g, params, jax.grad(global_loss)(params))
+    state, _, metrics = train_step(state, None, batch, jnp.int32(1), LR)
+    assert 40.0 * penalty(params) > 0.1 * float(metrics["new_ce"])  # a zero penalty fails
+    np.testing.assert_allclose(metrics["penalty"], penalty(params), rtol=1e-5)
+    np.testing.assert_allclose(metrics["loss"], global_loss(params), rtol=1e-5)
+    jax.tree.map(
+        lambda a, b: np.testing.assert_allclose(a, b, rtol=2e-5, atol=2e-6),
+        jax.device_get(state.params),
+        expected,
+    )
+
+
+def test_online_ewc_task_pass_gives_the_mean_of_each_rows_weighted_squared_gradient(runtime):
+    """The end-of-task pass on 8 devices, over two batches with padding: F_task = mean over
+    the real rows of p(y|x) (d log p(y|x))^2, each row's gradient on its own;
+    F = gamma F_old + F_task, and theta* the parameters as the task ended."""
+    ewc = strategies.OnlineEWC(gamma=0.5)
+    model, settings = make_settings(strategy=ewc)
+    state = steps.create_train_state(settings, jnp.zeros((1, 3)), jax.random.key(0))
+    old_fisher = jax.tree.map(lambda p: np.full(p.shape, 0.25, np.float32), state.params)
+    state = jax.device_put(
+        state.replace(strategy_state={**state.strategy_state, "fisher": old_fisher}),
+        runtime.replicated,
+    )
+    params = jax.device_get(state.params)
+    batch_sums, finish = steps.make_task_pass(runtime, settings)
+    batches = [host_batch(step, runtime.num_devices) for step in range(2)]
+    totals = None
+    for batch in batches:
+        placed = runtime.place({**batch, "valid": batch["mask"]})
+        sums = batch_sums(state, placed["inputs"], placed["labels"], placed["valid"])
+        totals = sums if totals is None else jax.tree.map(jnp.add, totals, sums)
+    state = finish(state, *totals)
+
+    def row_fisher(inputs, label):
+        def log_likelihood(params):
+            logits = model.apply({"params": params}, inputs[None] / MAX_VALUE)[0]
+            return jax.nn.log_softmax(logits)[label]
+
+        grad = jax.grad(log_likelihood)(params)
+        return jax.tree.map(lambda g: jnp.exp(log_likelihood(params)) * g**2, grad)
+
+    rows = [
+        row_fisher(batch["inputs"][row], batch["labels"][row])
+        for batch in batches
+        for row in np.flatnonzero(batch["mask"])
+    ]
+    mean = jax.tree.map(lambda *values: sum(values) / len(values), *rows)
+    expected = jax.tree.map(lambda new, old: 0.5 * old + new, mean, old_fisher)
+    assert float(totals[1]) == len(rows)
+    jax.tree.map(
+        lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-9),
+        jax.device_get(state.strategy_state["fisher"]),
+        expected,
+    )
+    jax.tree.map(np.testing.assert_array_equal, state.strategy_state["anchor"], params)

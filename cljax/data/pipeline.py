@@ -3,12 +3,13 @@
 A run's batches are planned up front (`plan`): for each task, its training steps (epochs
 over its rows, in an order that is a pure function of (seed, task, epoch), the last batch of
 an epoch padded and masked so every sample is seen once per epoch and every step has the
-same shape), then the batches that evaluate it on the whole test split. Each process reads
-only its own rows of every global batch: process p of P takes rows [p * G / P, (p + 1) * G /
-P), and the mesh splits those further across its devices, so a multi-process run sees
-exactly the data of a single-process run with the same global batch. Per-sample randomness
-(a training crop) is seeded by (seed, task, epoch, step, position in the global batch), so
-it does not depend on the processes either.
+same shape), for a strategy that asks for one a pass over the task's rows in their stored
+order (evaluation views), then the batches that evaluate it on the whole test split. Each
+process reads only its own rows of every global batch: process p of P takes rows [p * G / P,
+(p + 1) * G / P), and the mesh splits those further across its devices, so a multi-process
+run sees exactly the data of a single-process run with the same global batch. Per-sample
+randomness (a training crop) is seeded by (seed, task, epoch, step, position in the global
+batch), so it does not depend on the processes either.
 
 Who does what: Grain workers (`dataset.worker_count` of them; none for data held in
 memory) turn planned items into batches: read, decode, crop or resize, assemble; every item
@@ -182,7 +183,8 @@ class Layout:
 @dataclasses.dataclass(frozen=True)
 class Item:
     """One planned item: `steps` consecutive training steps of `task` from step `step` of
-    epoch `epoch`, or (`eval`) the test rows from `start` evaluated after `task`."""
+    epoch `epoch`, (`pass`) the task's rows from `start` of its end-of-task pass, or
+    (`eval`) the test rows from `start` evaluated after `task`."""
 
     kind: str
     task: int
@@ -200,9 +202,11 @@ def plan(
     eval_batch_size: int,
     start: Position = Position(),
     steps_per_item: int = 1,
+    task_pass: bool = False,
 ) -> list[Item]:
     """Every batch of the run from `start` on: each task's training steps, up to
-    `steps_per_item` to an item (never two tasks'), then the batches of its evaluation."""
+    `steps_per_item` to an item (never two tasks'), with `task_pass` the batches of a pass
+    over the task's rows, then the batches of its evaluation."""
     items = []
     for task in range(start.task, len(task_rows)):
         count = steps_per_epoch(len(task_rows[task]), global_batch_size)
@@ -210,6 +214,9 @@ def plan(
         for index in range(first, epochs * count, steps_per_item):
             size = min(steps_per_item, epochs * count - index)
             items.append(Item("train", task, *divmod(index, count), steps=size))
+        if task_pass:
+            rows = len(task_rows[task])
+            items.extend(Item("pass", task, start=row) for row in range(0, rows, eval_batch_size))
         items.extend(Item("eval", task, start=row) for row in range(0, test_size, eval_batch_size))
     return items
 
@@ -269,6 +276,8 @@ class Loader:
         out as undecodable."""
         if item.kind == "eval":
             return self._eval_batch(item.start)
+        if item.kind == "pass":
+            return self._pass_batch(item.task, item.start)
         if item.steps == 1:
             return self._train_step(item.task, item.epoch, item.step)
         per_epoch = steps_per_epoch(len(self.task_rows[item.task]), self.layout.global_batch_size)
@@ -323,21 +332,36 @@ class Loader:
         return {**batch, "skipped": np.asarray(skipped, dtype=str)}
 
     def _eval_batch(self, start: int) -> Batch:
-        """This process's rows of the test batch from `start`: evaluation views, and which
-        rows hold a sample (not padding, not an image skipped as undecodable)."""
-        layout, test = self.layout, self.test
-        rows = np.arange(start, min(start + self.eval_batch_size, len(test)))
+        """This process's rows of the test batch from `start` (see `_view_batch`)."""
+        rows = np.arange(start, min(start + self.eval_batch_size, len(self.test)))
+        return self._view_batch(self.test, rows)
+
+    def _pass_batch(self, task: int, start: int) -> Batch:
+        """This process's rows of the task's end-of-task pass batch from `start`, with their
+        labels (see `_view_batch`)."""
+        rows = self.task_rows[task][start : start + self.eval_batch_size]
+        batch = self._view_batch(self.train, rows)
+        local, _ = local_rows(
+            rows, self.eval_batch_size, self.layout.process_index, self.layout.process_count
+        )
+        return {**batch, "labels": self.train.labels[local]}
+
+    def _view_batch(self, split: Split, rows: np.ndarray) -> Batch:
+        """This process's part of a batch of `eval_batch_size` rows made of `rows` of
+        `split`: evaluation views, and which rows hold a sample (not padding, not an image
+        skipped as undecodable)."""
+        layout = self.layout
         local, valid = local_rows(
             rows, self.eval_batch_size, layout.process_index, layout.process_count
         )
-        if isinstance(test, ArraySplit) and self.views.image_size is None:
-            return {"inputs": test.inputs[local], "valid": valid, "skipped": _NONE_SKIPPED}
+        if isinstance(split, ArraySplit) and self.views.image_size is None:
+            return {"inputs": split.inputs[local], "valid": valid, "skipped": _NONE_SKIPPED}
         inputs, skipped = self._allocate(len(local)), []
         for index, row in enumerate(local):
             try:
-                self.views.eval(test.example(int(row)), inputs[index])
+                self.views.eval(split.example(int(row)), inputs[index])
             except UndecodableImage as error:
-                skipped.append(self._skip_or_stop(test, int(row), error))
+                skipped.append(self._skip_or_stop(split, int(row), error))
                 valid[index] = False
                 inputs[index] = 0
         return {"inputs": inputs, "valid": valid, "skipped": np.asarray(skipped, str)}

@@ -26,6 +26,7 @@ class Machinery:
     init_rehearsal: Callable[[], RehearsalState | None]
     train_step: Callable
     predict: Callable
+    task_pass: tuple[Callable, Callable]
 
     def abstract_states(self, runtime: Runtime) -> tuple:
         """Shapes, dtypes and shardings (with memory kinds) of the train and rehearsal
@@ -84,6 +85,7 @@ def build(plan: Plan, runtime: Runtime) -> Machinery:
         predict=steps.make_predict(
             runtime, settings, min(TOP_K, dataset.num_classes), plan.class_tasks
         ),
+        task_pass=steps.make_task_pass(runtime, settings),
     )
 
 

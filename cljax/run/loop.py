@@ -4,6 +4,7 @@ training scalars; and the feed of host batches the steps (and the evaluations) r
 import dataclasses
 import json
 import math
+import operator
 import os
 import time
 
@@ -27,9 +28,9 @@ from cljax.watchdog import Watchdog
 
 
 def feed(plan: Plan, start: pipeline.Position) -> prefetch.Prefetcher:
-    """Every batch of the run from `start`, in order (each task's steps, then its
-    evaluation), made by the input pipeline's workers and handed over by the prefetch
-    thread."""
+    """Every batch of the run from `start`, in order (each task's steps, the strategy's
+    end-of-task pass if it has one, then its evaluation), made by the input pipeline's
+    workers and handed over by the prefetch thread."""
     inputs, dataset = plan.inputs, plan.dataset
     loader = pipeline.Loader(
         train=dataset.train,
@@ -50,6 +51,7 @@ def feed(plan: Plan, start: pipeline.Position) -> prefetch.Prefetcher:
         inputs.eval_batch_size,
         start,
         inputs.steps_per_item,
+        plan.strategy.needs_task_pass,
     )
     return prefetch.Prefetcher(
         pipeline.batches(loader, items, inputs.worker_count, inputs.workers),
@@ -236,6 +238,23 @@ class TaskLoop:
             self.scalars.at(done, step_values, float(block.learning_rates[offset]))
             if (index + 1) % steps_per_epoch == 0:
                 self.session.bar.set_postfix(loss=f"{loss:.3f}")
+
+    def task_pass(self, state: TrainState, task: int) -> TrainState:
+        """The state after the strategy's end-of-task pass over `task`'s rows (unchanged for
+        a strategy without one); its batches come next in the feed. Its images were
+        decoded for training already: one left out there is left out here too, unreported."""
+        if not self.plan.strategy.needs_task_pass:
+            return state
+        batch_sums, finish = self.machinery.task_pass
+        batch_size, totals = self.plan.inputs.eval_batch_size, None
+        for _ in range(0, len(self.plan.task_rows[task]), batch_size):
+            host_batch = next(self.session.feed)
+            host_batch.pop("skipped")
+            batch = self.runtime.place(host_batch)
+            sums = batch_sums(state, batch["inputs"], batch["labels"], batch["valid"])
+            totals = sums if totals is None else jax.tree.map(operator.add, totals, sums)
+            self.session.watchdog.progress()
+        return finish(state, *totals)
 
     def end_task(self, task: int, state, rehearsal, skipped: list[str]) -> None:
         """After `task`'s training: its evaluation, results and end-of-task checkpoint; stops
