@@ -37,7 +37,11 @@ CELLS = [
     "joint",
     "lwf",
     "ewc_online",
-    *(f"{s}-{b}" for s in ("er", "der", "derpp", "agem", "er_ace") for b in (200, 500, 5120)),
+    *(
+        f"{s}-{b}"
+        for s in ("er", "der", "derpp", "agem", "er_ace", "gdumb")
+        for b in (200, 500, 5120)
+    ),
 ]
 # The DER paper's Table 2, Seq-MNIST (means of 10 runs): class-IL; task-IL where quoted.
 PAPER_CLASS_IL = {

@@ -128,8 +128,14 @@ def validate(config: ml_collections.ConfigDict) -> None:
         f"init_from={config.init_from} is not a directory; give a finished run's workdir or"
         " its final_model/",
     )
-    if STRATEGIES[config.strategy.name].uses_buffer:
+    strategy = STRATEGIES[config.strategy.name]
+    if strategy.uses_buffer:
         _validate_buffer(config)
+    require(
+        strategy.buffer_policy in (None, config.buffer.policy),
+        f"strategy.name={config.strategy.name!r} needs buffer.policy={strategy.buffer_policy!r};"
+        f" set --config.buffer.policy={strategy.buffer_policy}",
+    )
 
 
 def _validate_optimizer(optimizer: ml_collections.ConfigDict) -> None:
@@ -208,6 +214,12 @@ def _validate_buffer(config: ml_collections.ConfigDict) -> None:
     )
     one_of("buffer.partition", buffer.partition, PARTITIONS)
     one_of("buffer.draw", buffer.draw, DRAWS)
+    require(
+        buffer.policy != "class_balanced"
+        or (buffer.partition, buffer.memory_kind) == ("stream", "device"),
+        "buffer.policy='class_balanced' balances one partition held on the devices; set"
+        " --config.buffer.partition=stream and --config.buffer.memory_kind=device",
+    )
     optional_positive("buffer.size", buffer.size)
     if buffer.rehearsal_ratio is not None:
         require(

@@ -6,7 +6,7 @@ A run in phases, each in its own module of `cljax.run`:
    check that needs them, derive every value (`plan`); later phases read the plan only;
 3. build the model, the optimizer and the jitted steps (`build`);
 4. resume from the workdir's latest checkpoint, or start afresh (`resume`);
-5. for each task: train (`loop`, with the strategy's end-of-task pass), evaluate
+5. for each task: train (`loop`, with the strategy's end-of-task pass or retraining), evaluate
    (`evaluation`), record the results and save a checkpoint (`results`, `cljax.checkpoint`).
 Returns the metrics it writes to `<workdir>/metrics.json`, which always says how the run
 stands (`status`).
@@ -82,6 +82,7 @@ def _run_tasks(
                 clock.begin_task(batches.wait_s)
                 state, rehearsal, skipped = loop.train(state, rehearsal, task, first)
                 state = loop.task_pass(state, task)
+                state, rehearsal = loop.retrain_on_buffer(state, rehearsal, task)
                 loop.end_task(task, state, rehearsal, skipped)
             checkpoints.wait()
     except Preempted:

@@ -174,3 +174,35 @@ def test_on_mesh_inserts_each_devices_rows_locally_and_draws_from_the_global_buf
     np.testing.assert_array_equal(np.asarray(reps.weights), 1.0)
     received = np.asarray(reps.labels).reshape(devices, 16)
     assert all(len(set(row.tolist())) == devices for row in received)  # from every owner
+
+
+def test_class_balanced_buffer_shares_its_slots_equally_among_the_classes_seen():
+    """GDumb's sampler, 6 slots: six samples of class 0 fill it; three of class 1 then take
+    slots of class 0 (3 and 3), three more are refused; two of class 2 make it 2, 2, 2. Each
+    class keeps samples it was given, each slot its own sample's tensors; the victims of
+    class 0 are uniform among its slots."""
+    buffer = buffer_lib.rehearsal_buffer(3, 6, 3, 1, policy="class_balanced", partition="stream")
+    insert = jax.jit(buffer.insert)
+
+    def fill(key):
+        state, first_id = buffer.init(EXAMPLE), 0
+        for step, labels in enumerate([[0, 0, 0], [0, 0, 0], [1, 1, 1], [1, 1, 1], [2, 2, 0]]):
+            ids = jnp.arange(3) + first_id
+            first_id += 3
+            inputs = jnp.stack([ids, jnp.asarray(labels), jnp.zeros_like(ids)], -1)
+            mask = jnp.asarray([True, True, step != 4])  # the last class-0 row is padding
+            batch = {"inputs": inputs, "labels": jnp.asarray(labels), "mask": mask}
+            state = insert(state, batch, jax.random.fold_in(key, step))
+        return state
+
+    kept = []
+    for trial in range(200):
+        state = fill(jax.random.key(trial))
+        labels, inputs = np.asarray(state.labels[0]), np.asarray(state.data["inputs"][0])
+        assert int(state.counts[0]) == 6
+        assert np.bincount(labels, minlength=3).tolist() == [2, 2, 2]
+        np.testing.assert_array_equal(inputs[:, LABEL], labels)
+        assert set(inputs[labels == 1, ID]) <= {6, 7, 8}  # the later three were refused
+        kept.extend(inputs[labels == 0, ID])
+    counts = np.bincount(kept, minlength=6)[:6]  # 2 of the 6 class-0 samples, 200 times
+    assert stats.chisquare(counts).pvalue > P_VALUE_FLOOR

@@ -75,14 +75,23 @@ def single_process(tmp_path, env, devices: int, *flags: str) -> np.ndarray:
     return accuracy(workdir)
 
 
+GDUMB = [
+    "--config.buffer.policy=class_balanced",
+    "--config.buffer.partition=stream",
+    "--config.buffer.size=80",
+    "--config.strategy.gdumb.epochs=5",
+]
+
+
 # ER, and a strategy with each hook of the step: tasks' classes (ER-ACE), gradients of named
-# terms (A-GEM), an end-of-task pass and a penalty on the parameters (online EWC).
-@pytest.mark.parametrize("strategy", ["er", "er_ace", "agem", "ewc_online"])
+# terms (A-GEM), an end-of-task pass and a penalty on the parameters (online EWC), a
+# retraining on the buffer (GDumb).
+@pytest.mark.parametrize("strategy", ["er", "er_ace", "agem", "ewc_online", "gdumb"])
 def test_two_processes_of_two_devices_equal_one_process_of_four(tmp_path, data_dir, strategy):
     """launch/local.sh 2 with no device flag splits the default 4 devices over 2 processes."""
     env = environment(data_dir)
     workdir = tmp_path / "jax2x2"
-    flags = [f"--config.strategy.name={strategy}"]
+    flags = [f"--config.strategy.name={strategy}", *(GDUMB if strategy == "gdumb" else [])]
     run(["bash", "launch/local.sh", "2", f"--workdir={workdir}", *SHORT_RUN, *flags], env)
     with open(workdir / "metrics.json") as file:
         metrics = json.load(file)

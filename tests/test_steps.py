@@ -547,3 +547,36 @@ def test_online_ewc_task_pass_gives_the_mean_of_each_rows_weighted_squared_gradi
         expected,
     )
     jax.tree.map(np.testing.assert_array_equal, state.strategy_state["anchor"], params)
+
+
+def test_gdumb_learns_nothing_from_new_rows_and_only_the_buffer_without_them(runtime):
+    """A step with new rows leaves the parameters as they were (the stream only fills the
+    buffer); a step whose rows are all padding is the single-device gradient step on the
+    representatives' cross-entropy (the retraining)."""
+    gdumb = strategies.GDumb()
+    model, state, rehearsal, train_step = make_setup(runtime, strategy=gdumb)
+    before = jax.device_get(state.params)
+    state, rehearsal = run_steps(train_step, state, rehearsal, runtime.num_devices, 3)
+    jax.tree.map(np.testing.assert_array_equal, jax.device_get(state.params), before)
+    reps = jax.device_get(rehearsal.representatives)
+    inputs, labels = reps.data["inputs"].reshape(-1, 3), reps.labels.ravel()
+    weights = reps.weights.ravel()
+    assert weights.sum() > 0
+
+    def replay_loss(params):
+        logits = model.apply({"params": params}, inputs / MAX_VALUE)
+        ce = optax.softmax_cross_entropy_with_integer_labels(logits, labels)
+        return (ce * weights).sum() / weights.sum()
+
+    expected = jax.tree.map(lambda p, g: p - LR * g, before, jax.grad(replay_loss)(before))
+    padding = {
+        **host_batch(3, runtime.num_devices),
+        "mask": np.zeros(BATCH * runtime.num_devices, bool),
+    }
+    state, _, metrics = train_step(state, rehearsal, padding, jnp.int32(0), LR)
+    np.testing.assert_allclose(metrics["loss"], replay_loss(before), rtol=1e-5)
+    jax.tree.map(
+        lambda a, b: np.testing.assert_allclose(a, b, rtol=2e-5, atol=2e-6),
+        jax.device_get(state.params),
+        expected,
+    )

@@ -250,3 +250,18 @@ def test_report_table_and_figures_follow_the_metrics_files(
     with pytest.raises(SystemExit) as stop:
         report.main([*runs, "--out", str(tmp_path / "report")])
     assert stop.value.code == 2
+
+
+def test_gdumb_learns_only_from_its_balanced_buffer_retrained_before_each_evaluation(
+    data_dir, tmp_path, results
+):
+    """GDumb on 8 devices: the stream's steps learn nothing (tested in test_steps), so every
+    accuracy comes from the model retrained from scratch on the buffer before each
+    evaluation: far above fine-tuning's, with the earlier tasks remembered."""
+    config = digits_config(data_dir, "gdumb")
+    config.buffer.update(policy="class_balanced", partition="stream", size=160)
+    config.strategy.gdumb.epochs = 20
+    run = trainer.train_and_evaluate(config, str(tmp_path / "gdumb"))
+    accuracy = np.asarray(run["accuracy_matrix"])
+    assert run["final_average_accuracy"] > results["incremental"]["final_average_accuracy"] + 0.3
+    assert accuracy[-1, 0] > 0.5 and accuracy[0, 0] > 0.8

@@ -19,10 +19,13 @@ Per step and per device:
   policy `reservoir` (default) keeps, per partition, a uniform sample of every candidate of
   that partition seen so far on this device: the k-th (0-based) replaces a uniform slot with
   probability N/(k+1). `random_replace` (the reference implementation) always replaces a
-  uniform slot of the partition, which favours recent samples. Candidates of one partition
-  in one step are applied as if inserted one after another. (Free slots and k < N coincide,
-  except in a buffer re-partitioned onto more devices, whose classes are seen more often
-  than they are stored: see `repartition`.)
+  uniform slot of the partition, which favours recent samples. `class_balanced` (GDumb's
+  greedy sampler; `partition='stream'` only) stores a candidate in a free slot while there
+  is one, else in place of a uniform sample of the class that holds the most slots if its
+  own class holds fewer, else not at all: the classes seen share the slots equally.
+  Candidates of one partition in one step are applied as if inserted one after another.
+  (Free slots and k < N coincide, except in a buffer re-partitioned onto more devices, whose
+  classes are seen more often than they are stored: see `repartition`.)
 - `sample` gives every device exactly `r` representatives drawn from the union of all
   devices' buffers, in one round of collectives and with no request: every owner draws r
   samples uniformly from its own filled slots and sends q = r // D of them to every device
@@ -104,6 +107,8 @@ def rehearsal_buffer(
         raise ValueError(f"partition={partition!r} is not one of {PARTITIONS}")
     if draw not in DRAWS:
         raise ValueError(f"draw={draw!r} is not one of {DRAWS}")
+    if policy == "class_balanced" and (partition, memory_kind) != ("stream", "device"):
+        raise ValueError("policy='class_balanced' needs partition='stream', memory_kind='device'")
     return RehearsalBuffer(
         num_classes,
         budget_per_class,
@@ -193,13 +198,19 @@ class RehearsalBuffer:
         partitions = classes if self.partition == "class" else jnp.zeros_like(classes)
 
         earlier = ops.earlier_in_same_partition(partitions, valid)
-        slot, accepted = ops.choose_slots(
-            state.counts[partitions] + earlier,
-            state.seen[partitions] + earlier,
-            self.budget_per_class,
-            bits[num_rows:].reshape(2, self.num_candidates),
-            self.policy,
-        )
+        slot_bits = bits[num_rows:].reshape(2, self.num_candidates)
+        if self.policy == "class_balanced":
+            slot, accepted = ops.balanced_slots(
+                state.labels[0], state.counts[0], classes, valid, slot_bits, self.num_classes
+            )
+        else:
+            slot, accepted = ops.choose_slots(
+                state.counts[partitions] + earlier,
+                state.seen[partitions] + earlier,
+                self.budget_per_class,
+                slot_bits,
+                self.policy,
+            )
         target = partitions * self.budget_per_class + slot
         write = valid & accepted & ~ops.overwritten_later(target, valid & accepted)
         target = jnp.where(write, target, self.num_partitions * self.budget_per_class)

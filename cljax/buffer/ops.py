@@ -68,6 +68,39 @@ def choose_slots(
     return slot, slot < budget
 
 
+def balanced_slots(
+    labels: jax.Array,
+    count: jax.Array,
+    classes: jax.Array,
+    valid: jax.Array,
+    bits: jax.Array,
+    num_classes: int,
+) -> tuple[jax.Array, jax.Array]:
+    """GDumb's greedy class-balanced choice for one partition's slots (`labels` [N], the
+    first `count` filled): slot per candidate and whether it is stored, the candidates taken
+    one after another. A candidate takes the next free slot, else a uniform slot of the
+    class that holds the most (the lowest such class) if its own holds fewer, else none."""
+    budget = labels.shape[0]
+
+    def place(carry, candidate):
+        labels, count = carry
+        label, is_valid, words = candidate
+        filled = jnp.arange(budget) < count
+        held = jnp.zeros(num_classes, jnp.int32).at[labels].add(filled.astype(jnp.int32))
+        largest = jnp.argmax(held)
+        of_largest = filled & (labels == largest)
+        rank = integers_below(words, jnp.maximum(held[largest], 1))
+        victim = jnp.argmax(jnp.cumsum(of_largest) > rank)
+        free = count < budget
+        stored = is_valid & (free | (held[label] < held[largest]))
+        slot = jnp.where(free, count, victim)
+        labels = jnp.where(stored, labels.at[slot].set(label), labels)
+        return (labels, count + (stored & free)), (slot, stored)
+
+    _, (slots, stored) = jax.lax.scan(place, (labels, count), (classes, valid, bits.T))
+    return slots, stored
+
+
 def overwritten_later(target: jax.Array, writes: jax.Array) -> jax.Array:
     """True where a later candidate writes the same slot (sequential semantics)."""
     same_target = (target[:, None] == target[None, :]) & writes[None, :]

@@ -7,7 +7,7 @@ from collections.abc import Mapping
 import jax
 import numpy as np
 
-POLICIES = ("reservoir", "random_replace")
+POLICIES = ("reservoir", "random_replace", "class_balanced")
 PARTITIONS = ("class", "stream")
 DRAWS = ("with_replacement", "without_replacement")
 MEMORY_KINDS = ("device", "pinned_host")

@@ -256,6 +256,51 @@ class TaskLoop:
             self.session.watchdog.progress()
         return finish(state, *totals)
 
+    def retrain_on_buffer(self, state: TrainState, rehearsal, task: int) -> tuple:
+        """For a strategy with `retraining_epochs` (GDumb): a model trained from scratch on
+        the global buffer alone, in steps without new rows, `retraining_epochs` x (samples
+        stored) / (r x D) of them, at the optimizer's learning rate decayed to 0 along a
+        cosine; else the states as they are. A loss that is not finite stops the run."""
+        epochs = self.plan.strategy.retraining_epochs
+        if not epochs:
+            return state, rehearsal
+        plan, runtime = self.plan, self.runtime
+        stored = int(runtime.gather_rows(rehearsal.buffer.counts).sum())
+        drawn = plan.buffer.num_representatives * runtime.num_devices
+        steps = math.ceil(epochs * stored / drawn)
+        rates = plan.optimizer.learning_rate * 0.5 * (1 + np.cos(np.pi * np.arange(steps) / steps))
+        key = jax.random.fold_in(jax.random.key(plan.seed), plan.num_tasks + task)
+        state, blocks, index = self.machinery.init_state(key), [], 0
+        while index < steps:
+            count = self.dispatcher.block_length(steps - index, steps - index)
+            block_rates = rates[index : index + count].astype(np.float32)
+            empty = self._rows_without_samples(count)
+            state, rehearsal, metrics = self.dispatcher.run(
+                state, rehearsal, empty, task, block_rates
+            )
+            blocks.append(Block(index, count, metrics, block_rates))
+            index += count
+            self.session.watchdog.progress()
+        for block in blocks:
+            losses = block.read()["loss"]
+            if not np.isfinite(losses).all():
+                raise RunFailed(
+                    f"the loss became {losses[~np.isfinite(losses)][0]} while retraining on"
+                    f" the buffer after task {task + 1}; lower"
+                    f" --config.optimizer.learning_rate (now {plan.optimizer.learning_rate:g})"
+                )
+        return state, rehearsal
+
+    def _rows_without_samples(self, count: int) -> dict[str, np.ndarray]:
+        """`count` steps' batches of this process's rows, every row padding."""
+        dataset = self.plan.dataset
+        rows = (count, self.plan.global_batch_size // self.runtime.process_count)
+        return {
+            "inputs": np.zeros((*rows, *dataset.input_shape), dataset.input_dtype),
+            "labels": np.zeros(rows, dataset.train.labels.dtype),
+            "mask": np.zeros(rows, bool),
+        }
+
     def end_task(self, task: int, state, rehearsal, skipped: list[str]) -> None:
         """After `task`'s training: its evaluation, results and end-of-task checkpoint; stops
         the run if a preemption was asked for and tasks remain."""

@@ -20,7 +20,13 @@ attributes and methods declare the rest:
   a task's data once trained on it (online EWC's Fisher) asks for a pass over the task's
   training rows after its steps (evaluation views, `dataset.eval_batch_size` rows at a
   time); `task_pass_sums` gives one device's sums over its rows, the run sums them over
-  devices and batches, and `end_task` makes the strategy's next state of them.
+  devices and batches, and `end_task` makes the strategy's next state of them;
+- `retraining_epochs`: a strategy that evaluates a model trained from scratch on the buffer
+  alone (GDumb) gives its epochs: after each task's steps the run re-initialises the model
+  and runs steps without new rows, each replaying r representatives of every device drawn
+  from the global buffer, `retraining_epochs` x (samples stored) / (r x D) of them, at the
+  optimizer's learning rate decayed to 0 along a cosine;
+- `buffer_policy`: the buffer policy the strategy needs (None: any).
 
 Strategies are chosen by `strategy.name` from the registry; `@register(NAME)` adds one, from
 cljax or from the user's own code, and its hyperparameters appear in the config as
@@ -49,6 +55,7 @@ from cljax.strategies.bounds import FromScratch, Incremental
 from cljax.strategies.der import DER, DERpp
 from cljax.strategies.er import ER, ERACE
 from cljax.strategies.ewc import OnlineEWC, chunked_row_sums
+from cljax.strategies.gdumb import GDumb
 from cljax.strategies.lwf import LwF
 
 __all__ = [
@@ -60,6 +67,7 @@ __all__ = [
     "STRATEGIES",
     "DERpp",
     "FromScratch",
+    "GDumb",
     "Incremental",
     "LossTerms",
     "LwF",

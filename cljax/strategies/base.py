@@ -97,6 +97,13 @@ class Strategy:
     needs_task_classes: ClassVar[bool] = False
     gradient_terms: ClassVar[tuple[str, ...]] = ()
     needs_task_pass: ClassVar[bool] = False
+    buffer_policy: ClassVar[str | None] = None
+
+    @property
+    def retraining_epochs(self) -> int:
+        """Epochs of a model trained from scratch on the global buffer alone, after each
+        task's steps, before its evaluation (GDumb); 0: none."""
+        return 0
 
     @property
     def buffer_draws(self) -> int:
