@@ -121,7 +121,7 @@ def test_a_run_killed_three_times_ends_as_an_uninterrupted_one(tmp_path, env, re
     [
         ("lwf", ("step:45", "save:4")),
         ("ewc_online", ("pass:3", "step:45")),
-        ("gdumb", ("step:45", "save:2")),
+        ("gdumb", ("step:95", "save:2")),  # step 95: in the retraining after task 1
     ],
 )
 def test_a_strategy_with_its_own_state_killed_twice_ends_as_an_uninterrupted_run(
@@ -132,7 +132,11 @@ def test_a_strategy_with_its_own_state_killed_twice_ends_as_an_uninterrupted_run
     steps (GDumb's retraining on the buffer): a run killed mid-task, during an end-of-task
     pass or retraining, or after a save resumes to the same accuracies and the same final
     state, the strategy's included."""
-    flags = [f"--config.strategy.name={strategy}", "--config.eval_batch_size=128"]
+    flags = [
+        f"--config.strategy.name={strategy}",
+        "--config.eval_batch_size=128",
+        "--config.scenario.num_tasks=2",
+    ]
     if strategy == "gdumb":
         flags += GDUMB
     reference, workdir = tmp_path / "reference", tmp_path / "run"
