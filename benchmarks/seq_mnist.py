@@ -39,7 +39,7 @@ CELLS = [
     "ewc_online",
     *(
         f"{s}-{b}"
-        for s in ("er", "der", "derpp", "agem", "er_ace", "gdumb")
+        for s in ("er", "der", "derpp", "agem", "er_ace", "gdumb", "icarl")
         for b in (200, 500, 5120)
     ),
 ]
@@ -60,6 +60,8 @@ PAPER_CLASS_IL = {
     "derpp-5120": 95.30,
     "agem-200": 45.72,
     "agem-500": 46.66,
+    "icarl-200": 70.51,
+    "icarl-500": 70.10,
 }
 PAPER_TASK_IL = {"er-200": 97.86, "er-500": 99.04, "derpp-200": 98.76, "derpp-500": 98.94}
 SPEED_CELL = "er-500"

@@ -12,7 +12,7 @@ import jax
 import ml_collections
 
 from cljax import augment, components, optim
-from cljax.buffer import DRAWS, MEMORY_KINDS, PARTITIONS, POLICIES
+from cljax.buffer import DRAWS, MEMORY_KINDS, PARTITIONS, POLICIES, STREAM_POLICIES
 from cljax.data.pipeline import BAD_IMAGES, WORKER_KINDS
 from cljax.data.scenarios import SCENARIOS
 from cljax.data.sources import DATASETS
@@ -215,9 +215,9 @@ def _validate_buffer(config: ml_collections.ConfigDict) -> None:
     one_of("buffer.partition", buffer.partition, PARTITIONS)
     one_of("buffer.draw", buffer.draw, DRAWS)
     require(
-        buffer.policy != "class_balanced"
+        buffer.policy not in STREAM_POLICIES
         or (buffer.partition, buffer.memory_kind) == ("stream", "device"),
-        "buffer.policy='class_balanced' balances one partition held on the devices; set"
+        f"buffer.policy={buffer.policy!r} fills one partition held on the devices; set"
         " --config.buffer.partition=stream and --config.buffer.memory_kind=device",
     )
     optional_positive("buffer.size", buffer.size)

@@ -102,7 +102,8 @@ FIELD_DOCS = {
     "buffer.num_candidates": "c: samples of each device's batch offered to its buffer per step",
     "buffer.num_representatives": "r: samples from the global buffer added to each device's"
     " batch per step",
-    "buffer.policy": f"one of {list(POLICIES)} (class_balanced: GDumb's, partition=stream)",
+    "buffer.policy": f"one of {list(POLICIES)} (class_balanced: GDumb's, end_of_task:"
+    " iCaRL's; both with partition=stream)",
     "buffer.draw": f"one of {list(DRAWS)}: how each owner draws its records for a device's"
     " representatives: uniformly with replacement (the paper's), or distinct slots (the DER"
     " paper's; while an owner holds fewer than r, all of them and the rest weigh 0)",

@@ -30,7 +30,7 @@ from cljax.buffer import LABELS, MASK, RehearsalBuffer, RehearsalState, Represen
 from cljax.buffer.candidates import step_candidates
 from cljax.collectives import AXIS
 from cljax.runtime import Runtime
-from cljax.strategies import StepOutputs, Strategy, Totals
+from cljax.strategies import StepOutputs, Strategy, TaskRows, Totals
 
 
 @flax.struct.dataclass
@@ -319,6 +319,35 @@ def make_task_pass(runtime: Runtime, settings: StepConfig) -> tuple[Callable, Ca
     return jax.jit(batch_sums), jax.jit(finish, donate_argnums=0)
 
 
+def make_task_rows_end(runtime: Runtime, settings: StepConfig) -> Callable:
+    """Builds, for a strategy with `collects_task_rows`, `end(state, rehearsal, inputs,
+    labels, valid, task_id) -> (state, rehearsal)`: its `end_task_with_rows` on every device,
+    given its rows of every batch of the end-of-task pass (lists, one array per batch). Both
+    states are donated."""
+    strategy = settings.strategy
+
+    def per_device(state: TrainState, rehearsal, inputs, labels, valid, task_id):
+        context = TaskRows(
+            inputs=jnp.concatenate(inputs),
+            labels=jnp.concatenate(labels),
+            valid=jnp.concatenate(valid),
+            buffer=rehearsal.buffer,
+            task_id=task_id,
+            class_tasks=settings.class_tasks,
+            apply=settings.model.apply,
+            normalise=settings.normalise,
+            collectives=runtime.collectives,
+        )
+        strategy_state, buffer = strategy.end_task_with_rows(
+            state.strategy_state, state.variables, context
+        )
+        rehearsal = dataclasses.replace(rehearsal, buffer=buffer)
+        return state.replace(strategy_state=strategy_state), rehearsal
+
+    specs = (P(), P(AXIS), P(AXIS), P(AXIS), P(AXIS), P())
+    return jax.jit(runtime.per_device(per_device, specs, (P(), P(AXIS))), donate_argnums=(0, 1))
+
+
 def make_predict(runtime: Runtime, settings: StepConfig, top_k: int, class_tasks=None):
     """Builds `predict(state, inputs) -> (predicted class [B], top_k classes [B, top_k],
     per-task predictions [B, T])`, sharded over the batch; BatchNorm uses its running
@@ -330,7 +359,9 @@ def make_predict(runtime: Runtime, settings: StepConfig, top_k: int, class_tasks
     """
 
     def per_device(state: TrainState, inputs):
-        logits = settings.model.apply(state.variables, settings.normalise(inputs))
+        logits = settings.strategy.evaluation_logits(
+            state.strategy_state, state.variables, settings.model.apply, settings.normalise(inputs)
+        )
         logits = logits.astype(jnp.float32)
         per_task = jnp.zeros((logits.shape[0], 0), jnp.int32)
         if class_tasks is not None:

@@ -81,7 +81,7 @@ def _run_tasks(
                     state = begin_task(plan, machinery, state, task)
                 clock.begin_task(batches.wait_s)
                 state, rehearsal, skipped = loop.train(state, rehearsal, task, first)
-                state = loop.task_pass(state, task)
+                state, rehearsal = loop.task_pass(state, rehearsal, task)
                 state, rehearsal = loop.retrain_on_buffer(state, rehearsal, task)
                 loop.end_task(task, state, rehearsal, skipped)
             checkpoints.wait()

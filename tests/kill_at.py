@@ -1,8 +1,9 @@
 """Test tool: `python tests/kill_at.py POINT:N [cljax.train flags...]` runs cljax.train and
 SIGKILLs its own process right after the N-th call at POINT has started: `step` (a train
 step, or a block of them, dispatched and running on the devices), `eval` (a prediction batch
-dispatched), `pass` (a batch of a strategy's end-of-task pass dispatched) or `save` (a
-checkpoint whose write goes on in the background)."""
+dispatched), `pass` (a batch of a strategy's end-of-task pass dispatched), `rows` (a
+strategy's end of task from the pass's rows dispatched) or `save` (a checkpoint whose write
+goes on in the background)."""
 
 import functools
 import os
@@ -49,10 +50,13 @@ def main() -> None:
             return killing_after(number, batch_sums), finish
 
         steps.make_task_pass = make_killing
+    elif point == "rows":
+        make = steps.make_task_rows_end
+        steps.make_task_rows_end = lambda *args: killing_after(number, make(*args))
     elif point == "save":
         checkpoint.Checkpoints.save = killing_after(number, checkpoint.Checkpoints.save)
     else:
-        raise SystemExit(f"unknown point {point}; use step, eval, pass or save")
+        raise SystemExit(f"unknown point {point}; use step, eval, pass, rows or save")
     train.main()
 
 

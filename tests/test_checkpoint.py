@@ -31,7 +31,7 @@ from tests.helpers import (
     tensorboard_scalars,
     wait_for_line,
 )
-from tests.test_multiprocess import GDUMB, free_port
+from tests.test_multiprocess import STRATEGY_FLAGS, free_port
 
 RUN = [
     "--config.epochs_per_task=2",
@@ -122,23 +122,23 @@ def test_a_run_killed_three_times_ends_as_an_uninterrupted_one(tmp_path, env, re
         ("lwf", ("step:45", "save:4")),
         ("ewc_online", ("pass:3", "step:45")),
         ("gdumb", ("step:95", "save:2")),  # step 95: in the retraining after task 1
+        ("icarl", ("rows:1", "step:100")),
     ],
 )
 def test_a_strategy_with_its_own_state_killed_twice_ends_as_an_uninterrupted_run(
     tmp_path, env, strategy, kill_points
 ):
     """A strategy's own state is in the checkpoints (LwF's teacher; online EWC's Fisher and
-    anchor, made by a pass over each task's rows), or its model is made after the task's
-    steps (GDumb's retraining on the buffer): a run killed mid-task, during an end-of-task
-    pass or retraining, or after a save resumes to the same accuracies and the same final
-    state, the strategy's included."""
+    anchor, made by a pass over each task's rows; iCaRL's class means and buffer, chosen from
+    a task's rows), or its model is made after the task's steps (GDumb's retraining on the
+    buffer): a run killed mid-task, during an end-of-task pass or retraining, or after a save
+    resumes to the same accuracies and the same final state, the strategy's included."""
     flags = [
         f"--config.strategy.name={strategy}",
         "--config.eval_batch_size=128",
         "--config.scenario.num_tasks=2",
     ]
-    if strategy == "gdumb":
-        flags += GDUMB
+    flags += STRATEGY_FLAGS.get(strategy, [])
     reference, workdir = tmp_path / "reference", tmp_path / "run"
     train(reference, *flags, env=env)
     for kill_at in kill_points:
@@ -149,6 +149,12 @@ def test_a_strategy_with_its_own_state_killed_twice_ends_as_an_uninterrupted_run
     state = checkpoint.read(str(workdir), "state")
     assert state["strategy_state"] or strategy == "gdumb"  # GDumb keeps no state of its own
     jax.tree.map(np.testing.assert_array_equal, state, checkpoint.read(str(reference), "state"))
+    if strategy in STRATEGY_FLAGS:
+        jax.tree.map(
+            np.testing.assert_array_equal,
+            checkpoint.read(str(workdir), "rehearsal"),
+            checkpoint.read(str(reference), "rehearsal"),
+        )
 
 
 def assert_same_scalars(workdir, reference) -> None:

@@ -74,7 +74,7 @@ def test_cli_writes_well_formed_metrics_json(tmp_path, data_dir):
             "strategy.name='er_ace' needs tasks",
         ),
         (["--config.strategy.name=gdumb"], "strategy.name='gdumb' needs buffer.policy="),
-        (["--config.buffer.policy=class_balanced"], "buffer.policy='class_balanced' balances"),
+        (["--config.buffer.policy=class_balanced"], "buffer.policy='class_balanced' fills one"),
     ],
 )
 def test_bad_config_stops_with_one_line_naming_the_field(tmp_path, data_dir, flags, start):

@@ -82,18 +82,25 @@ GDUMB = [
     "--config.buffer.size=80",
     "--config.strategy.gdumb.epochs=5",
 ]
+ICARL = [
+    "--config.buffer.policy=end_of_task",
+    "--config.buffer.partition=stream",
+    "--config.buffer.size=80",
+]
+STRATEGY_FLAGS = {"gdumb": GDUMB, "icarl": ICARL}
 
 
 # ER, and a strategy with each hook of the step: tasks' classes (ER-ACE), gradients of named
 # terms (A-GEM), an end-of-task pass and a penalty on the parameters (online EWC), a
-# retraining on the buffer (GDumb).
-@pytest.mark.parametrize("strategy", ["er", "er_ace", "agem", "ewc_online", "gdumb"])
+# retraining on the buffer (GDumb), a buffer chosen from a task's rows and an evaluation of
+# its own (iCaRL).
+@pytest.mark.parametrize("strategy", ["er", "er_ace", "agem", "ewc_online", "gdumb", "icarl"])
 def test_two_processes_of_two_devices_equal_one_process_of_four(tmp_path, data_dir, strategy):
     """launch/local.sh 2 with no device flag splits the default 4 devices over 2 processes."""
     env = environment(data_dir)
     workdir = tmp_path / "jax2x2"
     flags = SHORT_RUN if strategy == "er" else [*TWO_TASKS, f"--config.strategy.name={strategy}"]
-    flags = [*flags, *(GDUMB if strategy == "gdumb" else [])]
+    flags = [*flags, *STRATEGY_FLAGS.get(strategy, [])]
     run(["bash", "launch/local.sh", "2", f"--workdir={workdir}", *flags], env)
     with open(workdir / "metrics.json") as file:
         metrics = json.load(file)

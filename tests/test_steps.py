@@ -14,7 +14,7 @@ import pytest
 from cljax import buffer as buffer_lib
 from cljax import runtime as runtime_lib
 from cljax import steps, strategies
-from cljax.collectives import JaxCollectives
+from cljax.collectives import JaxCollectives, SingleDevice
 from cljax.models.mlp import MLP
 
 NUM_CLASSES, BUDGET, BATCH, CANDIDATES, REPS = 4, 3, 4, 2, 8
@@ -580,3 +580,140 @@ def test_gdumb_learns_nothing_from_new_rows_and_only_the_buffer_without_them(run
         jax.device_get(state.params),
         expected,
     )
+
+
+def test_icarl_loss_is_bce_on_current_labels_and_the_teachers_sigmoids_on_old_classes(runtime):
+    """At task 1, over [batch ‖ representatives]: mean over the seen classes of the binary
+    cross-entropy with logits against the one-hot label on task 1's classes and the
+    teacher's sigmoids on task 0's, weighted over all devices' rows."""
+    icarl = strategies.ICaRL()
+    model, state, rehearsal, train_step = make_setup(
+        runtime, strategy=icarl, class_tasks=CLASS_TASKS, budget=6
+    )
+    for step in range(3):  # representatives drawn from an empty buffer weigh nothing
+        batch = task_batch(step, runtime.num_devices, 0)
+        state, rehearsal, _ = train_step(state, rehearsal, batch, jnp.int32(0), 3.0)
+    teacher = jax.device_get(state.params)
+    state = state.replace(strategy_state=icarl.begin_task(state.strategy_state, state.variables, 1))
+    state, rehearsal, _ = train_step(
+        state, rehearsal, task_batch(3, runtime.num_devices, 1), jnp.int32(1), 3.0
+    )
+    params = jax.device_get(state.params)
+    reps = jax.device_get(rehearsal.representatives)
+    batch = task_batch(4, runtime.num_devices, 1)
+    _, _, metrics = train_step(state, rehearsal, batch, jnp.int32(1), LR)
+    inputs = np.concatenate([batch["inputs"], reps.data["inputs"].reshape(-1, 3)])
+    labels = np.concatenate([batch["labels"], reps.labels.ravel()])
+    weights = np.concatenate([batch["mask"].astype(np.float32), reps.weights.ravel()])
+    assert reps.weights.sum() > 0  # this buffer (reservoir) has old classes to replay
+
+    def logits(variables):
+        return model.apply({"params": variables}, inputs / MAX_VALUE)
+
+    current = jax.nn.one_hot(labels - 2, 2)  # zero for the replayed rows of task 0
+    targets = np.concatenate([jax.nn.sigmoid(logits(teacher)[:, :2]), current], 1)
+    bce = optax.sigmoid_binary_cross_entropy(logits(params), targets).mean(-1)
+    expected = (bce * weights).sum() / weights.sum()
+    np.testing.assert_allclose(metrics["loss"], expected, rtol=1e-5)
+    labels_only = optax.sigmoid_binary_cross_entropy(
+        logits(params), jax.nn.one_hot(labels, 4)
+    ).mean(-1)
+    assert abs((labels_only * weights).sum() / weights.sum() - expected) > 1e-3  # teacher counts
+
+
+def test_herding_picks_the_rows_whose_running_mean_stays_nearest_the_class_mean():
+    """iCaRL's herding on 12 rows of one class among others, against a loop over the rows."""
+    rng = np.random.default_rng(0)
+    features = rng.normal(size=(20, 5)).astype(np.float32)
+    member = rng.random(20) < 0.6
+    mean = features[member].mean(0)
+    picked = np.asarray(strategies.icarl.herd(features, member, mean, 4, 7))
+    expected, running = [], np.zeros(5, np.float32)
+    for step in range(4):
+        costs = [
+            np.linalg.norm(mean - (features[row] + running) / (step + 1))
+            if member[row] and row not in expected
+            else np.inf
+            for row in range(20)
+        ]
+        expected.append(int(np.argmin(costs)))
+        running += features[expected[-1]]
+    assert picked[:4].tolist() == expected and len(set(expected)) == 4
+
+
+def test_icarl_buffer_keeps_m_exemplars_per_seen_class_the_old_ones_first_in_herding_order(
+    runtime,
+):
+    """One device, 6 slots, tasks of 2 classes: after task 0 each class holds 3 exemplars
+    picked by herding among its rows; after task 1 each of 4 classes holds 1 (6 // 4): the
+    old classes their first exemplar, the new ones herding's first pick."""
+    icarl = strategies.ICaRL()
+    model, settings = make_settings(strategy=icarl, class_tasks=CLASS_TASKS)
+    state = steps.create_train_state(settings, jnp.zeros((1, 3)), jax.random.key(0))
+    buffer = buffer_lib.rehearsal_buffer(4, 6, 2, 2, policy="end_of_task", partition="stream")
+    example = {"inputs": jax.ShapeDtypeStruct((3,), np.dtype(np.int32))}
+    buffer_state = buffer.init(example)
+    variables = state.variables
+
+    def apply(variables, x):
+        return model.apply(variables, x)
+
+    def after(task, buffer_state, rows):
+        context = strategies.TaskRows(
+            inputs=rows["inputs"],
+            labels=rows["labels"],
+            valid=rows["mask"],
+            buffer=buffer_state,
+            task_id=jnp.int32(task),
+            class_tasks=CLASS_TASKS,
+            apply=apply,
+            normalise=settings.normalise,
+            collectives=SingleDevice(),
+        )
+        return icarl.end_task_with_rows(state.strategy_state, variables, context)
+
+    rows0 = task_batch(0, 8, 0)
+    strategy_state, buffer_state = after(0, buffer_state, rows0)
+    labels = np.asarray(buffer_state.labels[0])
+    ids = np.asarray(buffer_state.data["inputs"][0][:, 0])
+    assert int(buffer_state.counts[0]) == 6 and labels.tolist() == [0, 0, 0, 1, 1, 1]
+    features, _ = strategies.icarl.features_and_logits(
+        apply, variables, settings.normalise(jnp.asarray(rows0["inputs"]))
+    )
+    features = features / np.maximum(np.linalg.norm(features, axis=1, keepdims=True), 1e-12)
+    for label in (0, 1):
+        member = (rows0["labels"] == label) & rows0["mask"]
+        expected = strategies.icarl.herd(features, member, features[member].mean(0), 3, 3)
+        np.testing.assert_array_equal(ids[labels == label], rows0["inputs"][expected, 0])
+    rows1 = task_batch(1, 8, 1)
+    _, later = after(1, buffer_state, rows1)
+    later_ids = np.asarray(later.data["inputs"][0][:4, 0])
+    assert int(later.counts[0]) == 4 and np.asarray(later.labels[0][:4]).tolist() == [0, 1, 2, 3]
+    assert later_ids[:2].tolist() == [ids[0], ids[3]]  # each old class's first exemplar
+    assert set(rows1["labels"][np.searchsorted(rows1["inputs"][:, 0], later_ids[2:])]) == {2, 3}
+    np.testing.assert_allclose(strategy_state["has_mean"], [True, True, False, False])
+
+
+def test_icarl_evaluates_by_the_nearest_class_mean_not_the_classifier(runtime):
+    """Predictions rank classes by the distance of the feature (the last Dense layer's
+    input) to each seen class's mean; classes without a mean are never predicted."""
+    icarl = strategies.ICaRL()
+    model, settings = make_settings(strategy=icarl, class_tasks=CLASS_TASKS)
+    state = steps.create_train_state(settings, jnp.zeros((1, 3)), jax.random.key(0))
+    inputs = host_batch(0, runtime.num_devices)["inputs"]
+    features, logits = strategies.icarl.features_and_logits(
+        model.apply, state.variables, settings.normalise(jnp.asarray(inputs))
+    )
+    means = np.asarray(features[:3])  # classes 0-2 have means; class 3 none
+    state = state.replace(
+        strategy_state={
+            **state.strategy_state,
+            "class_means": np.concatenate([means, np.zeros_like(means[:1])]),
+            "has_mean": np.asarray([True, True, True, False]),
+        }
+    )
+    predict = steps.make_predict(runtime, settings, 2)
+    best, _, _ = predict(jax.device_put(state, runtime.replicated), inputs)
+    distances = ((np.asarray(features)[:, None] - means[None]) ** 2).sum(-1)
+    np.testing.assert_array_equal(best, distances.argmin(1))
+    assert (np.asarray(best) != np.asarray(logits).argmax(1)).any()  # not the classifier's

@@ -23,6 +23,8 @@ Per step and per device:
   greedy sampler; `partition='stream'` only) stores a candidate in a free slot while there
   is one, else in place of a uniform sample of the class that holds the most slots if its
   own class holds fewer, else not at all: the classes seen share the slots equally.
+  `end_of_task` (iCaRL's; `partition='stream'` only) inserts nothing: the strategy fills the
+  buffer at each task's end.
   Candidates of one partition in one step are applied as if inserted one after another.
   (Free slots and k < N coincide, except in a buffer re-partitioned onto more devices, whose
   classes are seen more often than they are stored: see `repartition`.)
@@ -64,6 +66,7 @@ from cljax.buffer.state import (
     MEMORY_KINDS,
     PARTITIONS,
     POLICIES,
+    STREAM_POLICIES,
     TASK_ID,
     BufferState,
     Example,
@@ -107,8 +110,8 @@ def rehearsal_buffer(
         raise ValueError(f"partition={partition!r} is not one of {PARTITIONS}")
     if draw not in DRAWS:
         raise ValueError(f"draw={draw!r} is not one of {DRAWS}")
-    if policy == "class_balanced" and (partition, memory_kind) != ("stream", "device"):
-        raise ValueError("policy='class_balanced' needs partition='stream', memory_kind='device'")
+    if policy in STREAM_POLICIES and (partition, memory_kind) != ("stream", "device"):
+        raise ValueError(f"policy={policy!r} needs partition='stream', memory_kind='device'")
     return RehearsalBuffer(
         num_classes,
         budget_per_class,
@@ -182,6 +185,8 @@ class RehearsalBuffer:
         `batch` holds one batch-major tensor for every stored name, `labels` [B], and
         optionally `mask` [B] (False: padding, never inserted) and `task_id` (scalar or [B]).
         """
+        if self.policy == "end_of_task":
+            return state
         labels = batch[LABELS]
         mask = batch.get(MASK, jnp.ones(labels.shape, bool))
         task_ids = jnp.broadcast_to(jnp.asarray(batch.get(TASK_ID, 0), jnp.int32), labels.shape)

@@ -7,7 +7,8 @@ from collections.abc import Mapping
 import jax
 import numpy as np
 
-POLICIES = ("reservoir", "random_replace", "class_balanced")
+POLICIES = ("reservoir", "random_replace", "class_balanced", "end_of_task")
+STREAM_POLICIES = ("class_balanced", "end_of_task")  # for partition=stream, on the devices
 PARTITIONS = ("class", "stream")
 DRAWS = ("with_replacement", "without_replacement")
 MEMORY_KINDS = ("device", "pinned_host")

@@ -27,6 +27,7 @@ class Machinery:
     train_step: Callable
     predict: Callable
     task_pass: tuple[Callable, Callable]
+    task_rows_end: Callable
 
     def abstract_states(self, runtime: Runtime) -> tuple:
         """Shapes, dtypes and shardings (with memory kinds) of the train and rehearsal
@@ -86,6 +87,7 @@ def build(plan: Plan, runtime: Runtime) -> Machinery:
             runtime, settings, min(TOP_K, dataset.num_classes), plan.class_tasks
         ),
         task_pass=steps.make_task_pass(runtime, settings),
+        task_rows_end=steps.make_task_rows_end(runtime, settings),
     )
 
 

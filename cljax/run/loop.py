@@ -239,22 +239,34 @@ class TaskLoop:
             if (index + 1) % steps_per_epoch == 0:
                 self.session.bar.set_postfix(loss=f"{loss:.3f}")
 
-    def task_pass(self, state: TrainState, task: int) -> TrainState:
-        """The state after the strategy's end-of-task pass over `task`'s rows (unchanged for
-        a strategy without one); its batches come next in the feed. Its images were
-        decoded for training already: one left out there is left out here too, unreported."""
-        if not self.plan.strategy.needs_task_pass:
-            return state
+    def task_pass(self, state: TrainState, rehearsal, task: int) -> tuple:
+        """The states after the strategy's end-of-task pass over `task`'s rows (unchanged
+        for a strategy without one); its batches come next in the feed. Its images were
+        decoded for training already: one left out there is left out here too, unreported.
+        A strategy that `collects_task_rows` gets every batch's rows, and the buffer."""
+        strategy = self.plan.strategy
+        if not strategy.needs_task_pass:
+            return state, rehearsal
         batch_sums, finish = self.machinery.task_pass
-        batch_size, totals = self.plan.inputs.eval_batch_size, None
+        batch_size, totals, batches = self.plan.inputs.eval_batch_size, None, []
         for _ in range(0, len(self.plan.task_rows[task]), batch_size):
             host_batch = next(self.session.feed)
             host_batch.pop("skipped")
             batch = self.runtime.place(host_batch)
+            self.session.watchdog.progress()
+            if strategy.collects_task_rows:
+                batches.append(batch)
+                continue
             sums = batch_sums(state, batch["inputs"], batch["labels"], batch["valid"])
             totals = sums if totals is None else jax.tree.map(operator.add, totals, sums)
-            self.session.watchdog.progress()
-        return finish(state, *totals)
+        if strategy.collects_task_rows:
+            rows = [[batch[name] for batch in batches] for name in ("inputs", "labels", "valid")]
+            task_id = self.runtime.replicate(np.int32(task))
+            state, rehearsal = self.machinery.task_rows_end(state, rehearsal, *rows, task_id)
+        else:
+            state = finish(state, *totals)
+        # The pass is the strategy's training work: its time counts as the task's training.
+        return jax.block_until_ready((state, rehearsal))
 
     def retrain_on_buffer(self, state: TrainState, rehearsal, task: int) -> tuple:
         """For a strategy with `retraining_epochs` (GDumb): a model trained from scratch on

@@ -26,7 +26,12 @@ attributes and methods declare the rest:
   and runs steps without new rows, each replaying r representatives of every device drawn
   from the global buffer, `retraining_epochs` x (samples stored) / (r x D) of them, at the
   optimizer's learning rate decayed to 0 along a cosine;
-- `buffer_policy`: the buffer policy the strategy needs (None: any).
+- `buffer_policy`: the buffer policy the strategy needs (None: any);
+- `collects_task_rows` / `end_task_with_rows`: a strategy that chooses what its buffer keeps
+  from a whole task (iCaRL's herding) gets each device's rows of the end-of-task pass and
+  its buffer, and returns its state and that buffer;
+- `evaluation_logits`: the scores evaluation ranks the classes by (iCaRL: nearest mean of
+  exemplars), the model's logits by default.
 
 Strategies are chosen by `strategy.name` from the registry; `@register(NAME)` adds one, from
 cljax or from the user's own code, and its hyperparameters appear in the config as
@@ -44,6 +49,7 @@ from cljax.strategies.base import (
     LossTerms,
     StepOutputs,
     Strategy,
+    TaskRows,
     Totals,
     build,
     masked,
@@ -56,6 +62,7 @@ from cljax.strategies.der import DER, DERpp
 from cljax.strategies.er import ER, ERACE
 from cljax.strategies.ewc import OnlineEWC, chunked_row_sums
 from cljax.strategies.gdumb import GDumb
+from cljax.strategies.icarl import ICaRL
 from cljax.strategies.lwf import LwF
 
 __all__ = [
@@ -68,12 +75,14 @@ __all__ = [
     "DERpp",
     "FromScratch",
     "GDumb",
+    "ICaRL",
     "Incremental",
     "LossTerms",
     "LwF",
     "OnlineEWC",
     "StepOutputs",
     "Strategy",
+    "TaskRows",
     "Totals",
     "build",
     "chunked_row_sums",

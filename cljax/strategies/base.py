@@ -70,6 +70,24 @@ class StepOutputs:
 LossTerms = dict[str, jax.Array]
 
 
+@dataclasses.dataclass(frozen=True)
+class TaskRows:
+    """What a strategy with `collects_task_rows` sees at a task's end, on one device: its
+    rows of the end-of-task pass (`inputs` as stored, `labels`, `valid`: False for padding),
+    its buffer, the task, each class's task, the model in evaluation mode (`apply`), the
+    inputs' normalisation, and the collectives."""
+
+    inputs: jax.Array
+    labels: jax.Array
+    valid: jax.Array
+    buffer: Any
+    task_id: jax.Array
+    class_tasks: tuple[int, ...]
+    apply: Callable
+    normalise: Callable
+    collectives: Collectives
+
+
 def row_cross_entropies(
     logits: jax.Array, labels: jax.Array, label_smoothing: float = 0.0
 ) -> jax.Array:
@@ -97,6 +115,7 @@ class Strategy:
     needs_task_classes: ClassVar[bool] = False
     gradient_terms: ClassVar[tuple[str, ...]] = ()
     needs_task_pass: ClassVar[bool] = False
+    collects_task_rows: ClassVar[bool] = False
     buffer_policy: ClassVar[str | None] = None
 
     @property
@@ -141,6 +160,16 @@ class Strategy:
         """The strategy's state after the end-of-task pass, from `task_pass_sums` summed
         over every row of the task on every device, and `count`, the number of rows."""
         raise NotImplementedError(f"{type(self).__name__} does not need a task pass")
+
+    def end_task_with_rows(self, state: Any, variables, context: "TaskRows") -> tuple:
+        """For a strategy with `collects_task_rows`: its state and this device's buffer
+        after the task, from this device's rows of the end-of-task pass (`context`)."""
+        raise NotImplementedError(f"{type(self).__name__} does not collect a task's rows")
+
+    def evaluation_logits(self, state: Any, variables, apply: Callable, inputs) -> jax.Array:
+        """The scores evaluation ranks the classes by: the model's logits, unless the
+        strategy classifies otherwise (iCaRL: by the nearest mean of exemplars)."""
+        return apply(variables, inputs)
 
     def combine_gradients(self, gradients: dict[str, Any]) -> Any:
         """The update's gradient from the gradients of the `gradient_terms` (each summed over
