@@ -122,7 +122,8 @@ def test_a_run_killed_three_times_ends_as_an_uninterrupted_one(tmp_path, env, re
         ("lwf", ("step:45", "save:4")),
         ("ewc_online", ("pass:3", "step:45")),
         ("gdumb", ("step:95", "save:2")),  # step 95: in the retraining after task 1
-        ("icarl", ("rows:1", "step:100")),
+        # step 50: in task 2, from either checkpoint the kill may leave (80, or 90 if written)
+        ("icarl", ("rows:1", "step:50")),
     ],
 )
 def test_a_strategy_with_its_own_state_killed_twice_ends_as_an_uninterrupted_run(
@@ -149,7 +150,7 @@ def test_a_strategy_with_its_own_state_killed_twice_ends_as_an_uninterrupted_run
     state = checkpoint.read(str(workdir), "state")
     assert state["strategy_state"] or strategy == "gdumb"  # GDumb keeps no state of its own
     jax.tree.map(np.testing.assert_array_equal, state, checkpoint.read(str(reference), "state"))
-    if strategy in STRATEGY_FLAGS:
+    if strategy not in ("lwf", "ewc_online"):  # the strategies with a buffer
         jax.tree.map(
             np.testing.assert_array_equal,
             checkpoint.read(str(workdir), "rehearsal"),

@@ -91,10 +91,12 @@ STRATEGY_FLAGS = {"gdumb": GDUMB, "icarl": ICARL}
 
 
 # ER, and a strategy with each hook of the step: tasks' classes (ER-ACE), gradients of named
-# terms (A-GEM), an end-of-task pass and a penalty on the parameters (online EWC), a
-# retraining on the buffer (GDumb), a buffer chosen from a task's rows and an evaluation of
-# its own (iCaRL).
-@pytest.mark.parametrize("strategy", ["er", "er_ace", "agem", "ewc_online", "gdumb", "icarl"])
+# terms (A-GEM), a teacher in its own state (LwF), an end-of-task pass and a penalty on the
+# parameters (online EWC), a retraining on the buffer (GDumb), a buffer chosen from a task's
+# rows and an evaluation of its own (iCaRL).
+@pytest.mark.parametrize(
+    "strategy", ["er", "er_ace", "agem", "lwf", "ewc_online", "gdumb", "icarl"]
+)
 def test_two_processes_of_two_devices_equal_one_process_of_four(tmp_path, data_dir, strategy):
     """launch/local.sh 2 with no device flag splits the default 4 devices over 2 processes."""
     env = environment(data_dir)
