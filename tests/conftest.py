@@ -5,6 +5,7 @@ import os
 import shutil
 import signal
 import tempfile
+import time
 import uuid
 
 # Simulated devices are threads: on a loaded 2-core machine one can reach a collective late.
@@ -19,6 +20,7 @@ NUM_DEVICES = 8
 # Every process a test starts inherits this mark; once the whole suite is done, none may be
 # alive (`pytest_sessionfinish`).
 SESSION_MARK = "CLJAX_TEST_SESSION"
+EXIT_GRACE_S = 15
 os.environ.setdefault(SESSION_MARK, uuid.uuid4().hex)
 
 # Indexes of test datasets (labels, file lists) stay with this session (and its children).
@@ -80,6 +82,12 @@ def pytest_sessionfinish(session, exitstatus) -> None:
     if hasattr(session.config, "workerinput"):
         return
     leftovers = marked_processes(os.environ[SESSION_MARK])
+    # A worker may still be exiting, and with it the helpers Python started for it
+    # (multiprocessing's resource tracker): they get a few seconds to go.
+    deadline = time.monotonic() + EXIT_GRACE_S
+    while leftovers and time.monotonic() < deadline:
+        time.sleep(0.2)
+        leftovers = marked_processes(os.environ[SESSION_MARK])
     for pid, _ in leftovers:
         try:
             os.kill(pid, signal.SIGKILL)
