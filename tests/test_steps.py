@@ -2,6 +2,7 @@
 
 import dataclasses
 import re
+from collections.abc import Callable
 from typing import ClassVar
 
 import flax.linen as nn
@@ -92,6 +93,17 @@ def run_steps(train_step, state, rehearsal, num_devices: int, steps: int, lr: fl
     return state, rehearsal
 
 
+def assert_gradient_step(new_params, params, loss_fn: Callable, learning_rate: float = LR):
+    """`new_params` are `params` after one plain SGD step on `loss_fn` (single device)."""
+    grads = jax.grad(loss_fn)(params)
+    expected = jax.tree.map(lambda p, g: p - learning_rate * g, params, grads)
+    jax.tree.map(
+        lambda a, b: np.testing.assert_allclose(a, b, rtol=2e-5, atol=2e-6),
+        jax.device_get(new_params),
+        expected,
+    )
+
+
 def test_step_equals_single_device_gradient_step_on_global_batch(runtime):
     model, state, rehearsal, train_step = make_setup(runtime)
     state, rehearsal = run_steps(train_step, state, rehearsal, runtime.num_devices, 3)
@@ -108,13 +120,8 @@ def test_step_equals_single_device_gradient_step_on_global_batch(runtime):
         ce = optax.softmax_cross_entropy_with_integer_labels(logits, labels)
         return (ce * weights).sum() / weights.sum()
 
-    expected = jax.tree.map(lambda p, g: p - 0.1 * g, params, jax.grad(global_loss)(params))
     state, _, metrics = train_step(state, rehearsal, batch, jnp.int32(0), LR)
-    jax.tree.map(
-        lambda a, b: np.testing.assert_allclose(a, b, rtol=2e-5, atol=2e-6),
-        jax.device_get(state.params),
-        expected,
-    )
+    assert_gradient_step(state.params, params, global_loss)
     np.testing.assert_allclose(metrics["loss"], global_loss(params), rtol=1e-5)
 
 
@@ -491,16 +498,11 @@ def test_online_ewc_step_descends_cross_entropy_plus_the_fisher_weighted_penalty
         ce = optax.softmax_cross_entropy_with_integer_labels(logits, batch["labels"])
         return (ce * batch["mask"]).sum() / batch["mask"].sum() + 40.0 * penalty(params)
 
-    expected = jax.tree.map(lambda p, g: p - LR * g, params, jax.grad(global_loss)(params))
     state, _, metrics = train_step(state, None, batch, jnp.int32(1), LR)
     assert 40.0 * penalty(params) > 0.1 * float(metrics["new_ce"])  # a zero penalty fails
     np.testing.assert_allclose(metrics["penalty"], penalty(params), rtol=1e-5)
     np.testing.assert_allclose(metrics["loss"], global_loss(params), rtol=1e-5)
-    jax.tree.map(
-        lambda a, b: np.testing.assert_allclose(a, b, rtol=2e-5, atol=2e-6),
-        jax.device_get(state.params),
-        expected,
-    )
+    assert_gradient_step(state.params, params, global_loss)
 
 
 def test_online_ewc_task_pass_gives_the_mean_of_each_rows_weighted_squared_gradient(runtime):
@@ -568,18 +570,13 @@ def test_gdumb_learns_nothing_from_new_rows_and_only_the_buffer_without_them(run
         ce = optax.softmax_cross_entropy_with_integer_labels(logits, labels)
         return (ce * weights).sum() / weights.sum()
 
-    expected = jax.tree.map(lambda p, g: p - LR * g, before, jax.grad(replay_loss)(before))
     padding = {
         **host_batch(3, runtime.num_devices),
         "mask": np.zeros(BATCH * runtime.num_devices, bool),
     }
     state, _, metrics = train_step(state, rehearsal, padding, jnp.int32(0), LR)
     np.testing.assert_allclose(metrics["loss"], replay_loss(before), rtol=1e-5)
-    jax.tree.map(
-        lambda a, b: np.testing.assert_allclose(a, b, rtol=2e-5, atol=2e-6),
-        jax.device_get(state.params),
-        expected,
-    )
+    assert_gradient_step(state.params, before, replay_loss)
 
 
 def test_icarl_loss_is_bce_on_current_labels_and_the_teachers_sigmoids_on_old_classes(runtime):

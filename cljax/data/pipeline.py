@@ -334,26 +334,23 @@ class Loader:
     def _eval_batch(self, start: int) -> Batch:
         """This process's rows of the test batch from `start` (see `_view_batch`)."""
         rows = np.arange(start, min(start + self.eval_batch_size, len(self.test)))
-        return self._view_batch(self.test, rows)
+        return self._view_batch(self.test, *self._local_rows(rows))
 
     def _pass_batch(self, task: int, start: int) -> Batch:
         """This process's rows of the task's end-of-task pass batch from `start`, with their
         labels (see `_view_batch`)."""
-        rows = self.task_rows[task][start : start + self.eval_batch_size]
-        batch = self._view_batch(self.train, rows)
-        local, _ = local_rows(
-            rows, self.eval_batch_size, self.layout.process_index, self.layout.process_count
-        )
-        return {**batch, "labels": self.train.labels[local]}
+        local, valid = self._local_rows(self.task_rows[task][start : start + self.eval_batch_size])
+        return {**self._view_batch(self.train, local, valid), "labels": self.train.labels[local]}
 
-    def _view_batch(self, split: Split, rows: np.ndarray) -> Batch:
-        """This process's part of a batch of `eval_batch_size` rows made of `rows` of
-        `split`: evaluation views, and which rows hold a sample (not padding, not an image
-        skipped as undecodable)."""
+    def _local_rows(self, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """This process's part of a batch of `eval_batch_size` rows made of `rows`, and which
+        of them are real rather than padding."""
         layout = self.layout
-        local, valid = local_rows(
-            rows, self.eval_batch_size, layout.process_index, layout.process_count
-        )
+        return local_rows(rows, self.eval_batch_size, layout.process_index, layout.process_count)
+
+    def _view_batch(self, split: Split, local: np.ndarray, valid: np.ndarray) -> Batch:
+        """The evaluation views of `split`'s rows `local`, and which rows hold a sample
+        (`valid`, less any image skipped as undecodable)."""
         if isinstance(split, ArraySplit) and self.views.image_size is None:
             return {"inputs": split.inputs[local], "valid": valid, "skipped": _NONE_SKIPPED}
         inputs, skipped = self._allocate(len(local)), []
