@@ -20,7 +20,7 @@ import ml_collections
 from cljax import checkpoint, checks, preemption
 from cljax import runtime as runtime_lib
 from cljax.data.pipeline import Position
-from cljax.errors import ConfigError, Interrupted, Preempted, write_failure
+from cljax.errors import CljaxError, ConfigError, Interrupted, Preempted, write_failure
 from cljax.run.build import Machinery, build
 from cljax.run.clock import Clock
 from cljax.run.console import Console, progress_bar
@@ -60,9 +60,9 @@ def _run_tasks(
         checkpoints.close()
         raise
     plan.workdir.claim()
+    watchdog = runtime.watchdog()
     try:
         results.open_tracker(clock.done_steps(start))
-        watchdog = runtime.watchdog()
         watchdog.on_stop = lambda line: results.write("failed", line.removeprefix("cljax: "))
         batch = plan.global_batch_size
         with (
@@ -94,6 +94,8 @@ def _run_tasks(
             f"interrupted; {results.path} holds the {results.completed} finished task(s)"
         ) from None
     except BaseException as error:
+        if not isinstance(error, CljaxError):  # not a failure cljax diagnosed itself
+            watchdog.stop_if_a_process_was_lost(error)
         failure = write_failure(error, plan.workdir.path)
         message = str(failure or error) or repr(error)
         _stop(None if failure else checkpoints, results, "failed", error=message)

@@ -57,9 +57,13 @@ class KeyValueLiveness:
                 self._seen[index] = (post, now)
 
     def silent_processes(self, longer_than_s: float) -> list[int]:
-        """Processes whose post has not changed for `longer_than_s`."""
+        """Other processes whose post has not changed for `longer_than_s`."""
         now = time.monotonic()
-        return [index for index, (_, since) in self._seen.items() if now - since > longer_than_s]
+        return [
+            index
+            for index, (_, since) in self._seen.items()
+            if index != self.process_index and now - since > longer_than_s
+        ]
 
 
 class Watchdog:
@@ -82,6 +86,9 @@ class Watchdog:
     #: A stall this many times `timeout_s` stops the process even while every other
     #: process is alive: the job is stuck (a hang inside one of them).
     STUCK_FACTOR = 3
+    #: How long an error in the training loop waits for the liveness posts to tell whether
+    #: another process died: twice the time a death takes to show.
+    LOSS_WAIT_S = 2 * KeyValueLiveness.STALE_S
 
     def __init__(
         self, timeout_s: float, process_index: int = 0, what: str = "training", active=True
@@ -95,6 +102,7 @@ class Watchdog:
         #: it in metrics.json); from the watchdog's thread, while the training loop hangs.
         self.on_stop: Callable[[str], None] | None = None
         self._last: float | None = None
+        self._stopping = threading.Lock()
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._watch, daemon=True)
 
@@ -116,6 +124,28 @@ class Watchdog:
                 self._stop_process(self._stall_message(idle, loss))
             if idle > self.STUCK_FACTOR * self.timeout_s:
                 self._stop_process(self._stuck_message(idle))
+
+    def stop_if_a_process_was_lost(self, error: BaseException) -> None:
+        """Called with the error that ended the loop: when another process went silent or
+        process 0 is out of reach, the error is that loss seen from here (a collective whose
+        peer died fails at once instead of hanging), so the process stops as a stall would,
+        naming the lost process. Returns when the liveness posts show every process alive
+        for `LOSS_WAIT_S` (a death shows within `KeyValueLiveness.STALE_S`): the error is
+        this process's own."""
+        liveness = self.liveness
+        if not self.active or liveness is None:
+            return
+        deadline = time.monotonic() + self.LOSS_WAIT_S
+        while time.monotonic() < deadline:
+            liveness.observe()
+            loss = self._suspected_loss()
+            if loss is not None:
+                cause = (str(error).strip().splitlines() or [type(error).__name__])[0]
+                self._stop_process(
+                    f"cljax: process {self.process_index} stopped {self.what}: {loss}"
+                    f" ({cause[:200]}); {self.ADVICE}"
+                )
+            time.sleep(0.25)
 
     def _suspected_loss(self) -> str | None:
         """The lost process a stall may come from, in words: one whose liveness post has
@@ -154,6 +184,10 @@ class Watchdog:
         )
 
     def _stop_process(self, message: str) -> None:
+        """Says why and exits with EXIT_STATUS, skipping Python's shutdown (whose
+        jax.distributed barrier would abort with a crash dump); the first caller of the
+        watchdog's thread and the training loop's wins."""
+        self._stopping.acquire()
         print(message, file=sys.stderr, flush=True)
         if self.on_stop is not None:
             with contextlib.suppress(Exception):  # nothing may keep the process from stopping
