@@ -72,6 +72,39 @@ def test_k_is_the_power_of_two_that_makes_a_block_last_about_50_ms():
     assert dispatch.choose_length(1e-6) == dispatch.MAX_STEPS
 
 
+class HostOnly:
+    """What a Dispatcher needs of a runtime, on the host: the values as they are."""
+
+    def place(self, batch: dict, steps: bool = False) -> dict:
+        return batch
+
+    def replicate(self, value):
+        return value
+
+    def broadcast_text(self, text: str) -> str:
+        return text
+
+
+@pytest.mark.parametrize(
+    ("length", "single_calls"), [(None, dispatch.CALIBRATION_STEPS), (8, 0), (1, 13)]
+)
+def test_single_calls_only_while_k_is_chosen_or_when_it_is_1(monkeypatch, length, single_calls):
+    """Once K > 1 is known, a one-step call runs the block program too: a run with
+    steps_per_dispatch set never traces the one-step program."""
+    calls = []
+
+    def program(kind):
+        return lambda state, rehearsal, *args: calls.append(kind) or (state, rehearsal, {})
+
+    machinery = type("Steps", (), {"train_step": staticmethod(program("single"))})()
+    dispatcher = dispatch.Dispatcher(machinery, HostOnly(), lambda line: None, length)
+    monkeypatch.setattr(dispatcher, "_block_program", lambda: program("block"))
+    for _ in range(13):
+        dispatcher.run(None, None, {"inputs": np.zeros((1, 2))}, 0, np.ones(1, np.float32))
+    assert calls.count("single") == single_calls
+    assert calls.count("block") == 13 - single_calls
+
+
 def test_items_of_many_steps_hold_the_same_batches_as_one_step_items(digits):
     task_rows = (np.arange(100), np.arange(100, 150))
     layout = pipeline.Layout(global_batch_size=8, local_devices=2)

@@ -71,9 +71,11 @@ class Dispatcher:
 
     def run(self, state, rehearsal, host_batch: dict, task: int, rates: np.ndarray):
         """The train steps of `task` whose batches `host_batch` stacks along its leading axis,
-        at learning rates `rates`; returns the states and their metrics (not yet read)."""
-        if len(rates) == 1:
-            if self.length is None:
+        at learning rates `rates`; returns the states and their metrics (not yet read). Once
+        K > 1 is known every call, a single step too, runs the block program: a run with
+        `steps_per_dispatch` set above 1 never traces the one-step program."""
+        if self.length in (None, 1):
+            if self.length is None:  # choosing K: one step per call, timed
                 self._calibrate()
             args = (
                 self.runtime.place({name: value[0] for name, value in host_batch.items()}),

@@ -3,7 +3,10 @@ them, and where they go: metrics.json and the plots (process 0, after every task
 scalars (TensorBoard, W&B) and the console."""
 
 import copy
+import importlib
 import json
+import sys
+import threading
 import time
 
 import numpy as np
@@ -101,6 +104,8 @@ class Results:
             due = time.monotonic() - self._plotted_at >= PLOTS_EVERY_S
             if due or task + 1 == self.plan.num_tasks:
                 self.plot(results)
+            else:
+                _import_plots_in_the_background()
         if self.skipped_images and self.runtime.is_main:
             warn(
                 f"{len(self.skipped_images)} images could not be decoded and were left out so"
@@ -189,6 +194,18 @@ class Results:
             f" {model_path}"
         )
         return results
+
+
+def _import_plots_in_the_background() -> None:
+    """Starts importing matplotlib (0.4 s) in a thread, during the next task's training, so
+    that the plots at the end need not wait for it. Only once a task is done: in the first,
+    the thread would hold Python's lock while the steps are traced (that slowed training,
+    docs/performance.md). Drawing, later, waits for the import if it is still running; so
+    does Python's exit (not a daemon: an import cut short by the exit would print errors)."""
+    if "cljax.plots" not in sys.modules:
+        threading.Thread(
+            target=importlib.import_module, args=("cljax.plots",), name="import-plots"
+        ).start()
 
 
 def _with_max_over_processes(runtime: Runtime, timing: dict) -> dict:
