@@ -111,12 +111,17 @@ class Checkpoints:
         self.manager.close()
 
     def restore_latest(
-        self, abstract_state, abstract_rehearsal, check: Callable[[dict], None]
+        self, abstract_states: Callable[[], tuple], check: Callable[[dict], None]
     ) -> Restored | None:
         """The newest readable checkpoint (None if there is none), restored onto this run's
-        devices once `check` accepted its progress document; an unreadable checkpoint is
-        named in one line and the one before it is used."""
-        for step in sorted(self.manager.all_steps(), reverse=True):
+        devices, into the train and rehearsal states `abstract_states()` describes (traced
+        only when there is a checkpoint), once `check` accepted its progress document; an
+        unreadable checkpoint is named in one line and the one before it is used."""
+        steps = sorted(self.manager.all_steps(), reverse=True)
+        if not steps:
+            return None
+        abstract_state, abstract_rehearsal = abstract_states()
+        for step in steps:
             try:
                 return self._restore(step, abstract_state, abstract_rehearsal, check)
             except (OSError, ValueError, KeyError, TypeError) as error:

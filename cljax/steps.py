@@ -143,15 +143,21 @@ def make_train_steps(runtime: Runtime, settings: StepConfig, length: int) -> Cal
     per_device = _per_device_step(runtime.collectives, settings)
 
     def block(state, rehearsal, batches, task_id, learning_rates, count):
+        traced: dict[str, Any] = {}  # the metrics' shapes, once `run` has been traced
+
         def one_step(carry, inputs):
             batch, learning_rate, index = inputs
 
             def run(carry):
                 state, rehearsal, metrics = per_device(*carry, batch, task_id, learning_rate)
+                traced["metrics"] = jax.tree.map(
+                    lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype), metrics
+                )
                 return (state, rehearsal), metrics
 
             def skip(carry):
-                metrics = jax.eval_shape(run, carry)[1]
+                # `cond` traces `run` first (JAX 0.10): its shapes spare tracing the step twice
+                metrics = traced.get("metrics") or jax.eval_shape(run, carry)[1]
                 return carry, jax.tree.map(lambda m: jnp.zeros(m.shape, m.dtype), metrics)
 
             return jax.lax.cond(index < count, run, skip, carry)

@@ -511,3 +511,14 @@ def test_a_refused_resume_leaves_the_workdir_byte_for_byte_as_it_was(tmp_path, e
     refused = train(workdir, "--config.seed=1", env=env, check=False)
     assert refused.returncode == errors.EXIT_BAD_INPUT
     assert snapshot(workdir) == before
+
+
+def test_a_workdir_without_checkpoints_traces_no_states_to_restore_into(tmp_path, runtime):
+    """A fresh run has nothing to restore: the abstract states (a trace of the model's
+    initialisation) are not built."""
+    checkpoints = checkpoint.Checkpoints(str(tmp_path), runtime, keep=1)
+    try:
+        built = checkpoints.restore_latest(lambda: pytest.fail("abstract states built"), print)
+    finally:
+        checkpoints.close()
+    assert built is None

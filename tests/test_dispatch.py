@@ -1,6 +1,8 @@
 """K training steps per dispatch: the same values bit for bit as K single steps, in the step,
 in the feed and in whole runs; how K is chosen; what still happens between blocks."""
 
+from typing import ClassVar
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -53,6 +55,36 @@ def test_a_block_of_k_steps_equals_k_single_steps_bit_for_bit(runtime, strategy)
     assert_same(state, blocked_state)
     assert_same(rehearsal, blocked_rehearsal)
     assert_same(expected, metrics)
+
+
+class CountedER(strategies.ER):
+    """ER that counts how many times its loss is traced."""
+
+    traces: ClassVar[list[int]] = []
+
+    def loss(self, outputs, state):
+        self.traces.append(1)
+        return super().loss(outputs, state)
+
+
+def test_a_block_program_traces_the_step_once(runtime):
+    """The steps skipped past `count` take the metrics' shapes from the one trace of the
+    step, not from tracing it again (which would double a large model's tracing time)."""
+    strategy = CountedER()
+    _, state, rehearsal, _ = make_setup(runtime, strategy=strategy)
+    block = steps.make_train_steps(runtime, make_settings(strategy=strategy)[1], 4)
+    batches = [host_batch(step, runtime.num_devices) for step in range(4)]
+    stacked = {name: np.stack([b[name] for b in batches]) for name in batches[0]}
+    CountedER.traces.clear()
+    block.trace(
+        state,
+        rehearsal,
+        runtime.place(stacked, steps=True),
+        jnp.int32(0),
+        jnp.full(4, LR, jnp.float32),
+        jnp.int32(4),
+    )
+    assert len(CountedER.traces) == 1
 
 
 def assert_same(a, b) -> None:

@@ -35,7 +35,7 @@ def resume(
             plan.workdir.path,
         )
 
-    restored = checkpoints.restore_latest(*machinery.abstract_states(runtime), check)
+    restored = checkpoints.restore_latest(lambda: machinery.abstract_states(runtime), check)
     if restored is None:
         if earlier is not None and "config" in earlier:
             check({"config": earlier["config"], "num_devices": earlier["num_devices"]})
