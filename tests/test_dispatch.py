@@ -118,11 +118,15 @@ class HostOnly:
 
 
 @pytest.mark.parametrize(
-    ("length", "single_calls"), [(None, dispatch.CALIBRATION_STEPS), (8, 0), (1, 13)]
+    ("length", "single", "single_calls"),
+    [(None, False, dispatch.CALIBRATION_STEPS), (8, False, 0), (1, False, 13), (8, True, 13)],
 )
-def test_single_calls_only_while_k_is_chosen_or_when_it_is_1(monkeypatch, length, single_calls):
-    """Once K > 1 is known, a one-step call runs the block program too: a run with
-    steps_per_dispatch set never traces the one-step program."""
+def test_single_calls_only_while_k_is_chosen_or_when_it_is_1_or_asked(
+    monkeypatch, length, single, single_calls
+):
+    """Once K > 1 is known, a one-step call runs the block program too (a run with
+    steps_per_dispatch set never traces the one-step program), unless a single call is
+    asked for (the profiled steps)."""
     calls = []
 
     def program(kind):
@@ -132,7 +136,7 @@ def test_single_calls_only_while_k_is_chosen_or_when_it_is_1(monkeypatch, length
     dispatcher = dispatch.Dispatcher(machinery, HostOnly(), lambda line: None, length)
     monkeypatch.setattr(dispatcher, "_block_program", lambda: program("block"))
     for _ in range(13):
-        dispatcher.run(None, None, {"inputs": np.zeros((1, 2))}, 0, np.ones(1, np.float32))
+        dispatcher.run(None, None, {"inputs": np.zeros((1, 2))}, 0, np.ones(1), single)
     assert calls.count("single") == single_calls
     assert calls.count("block") == 13 - single_calls
 

@@ -69,12 +69,15 @@ class Dispatcher:
             return 1
         return max(1, min(self.length, left, next_boundary))
 
-    def run(self, state, rehearsal, host_batch: dict, task: int, rates: np.ndarray):
+    def run(
+        self, state, rehearsal, host_batch: dict, task: int, rates: np.ndarray, single: bool = False
+    ):
         """The train steps of `task` whose batches `host_batch` stacks along its leading axis,
         at learning rates `rates`; returns the states and their metrics (not yet read). Once
-        K > 1 is known every call, a single step too, runs the block program: a run with
-        `steps_per_dispatch` set above 1 never traces the one-step program."""
-        if self.length in (None, 1):
+        K > 1 is known every call, a single step too, runs the block program (a run with
+        `steps_per_dispatch` set above 1 never traces the one-step program), except a
+        `single` one: a profiled step, whose trace and HLO are to be the step's own."""
+        if self.length in (None, 1) or single:
             if self.length is None:  # choosing K: one step per call, timed
                 self._calibrate()
             args = (

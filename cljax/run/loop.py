@@ -172,7 +172,7 @@ class TaskLoop:
                     jax.block_until_ready((state, rehearsal))
                     self.profile.start(done_before)
                 state, rehearsal, metrics = self.dispatcher.run(
-                    state, rehearsal, host_batch, task, rates
+                    state, rehearsal, host_batch, task, rates, single=self.profile.active
                 )
                 if unchecked is not None:
                     self._check(unchecked, task)
