@@ -82,12 +82,9 @@ class Checkpoints:
 
     def save(self, step: int, state, rehearsal, position: Position, progress: dict) -> None:
         """Starts writing checkpoint `step` in the background (waiting for the previous)."""
-        arrays = {"state": state, "rehearsal": rehearsal}
-        recorded = {
-            item: fingerprint.fingerprints(tree, self._add_over_processes)
-            for item, tree in arrays.items()
-            if tree is not None
-        }
+        recorded = fingerprint.fingerprints_of_items(
+            {"state": state, "rehearsal": rehearsal}, self._add_over_processes
+        )
         document = {
             **progress,
             "position": dataclasses.asdict(position),

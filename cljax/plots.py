@@ -21,6 +21,14 @@ TIME_PARTS = (
     ("eval_s", "evaluation"),
     ("checkpoint_s", "checkpointing"),
 )
+# The run's plots have margins of fixed inches around their axes (room for their titles,
+# axis labels and tick labels of up to five characters), where a layout solver
+# (`tight_layout`) would take 0.19 s of the 0.5 s the four plots take to draw; the run
+# draws them at its end, and a small benchmark's whole run lasts 3 s.
+MARGINS_INCHES = {"left": 0.75, "right": 0.25, "bottom": 0.6, "top": 0.4}
+# PNG compression: level 1 writes the plots 0.04 s faster than the default 6, in files a
+# few kB larger.
+PNG_OPTIONS = {"compress_level": 1}
 
 
 def average_accuracy_curve(acc: np.ndarray) -> np.ndarray:
@@ -31,7 +39,7 @@ def average_accuracy_curve(acc: np.ndarray) -> np.ndarray:
 def accuracy_matrix_figure(acc: np.ndarray, title: str = "") -> Figure:
     """Heatmap of acc[i, j], accuracy on task j after training task i; unseen tasks grey."""
     trained, num_tasks = acc.shape
-    figure = Figure(figsize=(1.0 + 0.8 * num_tasks, 0.8 + 0.7 * max(trained, 1)))
+    figure = _run_figure(max(4.0, 1.0 + 0.8 * num_tasks), 0.8 + 0.7 * max(trained, 1))
     axes = figure.subplots()
     seen = np.ma.masked_where(np.arange(num_tasks)[None, :] > np.arange(trained)[:, None], acc)
     cmap = matplotlib.colormaps["viridis"].with_extremes(bad="0.9")
@@ -47,24 +55,22 @@ def accuracy_matrix_figure(acc: np.ndarray, title: str = "") -> Figure:
     axes.set_ylabel("after training task")
     axes.set_title(title or "top-1 accuracy (grey: not trained yet)")
     figure.colorbar(image, ax=axes, label="accuracy")
-    figure.tight_layout()
     return figure
 
 
 def average_accuracy_figure(acc: np.ndarray) -> Figure:
-    figure = Figure(figsize=(5, 3.5))
+    figure = _run_figure(5, 3.5)
     axes = figure.subplots()
     axes.plot(np.arange(len(acc)), average_accuracy_curve(acc), marker="o")
     _accuracy_axes(axes, acc.shape[1])
     axes.set_ylabel("average accuracy on seen tasks")
     axes.set_title("average top-1 accuracy after each task")
-    figure.tight_layout()
     return figure
 
 
 def task_accuracy_figure(acc: np.ndarray) -> Figure:
     """One line per task: its accuracy from the moment it was trained on."""
-    figure = Figure(figsize=(5.5, 3.5))
+    figure = _run_figure(5.5, 3.5)
     axes = figure.subplots()
     trained = len(acc)
     for j in range(trained):
@@ -73,13 +79,12 @@ def task_accuracy_figure(acc: np.ndarray) -> Figure:
     axes.set_ylabel("top-1 accuracy on the task")
     axes.set_title("each task's accuracy over the stream")
     axes.legend(title="task", fontsize=8, ncol=2 if trained > 6 else 1)
-    figure.tight_layout()
     return figure
 
 
 def time_breakdown_figure(timings: list[dict]) -> Figure:
     """Stacked bars per task: training compute, data wait, evaluation, checkpointing."""
-    figure = Figure(figsize=(5.5, 3.5))
+    figure = _run_figure(5.5, 3.5)
     axes = figure.subplots()
     tasks = np.arange(len(timings))
     bottom = np.zeros(len(timings))
@@ -95,7 +100,6 @@ def time_breakdown_figure(timings: list[dict]) -> Figure:
     axes.set_ylabel("seconds")
     axes.set_title("where each task's time went")
     axes.legend(fontsize=8)
-    figure.tight_layout()
     return figure
 
 
@@ -120,7 +124,7 @@ def save_figures(directory: str, figures: dict[str, Figure]) -> list[str]:
     paths = []
     for name, figure in figures.items():
         path = os.path.join(directory, f"{name}.png")
-        figure.savefig(path + ".tmp", format="png", dpi=120)
+        figure.savefig(path + ".tmp", format="png", dpi=120, pil_kwargs=PNG_OPTIONS)
         os.replace(path + ".tmp", path)
         paths.append(path)
     return paths
@@ -173,6 +177,19 @@ def curves_figure(groups: list[dict], num_tasks: int) -> Figure:
     )
     axes.legend(fontsize=8, loc="lower left")
     figure.tight_layout()
+    return figure
+
+
+def _run_figure(width: float, height: float) -> Figure:
+    """A figure of `width` x `height` inches whose axes leave `MARGINS_INCHES` around them."""
+    margins = MARGINS_INCHES
+    figure = Figure(figsize=(width, height))
+    figure.subplots_adjust(
+        left=margins["left"] / width,
+        right=1 - margins["right"] / width,
+        bottom=margins["bottom"] / height,
+        top=1 - margins["top"] / height,
+    )
     return figure
 
 

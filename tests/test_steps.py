@@ -156,6 +156,29 @@ def test_same_seed_gives_bit_identical_states(runtime, seed):
     jax.tree.map(np.testing.assert_array_equal, first, second)
 
 
+class ShardMapOnOneDevice(runtime_lib.JaxRuntime):
+    """A mesh of one device run as a larger one is: `shard_map` and `jax.lax` collectives."""
+
+    def __init__(self):
+        super().__init__(600, jax.devices()[:1])
+        self.collectives = JaxCollectives()
+
+    def per_device(self, fn, in_specs, out_specs):
+        return jax.shard_map(fn, mesh=self.mesh, in_specs=in_specs, out_specs=out_specs)
+
+
+def test_one_device_step_has_no_collectives_and_the_same_states_bit_for_bit():
+    compiled, states = [], []
+    for runtime in (runtime_lib.JaxRuntime(600, jax.devices()[:1]), ShardMapOnOneDevice()):
+        _, state, rehearsal, train_step = make_setup(runtime)
+        lowered = train_step.lower(state, rehearsal, host_batch(0, 1), jnp.int32(0), LR)
+        compiled.append(lowered.compile().as_text())
+        state, rehearsal = run_steps(train_step, state, rehearsal, 1, 6)
+        states.append(jax.device_get((state.params, jax.random.key_data(state.rng), rehearsal)))
+    assert "all-reduce" not in compiled[0] and "all-reduce" in compiled[1]
+    jax.tree.map(np.testing.assert_array_equal, *states)
+
+
 def test_compiled_step_updates_the_buffer_without_copying_it(runtime):
     """No copy in the compiled step is as large as any per-slot field of the buffer."""
     budget = 5000

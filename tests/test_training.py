@@ -7,6 +7,7 @@ import re
 
 import numpy as np
 import pytest
+from matplotlib.backends.backend_agg import FigureCanvasAgg
 
 from cljax import configuration, errors, metrics, plots, profiling, report, steps, trainer
 from tests.helpers import REPO, tensorboard_scalars
@@ -206,6 +207,34 @@ def test_every_task_leaves_its_plots(results, workdirs):
         for name in plots.PLOT_NAMES:
             png = (workdir / "plots" / f"{name}.png").read_bytes()
             assert png.startswith(b"\x89PNG") and len(png) > 10_000, name
+
+
+@pytest.mark.parametrize("num_tasks", [2, 5, 20])
+def test_the_run_plots_fixed_margins_hold_every_label(num_tasks):
+    """Every title, axis label and tick label of the four run plots lies inside its figure
+    (their margins are fixed, not solved for), with seconds of up to five digits."""
+    rng = np.random.default_rng(0)
+    acc = np.tril(rng.uniform(size=(num_tasks, num_tasks)))
+    timings = [
+        {"train_s": 4999.0 * t, "data_wait_s": 1.0, "eval_s": 10.0, "checkpoint_s": 5.0}
+        for t in range(num_tasks)
+    ]
+    figures = [
+        plots.accuracy_matrix_figure(acc),
+        plots.average_accuracy_figure(acc),
+        plots.task_accuracy_figure(acc),
+        plots.time_breakdown_figure(timings),
+    ]
+    for figure in figures:
+        canvas = FigureCanvasAgg(figure)
+        canvas.draw()  # as saving does: the ticks and their labels are set at drawing time
+        drawn = figure.get_tightbbox(canvas.get_renderer())  # inches, every artist drawn
+        width, height = figure.get_size_inches()
+        assert drawn.x0 >= -0.01 and drawn.y0 >= -0.01, (figure.axes[0].get_title(), drawn)
+        assert drawn.x1 <= width + 0.01 and drawn.y1 <= height + 0.01, (
+            figure.axes[0].get_title(),
+            drawn,
+        )
 
 
 def test_report_table_and_figures_follow_the_metrics_files(

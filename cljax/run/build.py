@@ -21,7 +21,9 @@ class Machinery:
     """What stays the same for every task of a run: the steps and the state makers."""
 
     settings: steps.StepConfig
-    init_state: Callable[[jax.Array], steps.TrainState]
+    # A fresh train state from the run's seed and a stream number (its key: the seed's key
+    # folded with the number, in the same program as the state).
+    init_state: Callable[[int, int], steps.TrainState]
     reset_optimizer: Callable[[steps.TrainState], steps.TrainState]
     init_rehearsal: Callable[[], RehearsalState | None]
     train_step: Callable
@@ -32,7 +34,7 @@ class Machinery:
     def abstract_states(self, runtime: Runtime) -> tuple:
         """Shapes, dtypes and shardings (with memory kinds) of the train and rehearsal
         states: what a checkpoint is restored into."""
-        state = _placed(jax.eval_shape(self.init_state, jax.random.key(0)), runtime.replicated)
+        state = _placed(jax.eval_shape(self.init_state, 0, 0), runtime.replicated)
         buffer = self.settings.buffer
         if buffer is None:
             return state, None
@@ -63,7 +65,9 @@ def build(plan: Plan, runtime: Runtime) -> Machinery:
         dataset.train, np.arange(1), plan.inputs.views, dataset.input_shape
     )
     init_state = jax.jit(
-        lambda key: steps.create_train_state(settings, sample, key),
+        lambda seed, stream: steps.create_train_state(
+            settings, sample, jax.random.fold_in(jax.random.key(seed), stream)
+        ),
         out_shardings=runtime.replicated,
     )
     reset_optimizer = jax.jit(

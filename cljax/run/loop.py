@@ -64,7 +64,7 @@ def begin_task(plan: Plan, machinery: Machinery, state: TrainState | None, task:
     that re-initialises; from `init_from` if set), else the last one with the optimizer
     reset if configured; then the strategy's own start of task."""
     if state is None or plan.strategy.reinitialise_each_task:
-        state = machinery.init_state(jax.random.fold_in(jax.random.key(plan.seed), task))
+        state = machinery.init_state(plan.seed, task)
         if plan.init_from:
             state = checkpoint.load_model(plan.init_from, state)
     elif plan.optimizer.reset_each_task:
@@ -281,8 +281,7 @@ class TaskLoop:
         drawn = plan.buffer.num_representatives * runtime.num_devices
         steps = math.ceil(epochs * stored / drawn)
         rates = plan.optimizer.learning_rate * 0.5 * (1 + np.cos(np.pi * np.arange(steps) / steps))
-        key = jax.random.fold_in(jax.random.key(plan.seed), plan.num_tasks + task)
-        state, blocks, index = self.machinery.init_state(key), [], 0
+        state, blocks, index = self.machinery.init_state(plan.seed, plan.num_tasks + task), [], 0
         while index < steps:
             count = self.dispatcher.block_length(steps - index, steps - index)
             block_rates = rates[index : index + count].astype(np.float32)

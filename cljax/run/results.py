@@ -22,7 +22,7 @@ from cljax.workdir import METRICS_NAME
 # A task's times logged as scalars (its checkpointing is only known after they are written).
 TRACKED_TIMES = ("train_s", "data_wait_s", "eval_s")
 # The plots are drawn after a task once this long has passed since the run started or they
-# were last drawn (drawing them takes about 0.6 s: more than a whole task of a small
+# were last drawn (drawing them takes about 0.35 s: more than a whole task of a small
 # benchmark), and always when the run ends.
 PLOTS_EVERY_S = 30.0
 
