@@ -21,7 +21,7 @@ import orbax.checkpoint as ocp
 import pytest
 
 from cljax import buffer as buffer_lib
-from cljax import checkpoint, configuration, errors, steps, trainer
+from cljax import checkpoint, configuration, errors, fingerprint, steps, trainer
 from cljax.buffer import BufferState
 from tests.helpers import (
     REPO,
@@ -522,3 +522,27 @@ def test_a_workdir_without_checkpoints_traces_no_states_to_restore_into(tmp_path
     finally:
         checkpoints.close()
     assert built is None
+
+
+def test_fingerprints_are_the_same_summed_on_the_host_or_on_the_devices(runtime, monkeypatch):
+    """Small arrays are summed on the host, large ones on the devices: either way, and
+    however an array is split or replicated over the devices, one fingerprint per array,
+    which a changed element changes."""
+    rng = np.random.default_rng(0)
+    arrays = {
+        "weights": (rng.normal(size=(16, 3)).astype(np.float32), runtime.sharded),
+        "inputs": (rng.integers(0, 255, (8, 5)).astype(np.uint8), runtime.sharded),
+        "mask": (rng.integers(0, 2, 24).astype(bool), runtime.sharded),
+        "step": (np.int32(7), runtime.replicated),
+        "bias": (rng.normal(size=3).astype(np.float32), runtime.replicated),
+    }
+    tree = {name: jax.device_put(value, where) for name, (value, where) in arrays.items()}
+    tree["rng"] = jax.device_put(jax.random.key(3), runtime.replicated)
+    on_host = fingerprint.fingerprints(tree, lambda partial: partial)
+    monkeypatch.setattr(fingerprint, "HOST_SUM_BYTES", -1)
+    on_devices = fingerprint.fingerprints(tree, lambda partial: partial)
+    assert on_host == on_devices
+    numpy_arrays = {name: value for name, (value, _) in arrays.items()}
+    assert fingerprint.of_numpy(numpy_arrays) == {k: v for k, v in on_host.items() if k != "rng"}
+    numpy_arrays["inputs"][3, 1] ^= 1
+    assert fingerprint.of_numpy(numpy_arrays)["inputs"] != on_host["inputs"]
