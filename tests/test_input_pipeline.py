@@ -110,6 +110,19 @@ def test_the_index_is_cached_and_rebuilt_when_a_folder_changes(folder, monkeypat
     assert train.labels[list(train.files).index("class_0001/zz_new.JPEG")] == 1
 
 
+def test_a_cache_entry_is_read_back_mapped_and_a_new_stamp_replaces_it(monkeypatch, tmp_path):
+    monkeypatch.setenv("CLJAX_CACHE_DIR", str(tmp_path))
+    first = cache.cached("kind", "key", "stamp-1", lambda: {"rows": np.arange(6).reshape(2, 3)})
+    again = cache.cached("kind", "key", "stamp-1", lambda: pytest.fail("computed again"))
+    assert isinstance(again["rows"], np.memmap) and not again["rows"].flags.writeable
+    np.testing.assert_array_equal(again["rows"], first["rows"])
+    cache.cached("kind", "key", "stamp-2", lambda: {"rows": np.arange(3), "more": np.ones(2)})
+    again = cache.cached("kind", "key", "stamp-2", lambda: pytest.fail("computed again"))
+    np.testing.assert_array_equal(again["rows"], np.arange(3))
+    np.testing.assert_array_equal(again["more"], np.ones(2))
+    assert len(os.listdir(tmp_path / "kind")) == 1  # no stale entry, no half-written one
+
+
 def test_tfds_labels_are_read_once_then_from_the_cache(synthetic_data_dir, monkeypatch, tmp_path):
     monkeypatch.setenv("CLJAX_CACHE_DIR", str(tmp_path / "cache"))
     computed = []
