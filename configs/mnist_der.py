@@ -21,7 +21,7 @@ Class-IL accuracy to expect, quoted from the DER paper's Table 2 (mean of 10 run
 DER 84.55 / 90.54 / 94.90, DER++ 85.61 / 91.00 / 95.30, A-GEM 45.72 / 46.66 (200 / 500).
 Measured by cljax (`python benchmarks/seq_mnist.py --from_dir=../shared/data/mnist`, seeds
 0-4, 2-core CPU; docs/results.md has task-IL too): sgd 19.72, joint 95.48, LwF 20.02, oEWC
-20.95, ER 78.86 / 85.98 / 93.15, DER 84.09 / 90.26 / 95.03, DER++ 84.82 / 91.04 / 94.73,
+21.03, ER 78.86 / 85.98 / 93.15, DER 84.09 / 90.26 / 95.03, DER++ 84.82 / 91.04 / 94.73,
 A-GEM 48.72 / 47.21 / 50.32; each run takes 2 to 10 s of training on that CPU. LwF uses the
 paper's learning rate 0.03, alpha 1 and temperature 2; online EWC its learning rate 0.03,
 lambda 90 and gamma 1; A-GEM its learning rate 0.1 and reference draw of 128.

@@ -62,9 +62,16 @@ class OnlineEWC(Strategy):
         return {"fisher": fisher, "anchor": jax.tree.map(jnp.copy, variables["params"])}
 
 
-def chunked_row_sums(row_fn: Callable, rows: tuple, chunk: int = 16) -> Any:
+def chunked_row_sums(row_fn: Callable, rows: tuple, chunk: int | None = None) -> Any:
     """The sum over rows of `row_fn(*row)`, `chunk` rows at a time (vmapped, in a scan), so
-    that per-row values as large as a gradient never exist for more than `chunk` rows."""
+    that per-row values as large as a gradient never exist for more than `chunk` rows.
+
+    By default 16 rows, but one on a CPU: XLA:CPU computes a vmapped per-row gradient's
+    outer products (a batched product over a dimension of 1) one element at a time, 500 us
+    a row of the DER paper's MLP against 35 us one row after another (the Fisher pass of
+    Split MNIST's online EWC: 9 s a task, then 0.4 s)."""
+    if chunk is None:
+        chunk = 1 if jax.default_backend() == "cpu" else 16
     count = rows[0].shape[0]
     size = math.gcd(count, chunk)
     blocks = jax.tree.map(lambda x: x.reshape(count // size, size, *x.shape[1:]), rows)
