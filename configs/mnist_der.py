@@ -119,7 +119,7 @@ def _protocol(config: ml_collections.ConfigDict, learning_rate: float) -> ml_col
     config.model.mlp.weight_init = "xavier_uniform"
     config.num_cpu_devices = 1
     config.batch_size = BATCH_SIZE
-    config.eval_batch_size = 5_000
+    config.eval_batch_size = 5_000  # a pass of 10,000 rows paid page faults: docs/performance.md
     config.checkpoint.every_steps = 0  # at every task's end only: a task trains in a second
     config.epochs_per_task = 1
     # K set, not chosen: no single steps to time it and no one-step program to trace (about
