@@ -253,7 +253,7 @@ class JaxRuntime(Runtime):
         return jax.process_count()
 
     def per_device(self, fn: Callable, in_specs, out_specs) -> Callable:
-        if self.mesh.devices.size == 1:
+        if isinstance(self.collectives, SingleDevice):  # a mesh of one device (`__init__`)
             return fn
         return jax.shard_map(fn, mesh=self.mesh, in_specs=in_specs, out_specs=out_specs)
 

@@ -163,9 +163,6 @@ class ShardMapOnOneDevice(runtime_lib.JaxRuntime):
         super().__init__(600, jax.devices()[:1])
         self.collectives = JaxCollectives()
 
-    def per_device(self, fn, in_specs, out_specs):
-        return jax.shard_map(fn, mesh=self.mesh, in_specs=in_specs, out_specs=out_specs)
-
 
 def test_one_device_step_has_no_collectives_and_the_same_states_bit_for_bit():
     compiled, states = [], []
