@@ -26,7 +26,9 @@ from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
+from cljax import programs
 from cljax.collectives import AXIS, Collectives, JaxCollectives, MpiCollectives, SingleDevice
+from cljax.data import cache
 from cljax.errors import ConfigError, warn
 from cljax.watchdog import KeyValueLiveness, Watchdog
 
@@ -38,6 +40,7 @@ _CLUSTER_SIZE_VARIABLES = {
     "PMI_SIZE": "mpi4py",
     "PALS_NRANKS": "mpi4py",
 }
+PROGRAMS_FOLDER = "programs"
 _CPU_COLLECTIVE_TIMEOUT_FLAG = "--xla_cpu_collective_call_terminate_timeout_seconds"
 _BROADCAST_PREFIX = "cljax/broadcast/"
 _GATHER_PREFIX = "cljax/gather/"
@@ -96,6 +99,10 @@ class Runtime(abc.ABC):
     @abc.abstractmethod
     def per_device(self, fn: Callable, in_specs, out_specs) -> Callable:
         """`fn` as per-device code over the mesh axis."""
+
+    def jit(self, fn: Callable, **options) -> Callable:
+        """`jax.jit(fn, **options)` for a program of the run."""
+        return jax.jit(fn, **options)
 
     def place(self, local: dict[str, np.ndarray], steps: bool = False) -> dict:
         """This process's rows of a global batch, on the mesh as global arrays; with
@@ -194,6 +201,16 @@ class JaxRuntime(Runtime):
         mesh = Mesh(np.asarray(devices or jax.devices()), (AXIS,))
         collectives = SingleDevice() if mesh.devices.size == 1 else JaxCollectives()
         super().__init__(mesh, collectives, timeout_s)
+        folder = os.path.join(cache.cache_dir(), PROGRAMS_FOLDER)
+        self.programs = programs.for_mesh(folder, mesh) if self.process_count == 1 else None
+
+    def jit(self, fn: Callable, **options) -> Callable:
+        """In a job of one process where JAX's persistent compilation cache is on, a program
+        kept in `$CLJAX_CACHE_DIR/programs` (`cljax.programs`): a run from a warm cache
+        neither traces nor lowers it."""
+        if self.programs is None:
+            return super().jit(fn, **options)
+        return self.programs.jit(fn, **options)
 
     @classmethod
     def start(cls, distributed: Mapping, num_cpu_devices: int) -> "JaxRuntime":

@@ -177,7 +177,7 @@ def _jitted(step: Callable, runtime: Runtime, settings: StepConfig) -> Callable:
     buffer = settings.buffer
     if buffer is not None and buffer.on_host:
         out_shardings = (runtime.replicated, buffer.rehearsal_shardings(runtime.sharded), None)
-    return jax.jit(step, donate_argnums=(0, 1), keep_unused=True, out_shardings=out_shardings)
+    return runtime.jit(step, donate_argnums=(0, 1), keep_unused=True, out_shardings=out_shardings)
 
 
 def _per_device_step(collectives, settings: StepConfig) -> Callable:
@@ -322,7 +322,7 @@ def make_task_pass(runtime: Runtime, settings: StepConfig) -> tuple[Callable, Ca
         strategy_state = strategy.end_task(state.strategy_state, state.variables, sums, count)
         return state.replace(strategy_state=strategy_state)
 
-    return jax.jit(batch_sums), jax.jit(finish, donate_argnums=0)
+    return runtime.jit(batch_sums), runtime.jit(finish, donate_argnums=0)
 
 
 def make_task_rows_end(runtime: Runtime, settings: StepConfig) -> Callable:
@@ -351,7 +351,7 @@ def make_task_rows_end(runtime: Runtime, settings: StepConfig) -> Callable:
         return state.replace(strategy_state=strategy_state), rehearsal
 
     specs = (P(), P(AXIS), P(AXIS), P(AXIS), P(AXIS), P())
-    return jax.jit(runtime.per_device(per_device, specs, (P(), P(AXIS))), donate_argnums=(0, 1))
+    return runtime.jit(runtime.per_device(per_device, specs, (P(), P(AXIS))), donate_argnums=(0, 1))
 
 
 def make_predict(runtime: Runtime, settings: StepConfig, top_k: int, class_tasks=None):
@@ -376,4 +376,4 @@ def make_predict(runtime: Runtime, settings: StepConfig, top_k: int, class_tasks
             per_task = jnp.where(in_task, logits[:, None, :], -jnp.inf).argmax(-1)
         return logits.argmax(-1), jax.lax.top_k(logits, top_k)[1], per_task
 
-    return jax.jit(runtime.per_device(per_device, (P(), P(AXIS)), P(AXIS)))
+    return runtime.jit(runtime.per_device(per_device, (P(), P(AXIS)), P(AXIS)))

@@ -64,13 +64,13 @@ def build(plan: Plan, runtime: Runtime) -> Machinery:
     sample = pipeline.read_inputs(
         dataset.train, np.arange(1), plan.inputs.views, dataset.input_shape
     )
-    init_state = jax.jit(
+    init_state = runtime.jit(
         lambda seed, stream: steps.create_train_state(
             settings, sample, jax.random.fold_in(jax.random.key(seed), stream)
         ),
         out_shardings=runtime.replicated,
     )
-    reset_optimizer = jax.jit(
+    reset_optimizer = runtime.jit(
         lambda state: state.replace(opt_state=settings.optimizer.init(state.params)),
         out_shardings=runtime.replicated,
         donate_argnums=0,
