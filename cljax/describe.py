@@ -202,7 +202,9 @@ def _attribute_text(value, module: str) -> str:
         return f"function:{value.__module__}.{value.__qualname__}:{code_digest(value)}"
     if isinstance(getattr(value, "__wrapped__", None), types.FunctionType):  # jit, cache
         return f"{type(value).__name__}({_attribute_text(value.__wrapped__, module)})"
-    if isinstance(value, type) and value.__module__ == module:
+    if isinstance(value, type) and value.__module__ != module:  # walked in its own module
+        return f"type:{_qualified(value)}"
+    if isinstance(value, type):
         members = [
             f"{key}={_member_text(item)}"
             for key, item in sorted(vars(value).items())

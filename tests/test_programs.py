@@ -4,6 +4,8 @@ and a program read back computes what the plain program computes, bit for bit.""
 
 import dataclasses
 import os
+import subprocess
+import sys
 
 import jax
 import jax.numpy as jnp
@@ -50,6 +52,27 @@ def test_a_patched_cljax_function_changes_the_loaded_code(monkeypatch):
     assert describe.loaded_cljax() != before
     monkeypatch.undo()
     assert describe.loaded_cljax() == before
+
+
+def test_the_loaded_code_reads_the_same_in_every_process():
+    """Nothing in it depends on where objects lie in memory (an object's id, say): a
+    second run must find the first run's programs."""
+    script = (
+        "import os; padding = bytearray(int(os.environ['PADDING']));"
+        " import cljax.trainer, cljax.plots, cljax.report;"
+        " from cljax import describe; print(describe.loaded_cljax())"
+    )
+    digests = {
+        subprocess.run(
+            [sys.executable, "-c", script],
+            env={**os.environ, "PADDING": padding},
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout
+        for padding in ("1", "1000003")
+    }
+    assert len(digests) == 1
 
 
 def _run(runtime, directory, strategy=strategies.ER()):  # noqa: B008 (frozen)
