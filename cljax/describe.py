@@ -16,7 +16,6 @@ import enum
 import functools
 import hashlib
 import importlib.metadata
-import marshal
 import os
 import platform
 import sys
@@ -156,7 +155,38 @@ def sharding_text(value: Mesh | NamedSharding | PartitionSpec | jax.Device) -> s
 
 @functools.cache
 def _code_digest(code: types.CodeType) -> str:
-    return hashlib.sha256(marshal.dumps(code)).hexdigest()[:16]
+    return hashlib.sha256(_code_text(code).encode()).hexdigest()[:16]
+
+
+def _code_text(code: types.CodeType) -> str:
+    """What a code object does: its bytecode, constants (nested code included) and names.
+    Not `marshal`, whose bytes depend on how many references each constant has."""
+    parts = (
+        code.co_qualname,
+        code.co_argcount,
+        code.co_posonlyargcount,
+        code.co_kwonlyargcount,
+        code.co_flags,
+        code.co_code,
+        tuple(_constant_text(constant) for constant in code.co_consts),
+        code.co_names,
+        code.co_varnames,
+        code.co_freevars,
+        code.co_cellvars,
+    )
+    return repr(parts)
+
+
+def _constant_text(constant) -> str:
+    """A code object's constant; a frozenset's items in order (their iteration order
+    changes with the process's string hashing)."""
+    if isinstance(constant, types.CodeType):
+        return _code_text(constant)
+    if isinstance(constant, tuple):
+        return f"({','.join(map(_constant_text, constant))})"
+    if isinstance(constant, frozenset):
+        return f"frozenset({sorted(map(_constant_text, constant))})"
+    return repr(constant)
 
 
 def code_digest(function: types.FunctionType) -> str:

@@ -54,9 +54,22 @@ def test_a_patched_cljax_function_changes_the_loaded_code(monkeypatch):
     assert describe.loaded_cljax() == before
 
 
+def test_a_code_digest_does_not_depend_on_references_to_its_constants():
+    """`marshal`'s bytes do (they mark constants referenced more than once): programs
+    were missed after a run had touched a function's constants."""
+
+    def function(text):
+        return text + "a constant of this function"
+
+    before = describe.code_digest(function)
+    describe._code_digest.cache_clear()
+    held = list(function.__code__.co_consts) * 3
+    assert describe.code_digest(function) == before, held
+
+
 def test_the_loaded_code_reads_the_same_in_every_process():
-    """Nothing in it depends on where objects lie in memory (an object's id, say): a
-    second run must find the first run's programs."""
+    """Nothing in it depends on where objects lie in memory (an object's id, say) or on
+    the process's string hashing: a second run must find the first run's programs."""
     script = (
         "import os; padding = bytearray(int(os.environ['PADDING']));"
         " import cljax.trainer, cljax.plots, cljax.report;"
@@ -65,7 +78,7 @@ def test_the_loaded_code_reads_the_same_in_every_process():
     digests = {
         subprocess.run(
             [sys.executable, "-c", script],
-            env={**os.environ, "PADDING": padding},
+            env={**os.environ, "PADDING": padding, "PYTHONHASHSEED": padding},
             capture_output=True,
             text=True,
             check=True,

@@ -198,10 +198,11 @@ class Results:
 
 def _import_plots_in_the_background() -> None:
     """Starts importing matplotlib (0.4 s) in a thread, during the next task's training, so
-    that the plots at the end need not wait for it. Only once a task is done: in the first,
-    the thread would hold Python's lock while the steps are traced (that slowed training,
-    docs/performance.md). Drawing, later, waits for the import if it is still running; so
-    does Python's exit (not a daemon: an import cut short by the exit would print errors)."""
+    that the plots at the end need not wait for it. Only once a task is done: started with
+    the run, it held Python's lock while the steps were traced, and it made the run longer
+    even where the programs were read back untraced (docs/performance.md). Drawing, later,
+    waits for the import if it is still running; so does Python's exit (not a daemon: an
+    import cut short by the exit would print errors)."""
     if "cljax.plots" not in sys.modules:
         threading.Thread(
             target=importlib.import_module, args=("cljax.plots",), name="import-plots"
