@@ -102,8 +102,10 @@ def _run(runtime, directory, strategy=strategies.ER()):  # noqa: B008 (frozen)
 
 
 @pytest.fixture
-def fresh_runtime():
-    """A runtime of its own: `_run` gives it programs in a folder of the test's."""
+def fresh_runtime(monkeypatch):
+    """A runtime of its own, where programs are kept (`_run` keeps them in a folder of the
+    test's); the rest of the suite keeps none (conftest.py)."""
+    monkeypatch.delenv(programs.SWITCH)
     return runtime_lib.JaxRuntime(600)
 
 
@@ -158,6 +160,7 @@ def test_programs_are_kept_where_jax_keeps_compiled_programs_unless_switched_off
 def test_a_run_from_kept_programs_gives_the_same_results(data_dir, tmp_path, monkeypatch):
     """Three runs of DER++: without kept programs, exporting them, reading them back."""
     monkeypatch.setenv("CLJAX_CACHE_DIR", str(tmp_path / "cache"))
+    monkeypatch.delenv(programs.SWITCH)
     config = digits_config(data_dir, "derpp")
     config.steps_per_dispatch = 4  # every run, the same programs
     enabled = jax.config.jax_enable_compilation_cache
