@@ -34,7 +34,8 @@ from cljax.describe import Undescribable, describe, environment, sharding_text
 SUFFIX = ".program"
 SWITCH = "CLJAX_KEEP_PROGRAMS"  # "0": no programs kept, JAX's own cache as it is
 # On a CPU, `jax.export`'s calls first set up LAPACK, which imports SciPy (0.1 s): imported
-# in a thread from the start, beside the run's planning.
+# in a thread from the start, beside the run's planning (not a daemon: an import cut short by
+# the exit would print errors).
 _CPU_CALL_IMPORTS = ("scipy.linalg.cython_lapack",)
 
 
@@ -48,7 +49,9 @@ def for_mesh(directory: str, mesh: Mesh) -> "Programs | None":
         return None
     if mesh.devices.flat[0].platform == "cpu":
         for module in _CPU_CALL_IMPORTS:
-            threading.Thread(target=importlib.import_module, args=(module,), daemon=True).start()
+            threading.Thread(
+                target=importlib.import_module, args=(module,), name=f"import-{module}"
+            ).start()
     return Programs(directory, mesh)
 
 
