@@ -94,7 +94,7 @@ class Program:
         leaves, tree = jax.tree.flatten(args)
         if any(isinstance(leaf, jax.core.Tracer) for leaf in leaves):
             return self._jitted(*args)  # traced inside another program (`eval_shape`)
-        signature = (tree, tuple(_leaf_signature(leaf) for leaf in leaves))
+        signature = _signature(tree, leaves)
         exported = self._calls.get(signature)
         if exported is None:
             exported = self._calls[signature] = self._exported(signature, args)
@@ -111,7 +111,7 @@ class Program:
         """The program that runs for arguments like `args`, lowered: the exported one where
         it has run (a profile's HLO is then that of the program it timed)."""
         leaves, tree = jax.tree.flatten(args)
-        exported = self._calls.get((tree, tuple(_leaf_signature(leaf) for leaf in leaves)))
+        exported = self._calls.get(_signature(tree, leaves))
         if exported:
             return exported[0].lower(*leaves)
         return self._jitted.lower(*args)
@@ -196,6 +196,11 @@ def _leaf_indices(args: tuple, argnums: int | tuple[int, ...]) -> tuple[int, ...
             indices.extend(range(start, start + count))
         start += count
     return tuple(indices)
+
+
+def _signature(tree: jax.tree_util.PyTreeDef, leaves: list) -> tuple:
+    """What a compiled call is kept by: the arguments' tree and each leaf's requirements."""
+    return tree, tuple(_leaf_signature(leaf) for leaf in leaves)
 
 
 def _leaf_signature(leaf) -> tuple:
